@@ -1,0 +1,200 @@
+"""Datasets as plain tensors: images (N, C, H, W) in [0, 1] and labels (N,).
+
+Every loader returns an `ImageData`. Models that are trained here (cnn, mlp) need the
+train split; pretrained models only need test images, so the folder-based loaders
+(`imagefolder`, `samples`) read test images only, resized to the model's input size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sanity_cli.errors import SanityError
+
+UNLABELLED = -1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".jpe"}
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+
+
+@dataclass
+class ImageData:
+    """A dataset held in memory. Images are float32 in [0, 1], shape (N, C, H, W)."""
+
+    name: str
+    test_x: Tensor
+    test_y: Tensor
+    classes: list[str]
+    train_x: Tensor | None = None
+    train_y: Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.test_x.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.test_x.shape[-1]
+
+
+def load_dataset(cfg, *, data_dir: str | Path, seed: int, n_images: int,
+                 image_size: int | None = None) -> ImageData:
+    """Load the dataset that `cfg` (the `dataset` config group) names.
+
+    `image_size` is the model's input size: folder datasets are resized and
+    center-cropped to it. `n_images` bounds how many images those loaders read.
+    """
+    loaders: dict[str, Callable[[], ImageData]] = {
+        "digits": lambda: load_digits(cfg.get("image_size", 28), cfg.get("test_fraction", 0.2), seed),
+        "mnist": lambda: load_torchvision("MNIST", data_dir),
+        "fashion_mnist": lambda: load_torchvision("FashionMNIST", data_dir, cfg.get("system_dir")),
+        "cifar10": lambda: load_torchvision("CIFAR10", data_dir),
+        "imagefolder": lambda: load_image_folder(cfg.path, image_size or 224, n_images, seed),
+        "samples": lambda: load_samples(image_size or 224),
+    }
+    if cfg.name not in loaders:
+        raise SanityError(f"unknown dataset '{cfg.name}'; choose one of: {', '.join(loaders)}")
+    return loaders[cfg.name]()
+
+
+def load_digits(image_size: int, test_fraction: float, seed: int) -> ImageData:
+    """scikit-learn's 8x8 digits (values 0..16), bilinearly resized to `image_size`."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    y = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(y) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return ImageData("digits", x[test].clamp(0, 1), y[test], [str(i) for i in range(10)],
+                     x[train].clamp(0, 1), y[train])
+
+
+def load_torchvision(kind: str, data_dir: str | Path, system_dir: str | None = None) -> ImageData:
+    """MNIST, FashionMNIST or CIFAR10 through torchvision, both splits.
+
+    A system copy of the raw IDX files (Debian's dataset-fashion-mnist) is unpacked
+    into `data_dir` first; otherwise torchvision downloads, and a failed download
+    becomes an error that says where to put the files.
+    """
+    import torchvision.datasets as tvd
+
+    root = Path(data_dir).expanduser()
+    if system_dir and Path(system_dir).is_dir():
+        _unpack_idx(Path(system_dir), root / kind / "raw")
+    dataset_cls = getattr(tvd, kind)
+    try:
+        train = dataset_cls(str(root), train=True, download=True)
+        test = dataset_cls(str(root), train=False, download=True)
+    except Exception as error:  # noqa: BLE001 - any download failure means the same to the user
+        raise SanityError(
+            f"cannot load {kind} from {root} and cannot download it ({type(error).__name__}); "
+            f"put the dataset's files in {root / kind / 'raw'} (torchvision's layout) or set data_dir=PATH"
+        ) from None
+    (train_x, train_y), (test_x, test_y) = _to_tensors(train), _to_tensors(test)
+    return ImageData(kind.lower(), test_x, test_y, list(train.classes), train_x, train_y)
+
+
+def _unpack_idx(source: Path, raw_dir: Path) -> None:
+    """Decompress *-ubyte.gz files into torchvision's raw folder, once."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for packed in source.glob("*-ubyte.gz"):
+        target = raw_dir / packed.stem
+        if not target.exists():
+            with gzip.open(packed, "rb") as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+
+
+def _to_tensors(dataset) -> tuple[Tensor, Tensor]:
+    data = torch.as_tensor(np.asarray(dataset.data))
+    x = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+    return x.float().div(255.0), torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
+
+
+def load_image_folder(path: str, image_size: int, n_images: int, seed: int) -> ImageData:
+    """Test images from a folder of class sub-folders, balanced across classes."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise SanityError(f"dataset folder '{root}' does not exist; set dataset.path to a folder of class sub-folders")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = {c: sorted(f for f in (root / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
+    classes = [c for c in classes if files[c]]
+    if not classes:
+        raise SanityError(f"dataset folder '{root}' has no class sub-folders with images; expected ROOT/CLASS/IMAGE.jpg")
+    rng = np.random.default_rng(seed)
+    chosen = _balanced([[(f, i) for f in rng.permutation(files[c])] for i, c in enumerate(classes)], n_images)
+    images = torch.stack([_read_image(f, image_size) for f, _ in chosen])
+    labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
+    return ImageData("imagefolder", images, labels, classes)
+
+
+def load_samples(image_size: int) -> ImageData:
+    """scikit-image's bundled photos as RGB images; they carry no ImageNet labels."""
+    import skimage.data
+
+    photos = [np.asarray(getattr(skimage.data, name)()) for name in SAMPLE_PHOTOS]
+    images = torch.stack([_fit(_hwc_to_tensor(p), image_size) for p in photos])
+    labels = torch.full((len(photos),), UNLABELLED, dtype=torch.long)
+    return ImageData("samples", images, labels, list(SAMPLE_PHOTOS))
+
+
+def _balanced(per_class: list[list], n: int) -> list:
+    """Round-robin over classes so `n` items cover as many classes as possible."""
+    chosen, depth = [], 0
+    while len(chosen) < n and any(depth < len(items) for items in per_class):
+        chosen += [items[depth] for items in per_class if depth < len(items)]
+        depth += 1
+    return chosen[:n]
+
+
+def _read_image(path: Path, image_size: int) -> Tensor:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return _fit(_hwc_to_tensor(np.asarray(image.convert("RGB"))), image_size)
+
+
+def _hwc_to_tensor(array: np.ndarray) -> Tensor:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return torch.as_tensor(array[..., :3].copy()).permute(2, 0, 1).float().div(255.0)
+
+
+def _fit(image: Tensor, size: int) -> Tensor:
+    """Resize the shorter side to `size` (antialiased) and center-crop to size x size. (C, H, W)."""
+    _, h, w = image.shape
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[:, top:top + size, left:left + size].clamp(0, 1)
+
+
+def adapt_images(x: Tensor, channels: int, size: int) -> Tensor:
+    """Match a batch (N, C, H, W) in [0, 1] to a model's channels and square input size."""
+    if x.shape[1] != channels:
+        x = x.mean(dim=1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.clamp(0, 1).contiguous()
+
+
+def select_images(labels: Tensor, n: int, seed: int) -> Tensor:
+    """Indices of `n` test images, seeded and balanced across classes."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    per_class = [order[labels[order] == c].tolist() for c in labels.unique().tolist()]
+    return torch.tensor(_balanced(per_class, min(n, len(labels))), dtype=torch.long)

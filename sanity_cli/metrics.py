@@ -1,0 +1,395 @@
+"""Similarity metrics between two batches of saliency maps (batched torch).
+
+Reproduces the comparisons of "Sanity Checks for Saliency Maps" (Adebayo et
+al. 2018): Spearman rank correlation with and without absolute value, SSIM
+and HOG similarity, each after a per-image normalization.
+
+Everything runs in float64 on the device of the inputs, batched over images:
+no NumPy, no host round trip, no Python loop over images or pixels.
+
+Reference behaviour matched (see tests/test_metrics.py):
+  * ``rankdata``  == ``scipy.stats.rankdata(x, method="average")``
+  * ``spearman``  == ``scipy.stats.spearmanr``
+  * ``ssim``      == ``skimage.metrics.structural_similarity`` with
+                     ``gaussian_weights=True``
+  * ``hog``       == ``skimage.feature.hog`` (2-D image, L2-Hys,
+                     ``feature_vector=True``)
+
+NaN policy: a correlation with a constant input (undefined), an SSIM of maps
+smaller than the Gaussian window, and a HOG similarity of maps too small to
+hold one block are NaN; nothing raises or warns for those cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+METRICS = ("spearman_abs", "spearman", "ssim", "hog")
+NORMALIZATIONS = ("paper", "none", "max_abs", "second_moment")
+
+# skimage's structural_similarity truncates its Gaussian at 3.5 sigma (an
+# 11-tap window for sigma 1.5, as in Wang et al. 2004).
+_SSIM_TRUNCATE = 3.5
+# skimage's _hog_normalize_block epsilon.
+_HOG_EPS = 1e-5
+# L2-Hys clips the L2-normalized block at this value (Lowe 2004).
+_HOG_CLIP = 0.2
+_F64 = torch.float64
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _check_choice(name: str, choices: Sequence[str], what: str) -> None:
+    if name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; valid choices: {', '.join(choices)}")
+
+
+def _nan(batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A (batch,) float64 tensor of NaN on ``like``'s device."""
+    return torch.full((batch,), math.nan, dtype=_F64, device=like.device)
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den where den > 0; num unchanged where den is 0 (or NaN).
+
+    Used by the unclipped schemes: a zero or constant map keeps its values
+    (zero after min-subtraction) instead of turning into inf / NaN.
+    """
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), num)
+
+
+def _clip_div(num: torch.Tensor, den: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clip(num / den, lo, hi), with the limit den -> 0+ where den is 0.
+
+    That limit is clip(sign(num) * inf) = sign(num) clipped, so a map whose
+    99th percentile equals its minimum still yields a finite, ordered map.
+    """
+    ok = den > 0
+    q = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.sign(num))
+    return q.clamp(lo, hi)
+
+
+def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """Quantile along the last dim with NumPy's default 'linear' method.
+
+    (..., N) -> (..., 1). Sort-based rather than torch.quantile, which
+    refuses inputs of more than 2**24 elements (a big batch of 299x299 maps).
+    """
+    s = x.sort(dim=-1).values
+    pos = q * (x.shape[-1] - 1)
+    i0 = math.floor(pos)
+    i1 = min(i0 + 1, x.shape[-1] - 1)
+    t = pos - i0
+    a, b = s[..., i0 : i0 + 1], s[..., i1 : i1 + 1]
+    # NumPy's _lerp: interpolate from the nearer end for accuracy.
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+
+
+# --------------------------------------------------------------------------
+# rank correlation
+# --------------------------------------------------------------------------
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def rankdata(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (1-based) along the last dim, ties get their mean rank.
+
+    Shape (..., N) -> (..., N), float64. Equals
+    ``scipy.stats.rankdata(x, method='average', axis=-1)``; a row with a NaN
+    is all NaN (scipy's nan_policy='propagate').
+    """
+    x = x.to(_F64)
+    n = x.shape[-1]
+    if n == 0:
+        return x.clone()
+    s, order = x.sort(dim=-1)
+    pos = torch.arange(n, device=x.device).expand(s.shape)
+    new = s[..., 1:] != s[..., :-1]
+    edge = torch.ones_like(s[..., :1], dtype=torch.bool)
+    starts = torch.cat([edge, new], dim=-1)  # first element of a tie group
+    ends = torch.cat([new, edge], dim=-1)  # last element of a tie group
+    # Propagate each group's first index forward and last index backward.
+    first = torch.where(starts, pos, 0).cummax(dim=-1).values
+    last = torch.where(ends, pos, n - 1).flip(-1).cummin(dim=-1).values.flip(-1)
+    mean_rank = (first + last).to(_F64) / 2 + 1
+    ranks = torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
+    return ranks.masked_fill(torch.isnan(x).any(dim=-1, keepdim=True), math.nan)
+
+
+def _pearson_of_ranks(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of (B, N) average ranks -> (B,); NaN if constant."""
+    n = ra.shape[-1]
+    if n < 2:
+        return _nan(ra.shape[0], ra)
+    # Average ranks of N values always sum to N(N+1)/2: the exact mean.
+    ca, cb = ra - (n + 1) / 2, rb - (n + 1) / 2
+    den = torch.sqrt((ca * ca).sum(-1) * (cb * cb).sum(-1))
+    r = (ca * cb).sum(-1) / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, r, math.nan).clamp(-1.0, 1.0)
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per row: (B, N) x (B, N) -> (B,) float64.
+
+    Tie-aware (average ranks), equal to ``scipy.stats.spearmanr(a[i], b[i])``.
+    NaN where either row is constant, has a NaN, or N < 2.
+    """
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"spearman expects two (B, N) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _pearson_of_ranks(rankdata(a), rankdata(b))
+
+
+# --------------------------------------------------------------------------
+# SSIM
+# --------------------------------------------------------------------------
+
+
+def _gaussian_weights(sigma: float, radius: int) -> list[float]:
+    """scipy.ndimage's normalized 1-D Gaussian, 2*radius+1 taps, as Python floats.
+
+    Python floats (not a device tensor) so that the filter needs no
+    host-device transfer.
+    """
+    phi = [math.exp(-0.5 / (sigma * sigma) * x * x) for x in range(-radius, radius + 1)]
+    total = math.fsum(phi)
+    return [p / total for p in phi]
+
+
+def _correlate1d_valid(x: torch.Tensor, w: list[float], dim: int) -> torch.Tensor:
+    """1-D correlation with a symmetric kernel along ``dim``, 'valid' outputs only.
+
+    Output size is size - 2r: only the samples whose window lies inside the
+    image. SSIM crops exactly r = (win_size-1)//2 samples at each border
+    before averaging, so scipy's 'reflect' padding never reaches a value
+    that is averaged: the valid part equals skimage's cropped map, with no
+    padding to build. Pairs are summed first, as scipy's correlate1d does.
+    """
+    r = (len(w) - 1) // 2
+    n = x.shape[dim] - 2 * r
+    out = x.narrow(dim, r, n) * w[r]
+    pair = torch.empty_like(out)
+    for j in range(1, r + 1):  # a few taps, each vectorized over the batch
+        torch.add(x.narrow(dim, r - j, n), x.narrow(dim, r + j, n), out=pair)
+        out.add_(pair, alpha=w[r + j])
+    return out
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def ssim(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    data_range: float = 2.0,
+    sigma: float = 1.5,
+    use_sample_covariance: bool = True,
+    k1: float = 0.01,
+    k2: float = 0.03,
+) -> torch.Tensor:
+    """Mean Gaussian-window SSIM per image: (B, H, W) x (B, H, W) -> (B,) float64.
+
+    Equals ``skimage.metrics.structural_similarity(a[i], b[i],
+    data_range=data_range, gaussian_weights=True, sigma=sigma,
+    use_sample_covariance=use_sample_covariance)`` (window truncated at 3.5
+    sigma, a border of (win-1)//2 cropped before the mean, so skimage's
+    'reflect' padding never matters). Maps smaller than the window give NaN.
+    """
+    if a.ndim != 3 or a.shape != b.shape:
+        raise ValueError(f"ssim expects two (B, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if sigma <= 0 or data_range <= 0:
+        raise ValueError("ssim needs sigma > 0 and data_range > 0")
+    radius = int(_SSIM_TRUNCATE * sigma + 0.5)
+    win = 2 * radius + 1
+    if min(a.shape[-2:]) < win:
+        return _nan(a.shape[0], a)
+    x, y = a.to(_F64), b.to(_F64)
+    w = _gaussian_weights(sigma, radius)
+    stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
+    # Rows then columns, like scipy's separable gaussian_filter.
+    ux, uy, uxx, uyy, uxy = _correlate1d_valid(_correlate1d_valid(stack, w, -2), w, -1).unbind(1)
+    npix = win**2
+    cov_norm = npix / (npix - 1) if use_sample_covariance else 1.0
+    vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean(dim=(-2, -1))  # already cropped by the 'valid' filtering
+
+
+# --------------------------------------------------------------------------
+# HOG
+# --------------------------------------------------------------------------
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _cell_histograms(
+    x: torch.Tensor, cell: tuple[int, int], n_cells: tuple[int, int], orientations: int
+) -> torch.Tensor:
+    """skimage's per-cell orientation histograms: (B, H, W) -> (B, ncr, ncc, O).
+
+    Gradient by central differences with zero borders; each pixel votes its
+    magnitude into the one bin with start <= angle < end (unsigned angle in
+    [0, 180)); a cell's bin is the mean over the cell's pixels.
+    """
+    b = x.shape[0]
+    g_row, g_col = torch.zeros_like(x), torch.zeros_like(x)
+    g_row[:, 1:-1, :] = x[:, 2:, :] - x[:, :-2, :]
+    g_col[:, :, 1:-1] = x[:, :, 2:] - x[:, :, :-2]
+    (cr, cc), (nr, nc) = cell, n_cells
+    g_row, g_col = g_row[:, : nr * cr, : nc * cc], g_col[:, : nr * cr, : nc * cc]
+    mag = torch.hypot(g_col, g_row)
+    # Same expression as skimage (rad2deg(arctan2) % 180) so bin edges agree.
+    angle = torch.remainder(torch.atan2(g_row, g_col) * (180.0 / math.pi), 180.0)
+    width = 180.0 / orientations
+    bins = []
+    for i in range(orientations):  # a handful of bins, vectorized over pixels
+        inside = (angle >= width * i) & (angle < width * (i + 1))
+        votes = torch.where(inside, mag, 0.0).view(b, nr, cr, nc, cc)
+        bins.append(votes.sum(dim=(2, 4)) / (cr * cc))
+    return torch.stack(bins, dim=-1)
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def hog(
+    maps: torch.Tensor,
+    *,
+    orientations: int = 9,
+    pixels_per_cell: int | Sequence[int] = 16,
+    cells_per_block: int | Sequence[int] = 3,
+) -> torch.Tensor:
+    """HOG feature vectors: (B, H, W) -> (B, F) float64.
+
+    Equals ``skimage.feature.hog(maps[i], orientations, pixels_per_cell,
+    cells_per_block, block_norm='L2-Hys', feature_vector=True)``, with F =
+    n_blocks_row * n_blocks_col * cells_row * cells_col * orientations in the
+    same order. Maps too small to hold one block give F == 0 (skimage raises).
+    skimage accumulates each cell in a C float (float32); this sums in
+    float64, so features agree to about 1e-7 relative, not bit for bit.
+    """
+    if maps.ndim != 3:
+        raise ValueError(f"hog expects a (B, H, W) tensor, got shape {tuple(maps.shape)}")
+    x = maps.to(_F64)
+    (cr, cc), (br, bc) = _pair(pixels_per_cell), _pair(cells_per_block)
+    nr, nc = x.shape[1] // cr, x.shape[2] // cc
+    nbr, nbc = nr - br + 1, nc - bc + 1
+    if nbr <= 0 or nbc <= 0:
+        return x.new_zeros((x.shape[0], 0))
+    hist = _cell_histograms(x, (cr, cc), (nr, nc), orientations)
+    # (B, nbr, nbc, O, br, bc) -> (B, nbr, nbc, br, bc, O): skimage's ravel order.
+    blocks = hist.unfold(1, br, 1).unfold(2, bc, 1).permute(0, 1, 2, 4, 5, 3)
+    dims = (-3, -2, -1)
+    blocks = blocks / torch.sqrt((blocks**2).sum(dims, keepdim=True) + _HOG_EPS**2)
+    blocks = blocks.clamp(max=_HOG_CLIP)
+    blocks = blocks / torch.sqrt((blocks**2).sum(dims, keepdim=True) + _HOG_EPS**2)
+    return blocks.reshape(x.shape[0], -1)
+
+
+# --------------------------------------------------------------------------
+# normalization
+# --------------------------------------------------------------------------
+
+
+def _paper_normalize(v: torch.Tensor, metric: str, single_channel: bool) -> torch.Tensor:
+    """The authors' per-image normalization of flattened (B, N) maps."""
+    if metric in ("ssim", "hog"):  # min-max of the signed map to [0, 1]
+        lo = v.amin(-1, keepdim=True)
+        return _safe_div(v - lo, v.amax(-1, keepdim=True) - lo)
+    if single_channel:  # their MNIST code: divide by the max |value|, no clipping
+        return _safe_div(v, v.abs().amax(-1, keepdim=True))
+    if metric == "spearman_abs":  # v is already sum |map|
+        lo = v.amin(-1, keepdim=True)
+        return _clip_div(v - lo, _quantile(v, 0.99) - lo, 0.0, 1.0)
+    return _clip_div(v, _quantile(v.abs(), 0.99), -1.0, 1.0)
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def normalize(maps: torch.Tensor, metric: str, scheme: str = "paper") -> torch.Tensor:
+    """Reduce channels and normalize each map for ``metric``: (B, C, H, W) -> (B, H, W) float64.
+
+    Channels: sum of |map| for 'spearman_abs', signed sum otherwise. Schemes:
+    'paper' (the authors' code: see compare() and REFERENCE.md section 2),
+    'none', 'max_abs' (v / max|v|), 'second_moment' (v / sqrt(mean v**2)).
+    A zero denominator leaves the map as is (a constant map stays constant).
+    """
+    _check_choice(metric, METRICS, "metric")
+    _check_choice(scheme, NORMALIZATIONS, "normalization")
+    if maps.ndim != 4:
+        raise ValueError(f"maps must have shape (B, C, H, W), got {tuple(maps.shape)}")
+    x = maps.to(_F64)
+    v = x.abs().sum(1) if metric == "spearman_abs" else x.sum(1)
+    flat = v.flatten(1)
+    if scheme == "none":
+        out = flat
+    elif scheme == "max_abs":
+        out = _safe_div(flat, flat.abs().amax(-1, keepdim=True))
+    elif scheme == "second_moment":
+        out = _safe_div(flat, flat.square().mean(-1, keepdim=True).sqrt())
+    else:
+        out = _paper_normalize(flat, metric, single_channel=maps.shape[1] == 1)
+    return out.view(v.shape)
+
+
+# --------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------
+
+
+def _check_pair(reference: torch.Tensor, other: torch.Tensor) -> None:
+    if reference.shape != other.shape:
+        raise ValueError(f"shape mismatch: {tuple(reference.shape)} vs {tuple(other.shape)}")
+    if reference.ndim != 4 or min(reference.shape[1:]) < 1:
+        raise ValueError(f"maps must have shape (B, C, H, W) with C, H, W >= 1, got {tuple(reference.shape)}")
+    if reference.device != other.device:
+        raise ValueError(f"device mismatch: {reference.device} vs {other.device}")
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def compare(
+    reference: torch.Tensor,
+    other: torch.Tensor,
+    metrics: Iterable[str] | str = METRICS,
+    normalization: str = "paper",
+    *,
+    ssim_data_range: float = 2.0,
+    ssim_sigma: float = 1.5,
+    ssim_sample_covariance: bool = True,
+    hog_pixels_per_cell: int = 16,
+    hog_cells_per_block: int = 3,
+    hog_orientations: int = 9,
+) -> dict[str, torch.Tensor]:
+    """Similarity of ``other`` to ``reference``, per image and metric.
+
+    reference, other: (B, C, H, W) maps, any float dtype, one device.
+    Returns {metric: (B,) float64 tensor on that device}. NaN marks an
+    undefined value (constant map for the correlations, maps smaller than
+    the SSIM window or than one HOG block).
+    """
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    for m in metrics:
+        _check_choice(m, METRICS, "metric")
+    _check_choice(normalization, NORMALIZATIONS, "normalization")
+    _check_pair(reference, other)
+    out: dict[str, torch.Tensor] = {}
+    for m in metrics:
+        a, b = normalize(reference, m, normalization), normalize(other, m, normalization)
+        if m in ("spearman_abs", "spearman"):
+            out[m] = spearman(a.flatten(1), b.flatten(1))
+        elif m == "ssim":
+            out[m] = ssim(
+                a, b, data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance
+            )
+        else:
+            kw = dict(
+                orientations=hog_orientations, pixels_per_cell=hog_pixels_per_cell, cells_per_block=hog_cells_per_block
+            )
+            out[m] = spearman(hog(a, **kw), hog(b, **kw))
+    return out

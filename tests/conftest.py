@@ -1,0 +1,45 @@
+"""Shared fixtures: configs composed with Hydra's compose API, isolated caches, offline hub."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from sanity_cli.cli import config_dir
+
+# Nothing is fetched in tests: the hub answers at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("SANITY_PROGRESS", "0")
+
+TINY = ["n_images=4", "train.epochs=1", "device=cpu"]
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch) -> Path:
+    """A model cache and data directory of the test's own."""
+    monkeypatch.setenv("SANITY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SANITY_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+@pytest.fixture
+def make_cfg():
+    """compose(overrides) -> the DictConfig that `sanity run OVERRIDES` would get."""
+
+    def make(overrides: list[str] = ()):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+
+    return make
+
+
+def sanity(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the installed `sanity` command as a user would."""
+    command = [sys.executable, "-m", "sanity_cli.cli", *args]
+    return subprocess.run(command, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)

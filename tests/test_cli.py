@@ -1,0 +1,73 @@
+"""The `sanity` command end to end, through a subprocess, on tiny configurations."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import TINY, sanity
+from sanity_cli import cli
+
+COLUMNS = {"test", "model", "dataset", "method", "step", "block", "image", "metric", "value"}
+
+
+def test_run_writes_results_summary_and_figure(isolated):
+    run_dir = isolated / "run"
+    done = sanity("run", *TINY, f"hydra.run.dir={run_dir}", cwd=isolated)
+    assert done.returncode == 0, done.stderr
+    results = pd.read_csv(run_dir / "results.csv")
+    assert COLUMNS <= set(results.columns)
+    # 4 images x 2 metrics x (trained + 4 blocks of the CNN)
+    assert len(results) == 4 * 2 * 5
+    assert list(results.drop_duplicates("step")["block"]) == ["original", "fc2", "fc1", "conv2", "conv1"]
+    assert (results.loc[results["step"] == 0, "value"] == 1.0).all()
+    summary = pd.read_csv(run_dir / "summary.csv")
+    assert {"method", "step", "block", "metric", "mean", "std", "n"} <= set(summary.columns)
+    assert (summary["n"] == 4).all()
+    assert (run_dir / "figures" / "cascade_spearman.png").stat().st_size > 10_000
+    # the second run loads the model from the cache instead of training it
+    again = sanity("run", *TINY, f"hydra.run.dir={isolated / 'again'}", cwd=isolated)
+    assert again.returncode == 0, again.stderr
+    assert "loaded cached model" in again.stdout + again.stderr
+    assert "training cnn" not in again.stdout + again.stderr
+
+
+def test_multirun_sweeps_and_hydra_flags(isolated):
+    sweep = isolated / "sweep"
+    done = sanity("run", "-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=isolated)
+    assert done.returncode == 0, done.stderr
+    seeds = {int(pd.read_csv(sweep / job / "results.csv")["seed"].iloc[0]) for job in ("0", "1")}
+    assert seeds == {0, 1}
+    shown = sanity("run", "--cfg", "job", "model=mlp", cwd=isolated)
+    assert shown.returncode == 0 and "kind: mlp" in shown.stdout
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model=resnet", "unknown model 'resnet'"),
+    ("dataset=imagenet", "unknown dataset 'imagenet'"),
+    ("method=[gradient,saliency]", "unknown method 'saliency'"),
+    ("test=cascading", "unknown test 'cascading'"),
+])
+def test_unknown_names_fail_in_one_line(override, words, capsys):
+    assert cli.main(["run", override]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "choose one of" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_input_exits_2_without_traceback(isolated):
+    missing = sanity("run", *TINY, "model=timm", "dataset=imagefolder", f"dataset.path={isolated / 'nowhere'}",
+                     f"hydra.run.dir={isolated / 'r1'}", cwd=isolated)
+    offline = sanity("run", *TINY, "model=timm", "dataset=samples", f"hydra.run.dir={isolated / 'r2'}", cwd=isolated)
+    unknown = sanity("run", "model=nope", cwd=isolated)
+    for done, words in [(missing, "does not exist"), (offline, "model.pretrained=false"), (unknown, "unknown model")]:
+        assert done.returncode == 2
+        assert words in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_list_shows_every_group(capsys):
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("cnn", "mlp", "timm", "inception_v3", "digits", "fashion_mnist", "imagefolder", "samples",
+                 "gradient", "cascade"):
+        assert name in out

@@ -1,0 +1,166 @@
+"""The planner: computes several methods on one batch, sharing passes.
+
+Plan of :func:`explain_all` on a batch x (B, C, H, W):
+
+1. The one-pass methods (gradient, input_x_gradient, gradcam, guided_backprop,
+   guided_gradcam, any layers) share one forward per chunk of ``max_batch`` images,
+   one ordinary backward and, for the guided ones, one guided backward (see
+   :mod:`sanity_cli.methods.gradients`). target="predicted" is read off this
+   forward's logits.
+2. If target="predicted" and no one-pass method ran, one gradient-free forward finds
+   the predicted classes (counted as a forward).
+3. Each distinct integrated_gradients setting: B * steps interpolated inputs,
+   ``max_batch`` per forward/backward.
+4. smoothgrad / vargrad with the same noise and seed share their noisy inputs; each
+   noisy chunk goes through step 1 (and 3) for the base methods, so bases share
+   passes there too (see :mod:`sanity_cli.methods.noise`).
+5. Controls (edge, random): no pass.
+
+Identical requests under different keys are computed once. The caller must put the
+model in ``eval()`` mode (see :mod:`sanity_cli.methods.gradients`); hooks, ReLU mode and
+gradients are undone or confined to each call, also on error.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sanity_cli.methods.controls import edge_map, random_map
+from sanity_cli.methods.gradients import PREDICTED, Target, predict, shared_pass
+from sanity_cli.methods.integrated import integrated_gradients
+from sanity_cli.methods.noise import noise_maps
+from sanity_cli.methods.registry import MethodCall, MethodError, resolve_call
+
+
+def explain(
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    method: str,
+    *,
+    max_batch: int = 64,
+    **options: Any,
+) -> Tensor:
+    """The maps of one ``method`` (with ``options``) for x (B, C, H, W).
+
+    ``target`` is a (B,) LongTensor of classes or "predicted" (the model's argmax on
+    x, from the same forward). Returns (B, C, H, W); gradcam returns (B, 1, H, W).
+    Raises ``ValueError`` (:class:`MethodError`) on an unknown method or option.
+    """
+    return explain_all(model, x, target, {method: options}, max_batch=max_batch)[method]
+
+
+def explain_all(
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    methods: Mapping[str, Mapping[str, Any] | None],
+    *,
+    max_batch: int = 64,
+) -> dict[str, Tensor]:
+    """Several methods on the same batch x (B, C, H, W), sharing passes.
+
+    ``methods`` maps a key to that method's options (a dict or a Hydra
+    ``DictConfig``; None means defaults). The key is the method's name unless the
+    options name one with ``method:``, e.g. ``{"smoothgrad_gbp": {"method":
+    "smoothgrad", "base": "guided_backprop"}}``. No forward sees more than
+    ``max_batch`` inputs. Returns {key: maps}, each (B, C, H, W) or (B, 1, H, W)
+    for gradcam (and for noise methods over a gradcam base).
+    """
+    target = _checked(x, target, max_batch)
+    x = x.detach()  # maps never carry a graph back to the caller's x
+    requests = {key: _request(key, options) for key, options in methods.items()}
+    maps, _ = compute_calls(model, x, target, list(dict.fromkeys(requests.values())), max_batch)
+    results: dict[str, Tensor] = {}
+    handed_out: set[MethodCall] = set()
+    for key, call in requests.items():
+        # A call asked for under two keys is computed once; each key gets its own
+        # tensor so that editing one result in place cannot change another.
+        results[key] = maps[call].clone() if call in handed_out else maps[call]
+        handed_out.add(call)
+    return results
+
+
+def _request(key: str, options: Mapping[str, Any] | None) -> MethodCall:
+    options = dict(options or {})
+    return resolve_call(str(options.pop("method", key)), options)
+
+
+def _checked(x: Tensor, target: Target, max_batch: int) -> Target:
+    """Validated target, a (B,) long tensor on x's device, or "predicted"."""
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise MethodError(
+            f"x must be a floating (B, C, H, W) tensor, got {getattr(x, 'shape', x)!r}"
+        )
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise MethodError(f"max_batch={max_batch!r} must be a positive integer")
+    if isinstance(target, str):
+        if target != PREDICTED:
+            raise MethodError(
+                f"target must be a (B,) class tensor or {PREDICTED!r}, got {target!r}"
+            )
+        return target
+    if not isinstance(target, Tensor) or target.shape != (len(x),) or target.is_floating_point():
+        raise MethodError(
+            f"target must be a (B,) = ({len(x)},) integer tensor or {PREDICTED!r}, "
+            f"got {getattr(target, 'shape', target)!r}"
+        )
+    return target.to(device=x.device, dtype=torch.long)
+
+
+def compute_calls(
+    model: nn.Module, x: Tensor, target: Target, calls: Sequence[MethodCall], max_batch: int
+) -> tuple[dict[MethodCall, Tensor], Target]:
+    """The maps of distinct ``calls`` on x (B, C, H, W), and the target used (the
+    (B,) predicted classes if it was resolved, else ``target`` as given)."""
+    by_family: dict[str, list[MethodCall]] = defaultdict(list)
+    for call in calls:
+        by_family[call.family].append(call)
+    maps: dict[MethodCall, Tensor] = {}
+    if by_family["pass"]:
+        pass_maps, target = _chunked_shared_pass(model, x, target, by_family["pass"], max_batch)
+        maps.update(pass_maps)
+    if (by_family["integrated"] or by_family["noise"]) and isinstance(target, str):
+        target = predict(model, x, max_batch)
+    for call in by_family["integrated"]:
+        maps[call] = integrated_gradients(
+            model, x, target, max_batch=max_batch, **dict(call.options)
+        )
+    if by_family["noise"]:
+
+        def base_maps(inputs: Tensor, targets: Tensor, bases: Sequence[MethodCall]) -> dict:
+            return compute_calls(model, inputs, targets, bases, max_batch)[0]
+
+        maps.update(noise_maps(x, target, by_family["noise"], base_maps, max_batch))
+    for call in by_family["control"]:
+        maps[call] = _control_map(call, x)
+    return maps, target
+
+
+def _chunked_shared_pass(
+    model: nn.Module, x: Tensor, target: Target, calls: list[MethodCall], max_batch: int
+) -> tuple[dict[MethodCall, Tensor], Tensor]:
+    """:func:`shared_pass` on ``max_batch`` images at a time, results concatenated."""
+    chunk_maps: dict[MethodCall, list[Tensor]] = defaultdict(list)
+    chunk_targets: list[Tensor] = []
+    for start in range(0, len(x), max_batch):
+        rows = slice(start, start + max_batch)
+        chunk_target = target if isinstance(target, str) else target[rows]
+        maps, used_target = shared_pass(model, x[rows], chunk_target, calls)
+        for call, chunk in maps.items():
+            chunk_maps[call].append(chunk)
+        chunk_targets.append(used_target)
+    return {call: torch.cat(chunks) for call, chunks in chunk_maps.items()}, torch.cat(
+        chunk_targets
+    )
+
+
+def _control_map(call: MethodCall, x: Tensor) -> Tensor:
+    if call.method == "edge":
+        return edge_map(x, call.option("detector"), call.option("sigma"))
+    return random_map(x, call.option("seed"))

@@ -70,13 +70,9 @@ def redraw(args: list[str]) -> int:
     run_dir = Path(args[0])
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
-    from omegaconf import OmegaConf
+    from sanity_cli.pipeline import finish
 
-    from sanity_cli.pipeline import describe, finish
-
-    config = run_dir / ".hydra" / "config.yaml"
-    title = describe(OmegaConf.load(config)) if config.is_file() else str(run_dir)
-    for path in finish(run_dir, title).figures:
+    for path in finish(run_dir).figures:
         print(path)
     return 0
 

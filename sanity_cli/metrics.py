@@ -393,3 +393,22 @@ def compare(
             )
             out[m] = spearman(hog(a, **kw), hog(b, **kw))
     return out
+
+
+@torch.no_grad()
+def histogram_entropy(maps: torch.Tensor, bins: int = 100) -> torch.Tensor:
+    """Shannon entropy (nats) of the histogram of each map's values (eMPRT, Hedström et al. 2023).
+
+    maps: (B, C, H, W); each map is reduced to sum |map| over channels and min-max
+    scaled to [0, 1] before `bins` equal bins are counted. Returns (B,) float64.
+    A constant map puts everything in one bin: entropy 0.
+    """
+    if maps.ndim != 4:
+        raise ValueError(f"maps must have shape (B, C, H, W), got {tuple(maps.shape)}")
+    v = maps.to(_F64).abs().sum(dim=1).flatten(1)
+    low, high = v.amin(dim=1, keepdim=True), v.amax(dim=1, keepdim=True)
+    scaled = _safe_div(v - low, high - low)
+    index = (scaled * bins).long().clamp_(0, bins - 1)
+    counts = torch.zeros(v.shape[0], bins, dtype=_F64, device=v.device).scatter_add_(1, index, torch.ones_like(v))
+    p = counts / v.shape[1]
+    return -(p * torch.log(p.clamp_min(1e-300))).sum(dim=1)

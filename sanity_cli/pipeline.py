@@ -1,4 +1,4 @@
-"""One experiment, top to bottom: data, model, model states, maps, scores, results.
+"""One experiment, top to bottom: data, model, conditions to explain, maps, scores, results.
 
 `run(cfg, run_dir)` is the whole run as a plain function; the CLI is a thin Hydra
 wrapper around it and tests call it directly with composed configs.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -17,19 +18,34 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from sanity_cli import checks
 from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
-from sanity_cli.figures import similarity_curves
-from sanity_cli.methods import METHODS, explain_all
-from sanity_cli.metrics import compare
+from sanity_cli.methods import METHODS, MethodError, explain_all, resolve_call
+from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare, histogram_entropy
 from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
-from sanity_cli.randomization import TrainedWeights, cascading_states, find_blocks, independent_states
-from sanity_cli.results import ResultsWriter, state_rows, summarize
+from sanity_cli.randomization import INIT_POLICIES, TrainedWeights, find_blocks
+from sanity_cli.results import RunStore, state_rows
 from sanity_cli.training import TrainedModel, shuffled_labels, train_or_load
 
 log = logging.getLogger(__name__)
-TESTS = {"cascade": cascading_states, "independent": independent_states}
 TARGETS = ("predicted", "label", "original")
+CONTROLS = ("edge", "random")
+UNDEFINED_HINTS = {"hog": " (the maps are smaller than one HOG block); lower metrics.hog.pixels_per_cell, e.g. to 4",
+                   "ssim": " (the maps are smaller than the SSIM window); lower metrics.ssim.sigma"}
+
+
+@dataclass
+class Prepared:
+    """The models and the test images they are explained on (normalized, on the device)."""
+
+    models: dict[str, TrainedModel]  # "trained", and "shuffled" for the data test
+    spec: InputSpec
+    images: Tensor       # (B, C, H, W) model inputs
+    display: Tensor      # (B, C, H, W) the same images in [0, 1], for figures
+    labels: Tensor       # (B,) true labels, -1 where the dataset has none
+    image_ids: Tensor    # (B,) indices into the dataset's test split
+    classes: list[str]
 
 
 @dataclass
@@ -40,18 +56,7 @@ class RunResult:
     results: pd.DataFrame
     summary: pd.DataFrame
     figures: list[Path]
-
-
-@dataclass
-class Prepared:
-    """The trained model and the test images it is explained on (normalized, on the device)."""
-
-    trained: TrainedModel
-    spec: InputSpec
-    images: Tensor       # (B, C, H, W) model inputs
-    labels: Tensor       # (B,) true labels, -1 where the dataset has none
-    image_ids: Tensor    # (B,) indices into the dataset's test split
-    num_classes: int
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,16 +70,159 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
+    """Run the check that `cfg` describes and write its results into `run_dir`."""
+    started = time.perf_counter()
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    store = RunStore(Path(run_dir), settings(cfg), resume=cfg.resume)
+    torch.manual_seed(cfg.seed)
+    prepared = prepare(cfg, device)
+    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
+    clock = {"explain": 0.0, "compare": 0.0}
+    model = prepared.models["trained"].model
+    trained = TrainedWeights(model)
+    blocks = find_blocks(model, prepared.images[:1], _granularity(cfg.test.get("granularity", "block")))
+    context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
+               "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
+               "normalization": cfg.metrics.normalization}
+    original = predicted_classes(model, prepared.images, cfg.max_batch)
+    for seed in _seeds(cfg):
+        conditions = list_conditions(cfg, prepared, blocks, trained, seed)
+        total = len(blocks) + 1 if cfg.test.name in checks.MODEL_CHECKS else 2
+        reference: dict[str, Tensor] = {}
+        for condition in tqdm(conditions, total=total, desc=f"{cfg.test.name} (seed {seed})", unit="state",
+                              disable=os.environ.get("SANITY_PROGRESS", "1") == "0"):
+            step = condition.state.step
+            if step > 0 and store.done(seed, step):
+                continue  # resumed: this state's rows are already in results.csv
+            targets = _targets(cfg.target, condition, prepared, original, cfg.max_batch)
+            tick = time.perf_counter()
+            maps = explain_state(cfg, condition.model, prepared.images, targets, seed, step)
+            clock["explain"] += time.perf_counter() - tick
+            reference = maps if step == 0 else reference
+            if store.done(seed, step):
+                continue
+            tick = time.perf_counter()
+            scores = score(cfg, reference, maps)
+            clock["compare"] += time.perf_counter() - tick
+            rows = state_rows({**context, "seed": seed}, step, condition.state.block, scores, prepared.image_ids,
+                              prepared.labels, targets)
+            store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples))
+    trained.check(model)
+    clock["total"] = time.perf_counter() - started
+    store.record_timing(clock)
+    store.write_examples(prepared.display[: cfg.n_examples], _meta(cfg, prepared))
+    log.info("time: %.1fs in all, %.1fs explaining, %.1fs comparing", clock["total"], clock["explain"],
+             clock["compare"])
+    return finish(Path(run_dir), clock)
+
+
+def settings(cfg: DictConfig) -> dict:
+    """What determines the results: the whole config but the resume flag and the device."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return {key: value for key, value in values.items() if key not in ("resume", "device", "hydra")}
+
+
+def _seeds(cfg: DictConfig) -> list[int]:
+    seeds = cfg.test.get("seeds")
+    return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
+
+
+def _granularity(value):
+    return value if isinstance(value, str) else list(value)
+
+
+def list_conditions(cfg: DictConfig, prepared: Prepared, blocks: list[str], trained: TrainedWeights,
+                    seed: int):
+    """The conditions of the configured check, for one randomization seed."""
+    model = prepared.models["trained"].model
+    if cfg.test.name == "data":
+        return checks.data_randomization(model, prepared.models["shuffled"].model)
+    if cfg.test.name == "random_logit":
+        return checks.random_logit(model, len(prepared.classes), seed)
+    return checks.model_randomization(cfg.test, model, blocks, trained, seed)
+
+
+def explain_state(cfg: DictConfig, model: nn.Module, images: Tensor, targets: Tensor, seed: int,
+                  step: int) -> dict[str, Tensor]:
+    """All selected methods' maps (B, C, H, W) for one condition.
+
+    The random control draws a new map in every state (its seed follows the step),
+    so it shows the similarity of unrelated maps; every other method sees the same
+    noise in every state, so only the model differs between states.
+    sMPRT (test=smooth_cascade) averages each method's maps over noisy copies of the input.
+    """
+    methods = method_options(cfg, seed, step)
+    try:
+        if cfg.test.name != "smooth_cascade":
+            return explain_all(model, images, targets, methods, max_batch=cfg.max_batch)
+        return smoothed_maps(model, images, targets, methods, cfg.test.samples, cfg.test.noise, seed, cfg.max_batch)
+    except MethodError as error:
+        raise SanityError(str(error)) from None
+
+
+def smoothed_maps(model: nn.Module, images: Tensor, targets: Tensor, methods: dict, samples: int, noise: float,
+                  seed: int, max_batch: int) -> dict[str, Tensor]:
+    """Maps averaged over `samples` noisy copies of each image, noise std = `noise` x the image's range."""
+    span = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    total: dict[str, Tensor] = {}
+    for _ in range(samples):
+        noisy = images + noise * span * torch.randn(images.shape, generator=generator, device=images.device,
+                                                    dtype=images.dtype)
+        for name, maps in explain_all(model, noisy, targets, methods, max_batch=max_batch).items():
+            total[name] = total[name] + maps if name in total else maps
+    return {name: value / samples for name, value in total.items()}
+
+
+def score(cfg: DictConfig, reference: dict[str, Tensor], maps: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Per method, per metric, one value per image (B,)."""
+    options = metric_options(cfg)
+    scores = {}
+    for name, other in maps.items():
+        if cfg.test.name == "entropy":
+            start, now = histogram_entropy(reference[name], cfg.test.bins), histogram_entropy(other, cfg.test.bins)
+            scores[name] = {"entropy": now, "entropy_rise": now / start - 1.0}
+            continue
+        scores[name] = compare(reference[name], other, **options)
+        if cfg.test.name == "random_logit":  # Sixt et al.: SSIM of each sign of the map on its own
+            for sign, part in (("positive", lambda m: m.clamp(min=0)), ("negative", lambda m: (-m).clamp(min=0))):
+                ssim_options = {**options, "metrics": ["ssim"]}
+                scores[name][f"ssim_{sign}"] = compare(part(reference[name]), part(other), **ssim_options)["ssim"]
+    return scores
+
+
+def metric_options(cfg: DictConfig) -> dict:
+    m = cfg.metrics
+    return {"metrics": list(m.names), "normalization": m.normalization, "ssim_data_range": m.ssim.data_range,
+            "ssim_sigma": m.ssim.sigma, "ssim_sample_covariance": m.ssim.sample_covariance,
+            "hog_pixels_per_cell": m.hog.pixels_per_cell, "hog_cells_per_block": m.hog.cells_per_block,
+            "hog_orientations": m.hog.orientations}
+
+
 def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
-    """Load the data, then build, train or load the model, and pick the test images."""
+    """Load the data, then build, train or load the model(s), and pick the test images."""
     channels, size = _dataset_geometry(cfg)
     spec = input_spec(cfg.model, channels, size)
     dataset = datasets.load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, n_images=cfg.n_images,
                                     image_size=spec.size)
-    trained = _trained_model(cfg, dataset, spec, device)
+    shuffled_run = cfg.labels == "shuffled"
+    models = {"trained": _trained_model(cfg, dataset, spec, device, shuffled_run)}
+    if cfg.test.name == "data":
+        models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
+        _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
     chosen = datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed)
-    images = spec.normalize(datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size))
-    return Prepared(trained, spec, images.to(device), dataset.test_y[chosen], chosen, dataset.num_classes)
+    display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
+    return Prepared(models, spec, spec.normalize(display).to(device), display, dataset.test_y[chosen], chosen,
+                    dataset.classes)
+
+
+def _warn_unless_memorized(model: TrainedModel, threshold: float) -> None:
+    if model.train_accuracy is not None and model.train_accuracy < threshold:
+        log.warning("the shuffled-label model reached train accuracy %.3f < %.2f: it has not memorized its labels, "
+                    "so the data randomization test means little; raise test.shuffled_epochs",
+                    model.train_accuracy, threshold)
 
 
 def _dataset_geometry(cfg: DictConfig) -> tuple[int, int]:
@@ -83,9 +231,12 @@ def _dataset_geometry(cfg: DictConfig) -> tuple[int, int]:
             "cifar10": (3, 32)}.get(cfg.dataset.name, (3, 224))
 
 
-def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec, device: torch.device) -> TrainedModel:
+def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec, device: torch.device,
+                   shuffled: bool) -> TrainedModel:
     num_classes = dataset.num_classes
     if cfg.model.kind not in TRAINABLE_KINDS or cfg.model.get("checkpoint"):
+        if shuffled:
+            raise SanityError(f"shuffled labels need a model trained here (cnn or mlp), not model={cfg.model.name}")
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes, spec).to(device).eval()
         source = "checkpoint" if cfg.model.get("checkpoint") else "pretrained" if cfg.model.pretrained else "random"
@@ -96,21 +247,31 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     if dataset.train_x is None:
         raise SanityError(f"model={cfg.model.name} is trained here but dataset={cfg.dataset.name} has no "
                           "training split; use digits, mnist, fashion_mnist or cifar10")
-    shuffled = cfg.labels == "shuffled"
-    train_y = shuffled_labels(dataset.train_y, cfg.seed) if shuffled else dataset.train_y
+    train_x, train_y, train_cfg = dataset.train_x, dataset.train_y, cfg.train
+    if shuffled:
+        train_y = shuffled_labels(train_y, cfg.seed)
+        if cfg.test.name == "data":  # memorizing random labels takes longer; a subset is allowed
+            train_cfg = OmegaConf.merge(cfg.train, {"epochs": cfg.test.shuffled_epochs})
+            subset = cfg.test.get("shuffled_subset")
+            train_x, train_y = (train_x[:subset], train_y[:subset]) if subset else (train_x, train_y)
     prepare_x = lambda x: spec.normalize(datasets.adapt_images(x, spec.channels, spec.size))  # noqa: E731
     key = {"model": cfg.model.name, "kind": cfg.model.kind, "dataset": OmegaConf.to_container(cfg.dataset),
-           "input": [spec.channels, spec.size], "classes": num_classes, "labels": "shuffled" if shuffled else "true"}
-    return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_x(dataset.train_x), train_y,
-                         prepare_x(dataset.test_x), dataset.test_y, cfg.train, cfg.seed, cfg.cache_dir, device)
+           "input": [spec.channels, spec.size], "classes": num_classes, "labels": "shuffled" if shuffled else "true",
+           "train_size": len(train_y)}
+    return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_x(train_x), train_y,
+                         prepare_x(dataset.test_x), dataset.test_y, train_cfg, cfg.seed, cfg.cache_dir, device)
 
 
-def method_options(cfg: DictConfig) -> dict[str, dict]:
-    """The selected methods (the `method` group) as plain dicts, with gradcam's layer filled in."""
+def method_options(cfg: DictConfig, seed: int = 0, step: int = 0) -> dict[str, dict]:
+    """The selected methods (the `method` group) as plain dicts, with the model's
+    GradCAM layer filled in and the random control's seed following the state."""
     selected = OmegaConf.to_container(cfg.method, resolve=True) or {}
     for name, options in selected.items():
-        if (options.get("method") or name) in ("gradcam", "guided_gradcam") and not options.get("layer"):
+        kind = options.get("method") or name
+        if kind in ("gradcam", "guided_gradcam") and not options.get("layer"):
             options["layer"] = cfg.model.get("gradcam_layer")
+        if kind == "random":
+            options["seed"] = int(options.get("seed", 0)) + 1000 * seed + step
     return selected
 
 
@@ -119,81 +280,75 @@ def predicted_classes(model: nn.Module, images: Tensor, max_batch: int) -> Tenso
     return torch.cat([model(chunk).argmax(1) for chunk in images.split(max_batch)])
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
-    """Run the experiment that `cfg` describes and write its results into `run_dir`."""
-    run_dir = Path(run_dir)
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    prepared = prepare(cfg, device)
-    model, methods = prepared.trained.model, method_options(cfg)
-    blocks = find_blocks(model, prepared.images[:1], cfg.test.granularity)
-    log.info("%d blocks, forward order: %s", len(blocks), ", ".join(blocks))
-    trained = TrainedWeights(model)
-    context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed}
-    writer = ResultsWriter(run_dir / "results.csv")
-    original_targets = predicted_classes(model, prepared.images, cfg.max_batch)
-    states = TESTS[cfg.test.name](model, blocks, trained, cfg.seed, cfg.test.init, cfg.test.reset_bn_stats)
-    reference: dict[str, Tensor] = {}
-    for state in tqdm(states, total=len(blocks) + 1, desc=f"{cfg.test.name} states", unit="state",
-                      disable=os.environ.get("SANITY_PROGRESS", "1") == "0"):
-        targets = _targets(cfg.target, model, prepared, original_targets, cfg.max_batch)
-        maps = _explain(model, prepared.images, targets, methods, cfg.max_batch)
-        if state.step == 0:
-            reference = maps
-        scores = {name: compare(reference[name], maps[name], metrics=list(cfg.metrics.names),
-                                normalization=cfg.metrics.normalization) for name in maps}
-        writer.append(state_rows(context, state.step, state.block, scores, prepared.image_ids,
-                                 prepared.labels, targets))
-    trained.check(model)
-    return finish(run_dir, describe(cfg))
-
-
-def _targets(choice: str, model: nn.Module, prepared: Prepared, original: Tensor, max_batch: int) -> Tensor:
+def _targets(choice: str, condition: checks.Condition, prepared: Prepared, original: Tensor,
+             max_batch: int) -> Tensor:
     """The class explained for each image: the current model's argmax (the paper),
-    the true label, or the trained model's prediction."""
+    the true label, or the trained model's prediction; then the check's own choice."""
     if choice == "predicted":
-        return predicted_classes(model, prepared.images, max_batch)
-    if choice == "original":
-        return original
-    if (prepared.labels < 0).any():
+        targets = predicted_classes(condition.model, prepared.images, max_batch)
+    elif choice == "original":
+        targets = original
+    elif (prepared.labels < 0).any():
         raise SanityError("target=label but the dataset has no labels; use target=predicted")
-    return prepared.labels.to(original.device)
+    else:
+        targets = prepared.labels.to(original.device)
+    return condition.retarget(targets) if condition.retarget else targets
 
 
-def _explain(model: nn.Module, images: Tensor, targets: Tensor, methods: dict, max_batch: int) -> dict[str, Tensor]:
-    """All methods' maps for all images, a chunk of images at a time."""
-    chunks = [explain_all(model, x, t, methods, max_batch=max_batch)
-              for x, t in zip(images.split(max_batch), targets.split(max_batch))]
-    return {name: torch.cat([chunk[name] for chunk in chunks]) for name in methods}
+def _examples(maps: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    return {name: value[:n].detach().cpu() for name, value in maps.items()}
+
+
+def _meta(cfg: DictConfig, prepared: Prepared) -> dict:
+    methods = list(cfg.method)
+    return {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "title": describe(cfg),
+            "methods": methods,
+            "controls": [m for m in methods if (cfg.method[m].get("method") or m) in CONTROLS],
+            "image_ids": prepared.image_ids[: cfg.n_examples].tolist(),
+            "labels": prepared.labels[: cfg.n_examples].tolist(), "classes": list(prepared.classes)}
 
 
 def describe(cfg: DictConfig) -> str:
-    return f"{cfg.test.name} randomization: {cfg.model.name} on {cfg.dataset.name}, seed {cfg.seed}"
+    seeds = ", ".join(map(str, _seeds(cfg)))
+    return f"{cfg.test.name}: {cfg.model.name} on {cfg.dataset.name}, seed {seeds}"
 
 
-def finish(run_dir: Path, title: str) -> RunResult:
+def finish(run_dir: Path, timing: dict[str, float] | None = None) -> RunResult:
     """Summarize results.csv and draw the figures; also used to redraw a finished run."""
+    from sanity_cli.figures import draw_all
+    from sanity_cli.results import summarize
+
     results = pd.read_csv(run_dir / "results.csv")
-    summary = summarize(results)
+    summary = summarize(results, RunStore.models_of(run_dir))
     summary.to_csv(run_dir / "summary.csv", index=False)
-    test = str(results["test"].iloc[0])
-    figures = [similarity_curves(summary, run_dir / "figures" / f"{test}_spearman.png", title,
-                                 [m for m in ("spearman_abs", "spearman") if m in set(summary["metric"])])]
-    return RunResult(run_dir, results, summary, figures)
+    for metric, rows in summary[summary["step"] > 0].groupby("metric"):
+        if rows["n"].sum() == 0:
+            log.warning("%s is undefined for every image%s", metric, UNDEFINED_HINTS.get(metric, ""))
+    return RunResult(run_dir, results, summary, draw_all(run_dir), timing or {})
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject unknown names with one line that lists the valid ones."""
-    checks = [("test", cfg.test.name, TESTS), ("target", cfg.target, TARGETS)]
-    checks += [("method", options.get("method") or name, METHODS)
-               for name, options in (OmegaConf.to_container(cfg.method) or {}).items()]
-    for what, value, valid in checks:
+    """Reject unknown names and bad values with one line that says what is valid."""
+    checks_ = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
+               ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
+    checks_ += [("metric", name, METRICS) for name in cfg.metrics.names]
+    if cfg.test.name in checks.MODEL_CHECKS:
+        checks_.append(("init", cfg.test.init, INIT_POLICIES))
+    for what, value, valid in checks_:
         if value not in valid:
             raise SanityError(f"unknown {what} '{value}'; choose one of: {', '.join(valid)}")
+    if not cfg.method:
+        raise SanityError("no method selected; pick one with method=NAME (see `sanity list`)")
+    for name, options in (OmegaConf.to_container(cfg.method, resolve=True) or {}).items():
+        options = dict(options or {})
+        kind = options.pop("method", None) or name
+        if kind not in METHODS:
+            raise SanityError(f"unknown method '{kind}'; choose one of: {', '.join(METHODS)}")
+        try:
+            resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})
+        except MethodError as error:
+            raise SanityError(str(error)) from None
     if cfg.labels not in (True, "true", "shuffled"):
         raise SanityError(f"unknown labels '{cfg.labels}'; choose true or shuffled")
     if cfg.n_images < 1 or cfg.max_batch < 1:
         raise SanityError("n_images and max_batch must be at least 1")
-    if not cfg.method:
-        raise SanityError("no method selected; pick one with method=NAME (see `sanity list`)")

@@ -1,40 +1,123 @@
-"""The tidy CSV of a run and its summary.
+"""What a run keeps on disk, written so that nothing finished is ever lost.
 
-results.csv holds one row per (seed, step, method, image, metric); rows of a state
-are appended and flushed as soon as the state is done, so an interrupted run keeps
-everything it finished. summary.csv aggregates them per (method, step, block, metric).
+run_dir/
+  results.csv   one row per (seed, step, method, image, metric); a state's rows are
+                appended and flushed as soon as the state is scored
+  states.csv    one line per finished state, written after its rows: the resume log
+  run.json      the settings that determine the results, the models' accuracies, timing
+  maps/         each finished state's maps of the example images (.npz), merged into
+  maps.npz      at the end of the run, with the example images and a description
+  summary.csv   mean, std, n and n_nan per (method, step, block, metric)
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from torch import Tensor
 
-COLUMNS = ["test", "model", "dataset", "method", "seed", "step", "block", "image", "label", "target",
-           "metric", "value"]
+from sanity_cli.errors import SanityError
+
+COLUMNS = ["test", "model", "dataset", "method", "seed", "step", "block", "image", "label", "target", "metric",
+           "value", "init", "reset_bn_stats", "normalization"]
 GROUP = ["test", "model", "dataset", "method", "seed", "step", "block", "metric"]
+STATE_COLUMNS = ["seed", "step", "block"]
 
 
-class ResultsWriter:
-    """Appends rows to results.csv, writing the header once and flushing per state."""
+class RunStore:
+    """The files of one run directory; `resume=True` continues an interrupted run."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            with open(self.path, "w", newline="") as handle:
-                csv.writer(handle).writerow(COLUMNS)
+    def __init__(self, run_dir: Path, settings: dict, resume: bool = False):
+        self.run_dir = run_dir
+        self.results, self.states, self.info = run_dir / "results.csv", run_dir / "states.csv", run_dir / "run.json"
+        self.parts = run_dir / "maps"
+        fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+        if self.results.exists() and not resume:
+            raise SanityError(f"{run_dir} already holds a run; add resume=true to continue it, "
+                              "or choose another directory with hydra.run.dir=PATH")
+        self.finished: set[tuple[int, int]] = set()
+        if resume and self.results.exists():
+            self._reopen(fingerprint)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_rows(self.results, COLUMNS, [], mode="w")
+            _write_rows(self.states, STATE_COLUMNS, [], mode="w")
+            self._write_info({"fingerprint": fingerprint, "settings": settings})
 
-    def append(self, rows: Iterable[Mapping]) -> None:
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writerows(rows)
-            handle.flush()
+    def _reopen(self, fingerprint: str) -> None:
+        """Keep the finished states and drop rows of a state that was cut off mid-way."""
+        info = json.loads(self.info.read_text()) if self.info.exists() else {}
+        if info.get("fingerprint") != fingerprint:
+            raise SanityError(f"{self.run_dir} holds a run with other settings; resume it with the same "
+                              "overrides, or choose another directory with hydra.run.dir=PATH")
+        states = pd.read_csv(self.states)
+        self.finished = set(zip(states["seed"].astype(int), states["step"].astype(int)))
+        rows = pd.read_csv(self.results)
+        keep = [(int(s), int(t)) in self.finished for s, t in zip(rows["seed"], rows["step"])]
+        rows[keep].to_csv(self.results, index=False)
+
+    def done(self, seed: int, step: int) -> bool:
+        return (seed, step) in self.finished
+
+    def add_state(self, seed: int, step: int, block: str, rows: list[dict], examples: Mapping[str, Tensor]) -> None:
+        """Append one finished state: its rows, its example maps, then the resume log line."""
+        _write_rows(self.results, COLUMNS, rows)
+        self.parts.mkdir(exist_ok=True)
+        arrays = {name: maps.float().numpy().astype(np.float16) for name, maps in examples.items()}
+        np.savez_compressed(self.parts / f"seed{seed}_step{step}.npz", **arrays)
+        _write_rows(self.states, STATE_COLUMNS, [{"seed": seed, "step": step, "block": block}])
+        self.finished.add((seed, step))
+
+    def write_examples(self, images: Tensor, meta: dict) -> Path:
+        """Merge the states' example maps into maps.npz: "meta" (JSON), "images" (E, C, H, W)
+        and one (E, C, H, W) array per "{state key}/{method}"."""
+        states = pd.read_csv(self.states).drop_duplicates(["seed", "step"])
+        arrays, described = {}, []
+        for seed, step, block in states[STATE_COLUMNS].itertuples(index=False):
+            key = f"seed{seed}_step{step}"
+            with np.load(self.parts / f"{key}.npz") as part:
+                arrays.update({f"{key}/{name}": part[name] for name in part.files})
+            described.append({"key": key, "seed": int(seed), "step": int(step), "block": block})
+        meta = {**meta, "states": described}
+        path = self.run_dir / "maps.npz"
+        np.savez_compressed(path, meta=np.array(json.dumps(meta)), images=images.float().cpu().numpy(), **arrays)
+        return path
+
+    def record_models(self, accuracies: Mapping[str, tuple[float | None, float | None]]) -> None:
+        self._update_info({"models": {name: {"train_accuracy": train, "test_accuracy": test}
+                                      for name, (train, test) in accuracies.items()}})
+
+    def record_timing(self, seconds: Mapping[str, float]) -> None:
+        self._update_info({"timing_s": dict(seconds)})
+
+    @staticmethod
+    def models_of(run_dir: Path) -> dict:
+        info = run_dir / "run.json"
+        return json.loads(info.read_text()).get("models", {}) if info.exists() else {}
+
+    def _update_info(self, values: dict) -> None:
+        self._write_info({**json.loads(self.info.read_text()), **values})
+
+    def _write_info(self, info: dict) -> None:
+        partial = self.info.with_suffix(".partial")
+        partial.write_text(json.dumps(info, indent=2, default=str))
+        partial.replace(self.info)
+
+
+def _write_rows(path: Path, columns: list[str], rows: Iterable[Mapping], mode: str = "a") -> None:
+    with open(path, mode, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        if mode == "w":
+            writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
 
 
 def state_rows(context: Mapping, step: int, block: str, scores: Mapping[str, Mapping[str, Tensor]],
@@ -51,14 +134,22 @@ def state_rows(context: Mapping, step: int, block: str, scores: Mapping[str, Map
     return rows
 
 
-def summarize(results: pd.DataFrame) -> pd.DataFrame:
+def summarize(results: pd.DataFrame, models: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
     """Mean, std and count per (test, model, dataset, method, seed, step, block, metric).
 
     Undefined scores (NaN: a constant map has no rank correlation) are left out of
-    mean and std and counted in `n_nan`. Step 0, the trained model against itself,
-    is its own row and never part of another step's average.
+    mean and std and counted in `n_nan`. Step 0, the reference compared with itself,
+    is its own row and never part of another step's average. The accuracies of the
+    models (step 0: the trained model; step 1 of the data test: the shuffled-label
+    one) are added as columns.
     """
     grouped = results.groupby(GROUP, sort=False, dropna=False)["value"]
     summary = grouped.agg(mean="mean", std="std", n="count").reset_index()
     summary["n_nan"] = grouped.apply(lambda v: int(v.isna().sum())).to_numpy()
+    models = models or {}
+    for column in ("train_accuracy", "test_accuracy"):
+        by_step = {0: models.get("trained", {}).get(column)}
+        if (summary["test"] == "data").any():
+            by_step[1] = models.get("shuffled", {}).get(column)
+        summary[column] = summary["step"].map(lambda step: by_step.get(step))
     return summary.sort_values(["test", "method", "metric", "seed", "step"], kind="stable").reset_index(drop=True)

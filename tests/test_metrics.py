@@ -368,3 +368,18 @@ def test_compare_on_cuda_matches_cpu():
     for m in METRICS:
         assert gpu[m].device.type == "cuda"
         torch.testing.assert_close(gpu[m].cpu(), cpu[m], rtol=0, atol=ATOL, equal_nan=True)
+
+
+def test_histogram_entropy_matches_numpy_histogram():
+    from sanity_cli.metrics import histogram_entropy
+
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(3, 2, 20, 20))
+    maps[2] = 0.0  # constant: all mass in one bin
+    got = histogram_entropy(torch.from_numpy(maps), bins=100)
+    for i in range(3):
+        v = np.abs(maps[i]).sum(axis=0).ravel()
+        counts, _ = np.histogram(v, bins=100, range=(v.min(), v.max() if v.max() > v.min() else v.min() + 1))
+        p = counts[counts > 0] / v.size
+        assert abs(got[i].item() - float(-(p * np.log(p)).sum())) < 1e-9
+    assert got[2].item() == 0.0

@@ -59,9 +59,18 @@ class RunStore:
                               "overrides, or choose another directory with hydra.run.dir=PATH")
         states = pd.read_csv(self.states)
         self.finished = set(zip(states["seed"].astype(int), states["step"].astype(int)))
-        rows = pd.read_csv(self.results)
-        keep = [(int(s), int(t)) in self.finished for s, t in zip(rows["seed"], rows["step"])]
-        rows[keep].to_csv(self.results, index=False)
+        with open(self.results, newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if self._finished_row(row)]
+        _write_rows(self.results, COLUMNS, rows, mode="w")
+
+    def _finished_row(self, row: dict) -> bool:
+        """A complete row (every field present) of a finished state; cut-off lines are not."""
+        if None in row or any(row.get(column) is None for column in COLUMNS):
+            return False
+        try:
+            return (int(row["seed"]), int(row["step"])) in self.finished
+        except ValueError:
+            return False
 
     def done(self, seed: int, step: int) -> bool:
         return (seed, step) in self.finished

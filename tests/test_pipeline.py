@@ -1,0 +1,124 @@
+"""The checks end to end through `pipeline.run`, with configs composed as the CLI does."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from sanity_cli import pipeline
+from sanity_cli.errors import SanityError
+from sanity_cli.results import RunStore
+
+FAST = ["n_images=4", "n_examples=2", "train.epochs=2", "device=cpu", "method=[gradient,guided_backprop,random]",
+        "metrics.names=[spearman_abs,spearman,ssim]"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def run(make_cfg, cache, tmp_path):
+    def run(overrides=(), name="run"):
+        cfg = make_cfg([*FAST, f"cache_dir={cache}", f"data_dir={tmp_path / 'data'}", *overrides])
+        return pipeline.run(cfg, tmp_path / name)
+
+    return run
+
+
+def test_cascade_rows_policy_and_controls(run):
+    result = run()
+    rows = result.results
+    assert set(rows["init"]) == {"paper"} and set(rows["normalization"]) == {"paper"}
+    assert set(rows["reset_bn_stats"].astype(str)) == {"False"}
+    assert (rows.loc[rows["step"] == 0, "value"] == 1.0).all()
+    randomized = rows[rows["step"] > 0]
+    # a new random map in every state: unrelated to the trained model's random map
+    assert randomized.loc[(randomized["method"] == "random") & (randomized["metric"] == "spearman"), "value"].abs().max() < 0.2
+    summary = result.summary
+    assert not summary[(summary["step"] > 0)]["mean"].eq(1.0).any()
+    assert summary.loc[summary["step"] == 0, "train_accuracy"].notna().all()
+    assert (result.run_dir / "maps.npz").is_file()
+
+
+def test_several_seeds_and_independent(run):
+    rows = run(["test=independent", "test.seeds=[0,1]"]).results
+    assert set(rows["seed"]) == {0, 1} and set(rows["test"]) == {"independent"}
+    assert list(rows[rows["seed"] == 1].drop_duplicates("step")["block"]) == ["original", "fc2", "fc1", "conv2", "conv1"]
+
+
+def test_data_randomization_memorizes_shuffled_labels(run):
+    result = run(["test=data", "test.shuffled_epochs=30", "test.shuffled_subset=200", "method=[gradient]"])
+    summary = result.summary
+    shuffled = summary[summary["step"] == 1].iloc[0]
+    assert shuffled["block"] == "shuffled labels"
+    assert shuffled["train_accuracy"] >= 0.9          # memorized its 200 random labels
+    assert shuffled["test_accuracy"] < 0.25            # chance is 0.1 on ten classes
+    assert summary[summary["step"] == 0].iloc[0]["test_accuracy"] > 0.8
+
+
+def test_random_logit_explains_another_class_and_reports_both_signs(run):
+    rows = run(["test=random_logit", "method=[gradient]"]).results
+    first, second = (rows[(rows["step"] == s) & (rows["metric"] == "spearman")] for s in (0, 1))
+    assert (first["target"].to_numpy() != second["target"].to_numpy()).all()
+    assert {"ssim_positive", "ssim_negative"} <= set(rows["metric"])
+
+
+def test_smooth_cascade_and_entropy(run):
+    smooth = run(["test=smooth_cascade", "test.samples=2", "method=[gradient]"], name="smooth").results
+    assert smooth["step"].max() == 4
+    entropy = run(["test=entropy", "method=[gradient,random]"], name="entropy").results
+    rise = entropy[entropy["metric"] == "entropy_rise"]
+    assert (rise.loc[rise["step"] == 0, "value"] == 0).all()
+    assert rise["step"].max() == 4 and rise["value"].notna().all()
+
+
+def test_interrupted_run_resumes_to_the_same_csv(run, monkeypatch):
+    whole = run(name="whole").results
+    written = []
+    original_add = RunStore.add_state
+
+    def add_then_die(self, seed, step, block, rows, examples):
+        original_add(self, seed, step, block, rows, examples)
+        written.append(step)
+        if len(written) == 2:
+            with open(self.results, "a") as handle:  # a row of the next state, cut off mid-write
+                handle.write("cascade,cnn,digits,gradient,0,2,fc1,1")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunStore, "add_state", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(name="cut")
+    monkeypatch.setattr(RunStore, "add_state", original_add)
+    resumed = run(["resume=true"], name="cut").results
+    key = ["seed", "step", "method", "image", "metric"]
+    pd.testing.assert_frame_equal(resumed.sort_values(key).reset_index(drop=True),
+                                  whole.sort_values(key).reset_index(drop=True))
+
+
+def test_results_are_never_overwritten(run):
+    run(name="same")
+    with pytest.raises(SanityError, match="resume=true"):
+        run(name="same")
+    with pytest.raises(SanityError, match="other settings"):
+        run(["resume=true", "n_images=3"], name="same")
+
+
+def test_trained_weights_unchanged_after_a_run(make_cfg, cache, tmp_path):
+    cfg = make_cfg([*FAST, f"cache_dir={cache}"])
+    prepared = pipeline.prepare(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in prepared.models["trained"].model.state_dict().items()}
+    pipeline.run(cfg, tmp_path / "run")
+    again = pipeline.prepare(cfg, torch.device("cpu")).models["trained"]
+    assert again.source == "cache"
+    for name, value in again.model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_bad_settings_are_one_line_errors(run):
+    for override, words in [("test.init=xavier", "unknown init"), ("metrics.normalization=l2", "normalization"),
+                            ("target=logit", "unknown target"), ("method.random.seed=-1", "random")]:
+        with pytest.raises(SanityError, match=words):
+            run([override])

@@ -46,6 +46,16 @@ def test_inception_v3_has_the_papers_17_blocks():
     assert list(reversed(blocks)) == PAPER_INCEPTION_CASCADE
 
 
+def test_timm_resnet_and_vit_blocks_are_their_top_level_children():
+    resnet = timm.create_model("resnet18", pretrained=False).eval()
+    assert find_blocks(resnet, torch.zeros(1, 3, 64, 64)) == ["conv1", "bn1", "layer1", "layer2", "layer3",
+                                                               "layer4", "fc"]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    assert find_blocks(vit, torch.zeros(1, 3, 224, 224)) == ["patch_embed", "blocks", "norm", "head"]
+    layers = find_blocks(vit, torch.zeros(1, 3, 224, 224), "layer")
+    assert layers[:3] == ["patch_embed.proj", "blocks.0.norm1", "blocks.0.attn.qkv"] and layers[-1] == "head"
+
+
 def test_layer_granularity_and_explicit_names():
     model = PaperCNN().eval()
     assert find_blocks(model, torch.zeros(1, 1, 28, 28), "layer") == ["conv1", "conv2", "fc1", "fc2"]

@@ -1,14 +1,31 @@
-"""Paper-style figures drawn from summary.csv, so they can be redrawn without recomputing."""
+"""Paper-style figures of a run, drawn from its summary.csv and maps.npz alone.
+
+Nothing here needs the model, so `sanity figures RUN_DIR` can redraw a finished run.
+Curves and bars (paper Figs. 3, 4, 5 and 6, the quantitative panels) come from
+summary.csv; the grids of maps (paper Figs. 2, 4, 5) from the example maps in maps.npz.
+
+maps.npz holds "meta" (a JSON string: test, model, dataset, title, methods, controls,
+states, image_ids, labels, classes), "images" (E, C, H, W) in [0, 1] and, per state
+and method, f"{state_key}/{method}" (E, C_m, H, W).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
+import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # figures are files; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 METRIC_TITLES = {
     "spearman_abs": "Rank correlation (absolute value)",
@@ -16,36 +33,402 @@ METRIC_TITLES = {
     "ssim": "SSIM",
     "hog": "HOG similarity",
 }
+SPEARMAN = ("spearman_abs", "spearman")
+STEP_XLABELS = {
+    "cascade": "blocks re-initialized, cumulative from the top (logits) down",
+    "smooth_cascade": "blocks re-initialized, cumulative from the top (logits) down",
+    "independent": "block re-initialized alone (the rest trained)",
+}
+# Tests that compare two maps once (two models, or two target classes): bars, not curves.
+PAIR_YLABELS = {
+    "data": "similarity: true-label vs shuffled-label model",
+    "random_logit": "similarity: true class vs random class",
+}
+DEFAULT_CONTROLS = ("edge", "random")
+GRID_IMAGES = 3  # example images drawn per run: more adds pages, not insight
+GRID_FONT = 10
+TILE_PIXELS = 128  # a thumbnail of at most 1.3 inches at dpi 100; keeps the PDFs small
+CONTROL_STYLES = (("0.3", "--"), ("0.55", ":"), ("0.45", "-."))
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What every figure of one run shares."""
+
+    test: str
+    title: str  # model, dataset, test and seed(s)
+    methods: list[str]  # display order, controls included
+    controls: list[str]
+
+    @property
+    def explainers(self) -> list[str]:
+        """The methods that are not controls: these get curves and bars."""
+        return [m for m in self.methods if m not in self.controls]
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def draw_all(run_dir: Path) -> list[Path]:
+    """Draw every figure the run's files support under run_dir/"figures"; return the PNG paths.
+
+    Each PNG has a PDF twin of the same stem. Without maps.npz only the summary
+    figures are drawn; without summary.csv only the grids; with neither, nothing.
+    """
+    run_dir = Path(run_dir)
+    summary_path, maps_path, out = run_dir / "summary.csv", run_dir / "maps.npz", run_dir / "figures"
+    summary = pd.read_csv(summary_path) if summary_path.exists() else None
+    if summary is None and not maps_path.exists():
+        return []
+    # np.load keeps the archive open and decompresses one array at a time: a full
+    # Inception run holds hundreds of MB of maps, never all needed at once.
+    with (np.load(maps_path) if maps_path.exists() else contextlib.nullcontext()) as npz:
+        meta = json.loads(str(npz["meta"][()])) if npz is not None else None
+        run = describe_run(summary, meta)
+        paths = summary_figures(summary, run, out) if summary is not None else []
+        return paths + (map_figures(npz, meta, run, out) if npz is not None else [])
 
 
 def similarity_curves(summary: pd.DataFrame, path: Path, title: str, metrics: list[str] | None = None) -> Path:
-    """Similarity to the trained model's maps against the block reached (paper Fig. 3).
+    """Draw the similarity curves of `summary` to `path` (and its PDF twin); return `path`."""
+    run = dataclasses.replace(describe_run(summary, None), title=title)
+    return save(curves_figure(summary, run, metrics), Path(path))
 
-    One panel per metric, one line per method: the mean over images with a band of
-    one standard deviation. The x axis reads from the trained model ("original")
-    through each block re-initialized, top (logits) first.
+
+def describe_run(summary: pd.DataFrame | None, meta: dict | None) -> Run:
+    """Test, title, method order and controls: from maps.npz's meta when present, else summary.csv."""
+    if meta is not None:
+        controls = list(meta.get("controls", []))
+        methods = list(dict.fromkeys([*meta["methods"], *controls]))
+        test, title = meta["test"], meta["title"]
+    else:
+        first = summary.iloc[0]
+        methods = list(dict.fromkeys(summary["method"]))
+        controls = [m for m in DEFAULT_CONTROLS if m in methods]
+        test, title = str(first["test"]), f"{first['test']}: {first['model']} on {first['dataset']}"
+    if summary is not None:
+        methods += [m for m in dict.fromkeys(summary["method"]) if m not in methods]
+    seeds = summary["seed"] if summary is not None else [s["seed"] for s in meta["states"]]
+    return Run(test, with_seeds(title, sorted(set(int(s) for s in seeds))), methods, controls)
+
+
+def with_seeds(title: str, seeds: Sequence[int]) -> str:
+    """Append the seed(s) unless the title already names them (the pipeline's titles do)."""
+    if "seed" in title.lower() or not seeds:
+        return title
+    return f"{title}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def save(fig: Figure, png: Path, dpi: int = 120) -> Path:
+    """Write `fig` as `png` and its PDF twin, close it, return `png`."""
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=dpi)
+        fig.savefig(png.with_suffix(".pdf"))
+    finally:
+        plt.close(fig)
+    return png
+
+
+# ---------------------------------------------------------------- summary figures
+
+
+def summary_figures(summary: pd.DataFrame, run: Run, out: Path) -> list[Path]:
+    """Bars for the pair tests (data, random_logit); curves for the stepwise ones."""
+    metrics = metrics_present(summary)
+    if not metrics:
+        return []
+    if run.test in PAIR_YLABELS:
+        return [save(bars_figure(summary, run), out / f"{run.test}_similarity.png")]
+    paths = [save(curves_figure(summary, run), out / f"{run.test}_curves.png")]
+    spearman = [m for m in SPEARMAN if m in metrics]
+    if spearman:  # the two panels of the paper's Fig. 3
+        paths.append(save(curves_figure(summary, run, spearman), out / f"{run.test}_spearman.png"))
+    return paths
+
+
+def metrics_present(table: pd.DataFrame) -> list[str]:
+    """Metrics with at least one finite mean, the paper's first; all-NaN ones (HOG on 28x28) are skipped."""
+    finite = table[np.isfinite(table["mean"].astype(float))]
+    found = list(dict.fromkeys(finite["metric"]))
+    return [m for m in METRIC_TITLES if m in found] + [m for m in found if m not in METRIC_TITLES]
+
+
+def mean_over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, step, metric) with columns block, mean, std.
+
+    Several seeds repeat the randomization. Kept simple on purpose: the mean and the
+    std are the averages of the per-seed means and stds over images (not a std
+    pooled over all images and seeds).
     """
-    metrics = metrics or [m for m in METRIC_TITLES if m in set(summary["metric"])]
-    steps = summary.drop_duplicates("step").sort_values("step")
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 0.42 * len(steps) * len(metrics) + 2.5 * len(metrics), 4.2),
-                             squeeze=False, sharey=True)
-    for ax, metric in zip(axes[0], metrics):
-        for method, rows in summary[summary["metric"] == metric].groupby("method", sort=False):
-            rows = rows.sort_values("step")
-            line, = ax.plot(rows["step"], rows["mean"], marker="o", markersize=3, label=method)
-            ax.fill_between(rows["step"], rows["mean"] - rows["std"].fillna(0), rows["mean"] + rows["std"].fillna(0),
-                            color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.axhline(0, color="0.6", linewidth=0.8)
-        ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=10)
-        ax.set_xticks(steps["step"], steps["block"], rotation=90, fontsize=8)
-        ax.set_xlabel("block re-initialized (cumulative, from the top)")
-        ax.set_ylim(-1.05, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("similarity to the trained model's map")
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return summary.groupby(["method", "step", "metric"], as_index=False, sort=False).agg(
+        block=("block", "first"), mean=("mean", "mean"), std=("std", "mean"))
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, tuple]:
+    """One colour per method, the same in every figure of a run."""
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
+    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+
+
+def y_limits(metric: str, lows: Iterable[float]) -> tuple[float, float]:
+    """Similarities are at most 1; the floor is 0 unless a signed rank correlation or the data go lower."""
+    floor = -1.05 if metric == "spearman" else -0.05
+    lows = np.asarray(list(lows), dtype=float)
+    lowest = np.nanmin(lows) - 0.05 if np.isfinite(lows).any() else floor
+    return max(-1.05, min(floor, lowest)), 1.05
+
+
+def curves_figure(summary: pd.DataFrame, run: Run, metrics: list[str] | None = None) -> Figure:
+    """Similarity to the trained model's maps against the block reached (paper Figs. 3 and 4).
+
+    One panel per metric; one line per method with a band of one std over images;
+    controls as dashed horizontal reference lines at their mean over the randomized steps.
+    """
+    table = mean_over_seeds(summary)
+    metrics = metrics or metrics_present(table)
+    blocks = table.drop_duplicates("step").sort_values("step")
+    fig, axes = panels(len(metrics), (max(3.8, 0.3 * len(blocks) + 1.4), 4.8),
+                       "similarity to the trained model's map")
+    colors = method_colors(run.methods)
+    for ax, metric in zip(axes, metrics):
+        rows = table[table["metric"] == metric]
+        draw_curves(ax, rows, run.explainers, colors)
+        draw_controls(ax, rows[rows["step"] >= 1], run.controls)
+        ax.set_xticks(blocks["step"], blocks["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_ylim(*y_limits(metric, rows["mean"] - rows["std"].fillna(0)))
+        style_panel(ax, metric)
+    fig.supxlabel(STEP_XLABELS.get(run.test, "model state"), fontsize=10)
+    fig.suptitle(run.title, fontsize=12)
+    figure_legend(fig, axes)
+    return fig
+
+
+def panels(n: int, size: tuple[float, float], ylabel: str) -> tuple[Figure, list[Axes]]:
+    """n panels of `size` inches, as many a row as fit in about 16 inches, with room for the legend."""
+    per_row = max(1, min(n, int(16 // size[0])))
+    n_rows = -(-n // per_row)
+    fig, grid = plt.subplots(n_rows, per_row, figsize=(size[0] * per_row + 2.4, size[1] * n_rows + 0.6),
+                             squeeze=False, layout="constrained")
+    for ax in grid.flat[n:]:
+        ax.remove()
+    for row in grid:
+        row[0].set_ylabel(ylabel)
+    return fig, list(grid.flat[:n])
+
+
+def draw_curves(ax: Axes, rows: pd.DataFrame, methods: Sequence[str], colors: dict[str, tuple]) -> None:
+    """One line per method over the steps, with a band of one std."""
+    for method in methods:
+        line = rows[rows["method"] == method].sort_values("step")
+        if line.empty:
+            continue
+        std = line["std"].fillna(0)  # one image: no spread to draw
+        ax.plot(line["step"], line["mean"], marker="o", markersize=3, color=colors[method], label=method)
+        ax.fill_between(line["step"], line["mean"] - std, line["mean"] + std, color=colors[method],
+                        alpha=0.15, linewidth=0)
+
+
+def draw_controls(ax: Axes, randomized: pd.DataFrame, controls: Sequence[str]) -> None:
+    """Controls use neither model nor data: a flat line at their mean is their whole story."""
+    for (color, dash), control in zip(itertools.cycle(CONTROL_STYLES), controls):
+        level = randomized.loc[randomized["method"] == control, "mean"].mean()
+        if np.isfinite(level):
+            ax.axhline(level, color=color, linestyle=dash, linewidth=1.5, label=f"{control} (control)")
+
+
+def style_panel(ax: Axes, metric: str) -> None:
+    """Title, a faint zero line (similarity of unrelated maps) and a light grid."""
+    ax.axhline(0, color="0.8", linewidth=0.8, zorder=0)
+    ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=11)
+    ax.grid(alpha=0.3)
+
+
+def figure_legend(fig: Figure, axes: Iterable[Axes]) -> None:
+    """One legend for all panels, outside them so it never hides a curve."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(entries.values(), entries.keys(), loc="outside right upper", fontsize=9)
+
+
+def bars_figure(summary: pd.DataFrame, run: Run) -> Figure:
+    """Similarity between the two compared maps, one bar per method per metric (paper Figs. 5 and 6).
+
+    Step 0 compares a model with itself and is left out; the bars average steps >= 1.
+    """
+    compared = mean_over_seeds(summary[summary["step"] >= 1])
+    table = compared.groupby(["method", "metric"], as_index=False, sort=False)[["mean", "std"]].mean()
+    metrics = metrics_present(table)
+    methods = [m for m in run.explainers if m in set(table["method"])]
+    fig, axes = panels(len(metrics), (max(3.3, 0.5 * len(methods) + 1.2), 4.4),
+                       PAIR_YLABELS.get(run.test, "similarity"))
+    colors = method_colors(run.methods)
+    for ax, metric in zip(axes, metrics):
+        rows = table[table["metric"] == metric].set_index("method").reindex(methods)
+        ax.bar(range(len(methods)), rows["mean"], width=0.65, yerr=rows["std"].fillna(0), capsize=3,
+               color=[colors[m] for m in methods], error_kw={"elinewidth": 1})
+        draw_controls(ax, table[table["metric"] == metric], run.controls)
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_ylim(*y_limits(metric, rows["mean"] - rows["std"].fillna(0)))
+        style_panel(ax, metric)
+    fig.suptitle(run.title, fontsize=12)
+    figure_legend(fig, axes)
+    return fig
+
+
+# ---------------------------------------------------------------- map grids
+
+
+def normalize_abs(saliency: np.ndarray) -> np.ndarray:
+    """(C, H, W) map -> (H, W) in [0, 1], black = low: the authors' grayscale.
+
+    Sum of |map| over channels, (v - min) / (p99 - min), clipped: the top 1% saturate
+    so that a few extreme pixels do not turn the rest black.
+    """
+    v = np.nan_to_num(np.abs(saliency).sum(axis=0))
+    low = v.min()
+    return np.clip((v - low) / _positive(np.percentile(v, 99) - low, v.max() - low), 0, 1)
+
+
+def normalize_signed(saliency: np.ndarray) -> np.ndarray:
+    """(C, H, W) map -> (H, W) in [-1, 1]: signed sum over channels over the 99th percentile of |v|."""
+    v = np.nan_to_num(saliency.sum(axis=0))
+    return np.clip(v / _positive(np.percentile(np.abs(v), 99), np.abs(v).max()), -1, 1)
+
+
+def _positive(scale: float, fallback: float) -> float:
+    """A sparse map can have p99 = 0: fall back to its max; an all-zero map stays all zero."""
+    return scale if scale > 0 else (fallback if fallback > 0 else 1.0)
+
+
+def map_figures(npz, meta: dict, run: Run, out: Path) -> list[Path]:
+    """Grids for up to GRID_IMAGES example images: abs and diverging for the stepwise tests
+    (paper Figs. 2 and 4), abs for the pair tests (paper Fig. 5)."""
+    first_seed = meta["states"][0]["seed"]
+    states = [s for s in meta["states"] if s["seed"] == first_seed]  # one randomization, as in the paper
+    methods = [m for m in run.methods if f"{states[0]['key']}/{m}" in npz]
+    names = {False: "maps"} if run.test in PAIR_YLABELS else {False: "grid_abs", True: "grid_diverging"}
+    mosaics = build_mosaics(npz, [[f"{s['key']}/{m}" for s in states] for m in methods],
+                            npz["images"][:GRID_IMAGES], tuple(names))
+    rows = [f"{m}\n(control)" if m in run.controls else m for m in methods]
+    columns = ["input", *[s["block"] for s in states]]
+    paths = []
+    for (image, signed), mosaic in mosaics.items():
+        title = f"{run.title}\n{image_caption(meta, image, signed)}"
+        fig = map_grid_figure(mosaic, rows, columns, title)
+        paths.append(save(fig, out / f"{run.test}_{names[signed]}_{image}.png", dpi=100))
+    return paths
+
+
+def build_mosaics(npz, keys: list[list[str]], images: np.ndarray, signs: Sequence[bool]
+                  ) -> dict[tuple[int, bool], np.ndarray]:
+    """One RGB uint8 mosaic per (image, signed): methods down, the input then the states across.
+
+    keys[r][c]: the archive key of method r at state c, holding (E, C_m, H, W) maps;
+    images: (E, C, H, W) in [0, 1]. Each entry is decompressed once for all images and
+    styles: decompression is the slow part of a full Inception run's grids.
+    """
+    inputs = [image_tile(image) for image in images]
+    tiles = {(i, signed): [[inputs[i]] for _ in keys] for i in range(len(images)) for signed in signs}
+    for r, row in enumerate(keys):
+        for key in row:
+            maps = npz[key]
+            for (i, signed), grid in tiles.items():
+                grid[r].append(map_tile(maps[i], signed, inputs[i].shape[:2]))
+    # White is zero in the diverging colours, so there the gaps between tiles are grey.
+    return {(i, signed): assemble(grid, 128 if signed else 255) for (i, signed), grid in tiles.items()}
+
+
+def image_tile(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) input in [0, 1] -> (h, w, 3) uint8 thumbnail, at most TILE_PIXELS a side."""
+    rgb = np.repeat(image[:1], 3, axis=0) if image.shape[0] == 1 else image[:3]
+    factor = -(-max(image.shape[1:]) // TILE_PIXELS)
+    shape = (image.shape[1] // factor, image.shape[2] // factor)
+    return fit(np.clip(np.transpose(rgb, (1, 2, 0)), 0, 1), shape)
+
+
+def map_tile(saliency: np.ndarray, signed: bool, shape: tuple[int, int]) -> np.ndarray:
+    """(C_m, H, W) map -> (h, w, 3) uint8: grayscale of |map|, or the signed map in blue-white-red."""
+    if signed:
+        rgb = plt.get_cmap("bwr")((normalize_signed(saliency) + 1) / 2)[..., :3]
+    else:
+        rgb = np.repeat(normalize_abs(saliency)[..., None], 3, axis=-1)
+    return fit(rgb, shape)
+
+
+def fit(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) in [0, 1] -> shape + (3,) uint8: block means first, so shrinking a
+    noisy 299-pixel map does not alias, then nearest neighbour to the exact size."""
+    factor = max(1, min(rgb.shape[0] // shape[0], rgb.shape[1] // shape[1]))
+    h, w = rgb.shape[0] // factor, rgb.shape[1] // factor
+    small = rgb[:h * factor, :w * factor].reshape(h, factor, w, factor, 3).mean(axis=(1, 3))
+    rows, cols = np.arange(shape[0]) * h // shape[0], np.arange(shape[1]) * w // shape[1]
+    return np.round(255 * small[np.ix_(rows, cols)]).astype(np.uint8)
+
+
+def assemble(tiles: list[list[np.ndarray]], gap_level: int) -> np.ndarray:
+    """Tiles (h, w, 3), all one size, into one (rows * h, cols * w, 3) image with thin gaps of grey level gap_level."""
+    gap = max(1, tiles[0][0].shape[0] // 25)
+    padded = [[np.pad(t, ((0, gap), (0, gap), (0, 0)), constant_values=gap_level) for t in row] for row in tiles]
+    return np.concatenate([np.concatenate(row, axis=1) for row in padded], axis=0)[:-gap, :-gap]
+
+
+def image_caption(meta: dict, image: int, signed: bool) -> str:
+    """Which image and class, and how the maps are scaled."""
+    parts = []
+    if meta.get("image_ids"):
+        parts.append(f"image {meta['image_ids'][image]}")
+    if meta.get("labels"):
+        label = meta["labels"][image]
+        classes = meta.get("classes") or []
+        parts.append(f"class {classes[label] if label < len(classes) else label}")
+    scale = "signed, red > 0 > blue" if signed else "|map|, white = high"
+    return "; ".join(filter(None, [", ".join(parts), f"{scale}, each map over its 99th percentile"]))
+
+
+def map_grid_figure(mosaic: np.ndarray, row_labels: list[str], column_labels: list[str], title: str) -> Figure:
+    """A mosaic of thumbnails (rows x columns of equal tiles, (H, W, 3)) with labelled rows and columns.
+
+    One image on one axes rather than an axes per thumbnail: a 17-state by 10-method
+    grid would otherwise spend seconds creating and drawing 190 axes.
+    """
+    figsize, rect, rotate = grid_layout(row_labels, column_labels, title)
+    fig = plt.figure(figsize=figsize)
+    ax = fig.add_axes(rect)
+    ax.imshow(mosaic)
+    height, width = mosaic.shape[:2]
+    ax.set_xticks((np.arange(len(column_labels)) + 0.5) * width / len(column_labels), column_labels,
+                  rotation=90 if rotate else 0, fontsize=GRID_FONT)
+    ax.set_yticks((np.arange(len(row_labels)) + 0.5) * height / len(row_labels), row_labels, fontsize=GRID_FONT)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0, pad=5)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.suptitle(title, fontsize=GRID_FONT + 1, y=1 - 0.1 / figsize[1], va="top")
+    return fig
+
+
+def grid_layout(row_labels: list[str], column_labels: list[str], title: str
+                ) -> tuple[tuple[float, float], list[float], bool]:
+    """Figure size (inches), the mosaic's axes rectangle (fractions) and whether column labels turn upright.
+
+    Cells are at most 1.3 inches and the figure stays within about 24 x 16 inches,
+    so a 17-state by 10-method Inception grid fits at dpi 100. The width grows, grid
+    centred, when the title is wider than the grid.
+    """
+    n_rows, n_cols = len(row_labels), len(column_labels)
+    char = 0.6 * GRID_FONT / 72  # inches per character, roughly
+    left = 0.25 + char * max(len(line) for label in row_labels for line in label.split("\n"))
+    cell = min(1.3, (23.5 - left) / n_cols)
+    header = char * max(map(len, column_labels))
+    rotate = header > 0.8 * cell  # labels closer than that run into each other
+    top = 0.2 + 0.22 * (title.count("\n") + 1) + (header + 0.1 if rotate else 0.3)
+    cell = min(cell, (15.8 - top) / n_rows)
+    grid_width, grid_height = n_cols * cell, n_rows * cell
+    width = max(left + grid_width + 0.15, 1.1 * char * max(map(len, title.split("\n"))) + 0.4)
+    height = top + grid_height + 0.1
+    pad = (width - left - grid_width - 0.15) / 2
+    return (width, height), [(left + pad) / width, 0.1 / height, grid_width / width, grid_height / height], rotate

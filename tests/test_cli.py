@@ -17,13 +17,16 @@ def test_run_writes_results_summary_and_figure(isolated):
     assert done.returncode == 0, done.stderr
     results = pd.read_csv(run_dir / "results.csv")
     assert COLUMNS <= set(results.columns)
-    # 4 images x 2 metrics x (trained + 4 blocks of the CNN)
-    assert len(results) == 4 * 2 * 5
+    # 4 images x 10 methods of the paper's set x 4 metrics x (trained + 4 blocks of the CNN)
+    assert len(results) == 4 * 10 * 4 * 5
+    assert results["method"].nunique() == 10
     assert list(results.drop_duplicates("step")["block"]) == ["original", "fc2", "fc1", "conv2", "conv1"]
-    assert (results.loc[results["step"] == 0, "value"] == 1.0).all()
+    reference = results[results["step"] == 0]
+    assert (reference.loc[reference["metric"] != "hog", "value"] == 1.0).all()
+    assert reference.loc[reference["metric"] == "hog", "value"].isna().all()  # 28x28 maps hold no HOG block
     summary = pd.read_csv(run_dir / "summary.csv")
     assert {"method", "step", "block", "metric", "mean", "std", "n"} <= set(summary.columns)
-    assert (summary["n"] == 4).all()
+    assert ((summary["n"] + summary["n_nan"]) == 4).all()
     assert (run_dir / "figures" / "cascade_spearman.png").stat().st_size > 10_000
     # the second run loads the model from the cache instead of training it
     again = sanity("run", *TINY, f"hydra.run.dir={isolated / 'again'}", cwd=isolated)

@@ -17,6 +17,8 @@ verbs:
   run [OVERRIDES]   run an experiment (Hydra overrides, e.g. model=cnn test=cascade; -m sweeps)
   list              the models, datasets, methods and tests the configs offer
   figures RUN_DIR   redraw the figures and summary of a run from its results.csv
+  paper FIG [OVERRIDES] [--out DIR]
+                    rerun a figure of the paper (fig1 .. fig6, or all) into DIR (outputs/paper)
 
 examples:
   sanity run
@@ -55,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return list_configs()
     if verb == "figures":
         return redraw(args)
-    return fail(f"unknown verb '{verb}'; use one of: run, list, figures (sanity --help)")
+    if verb == "paper":
+        return paper(args)
+    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, paper (sanity --help)")
 
 
 def list_configs() -> int:
-    for group in GROUPS:
-        print(f"{group + 's':9} {', '.join(available(group))}")
+    for group in (*GROUPS, "experiment"):
+        print(f"{group + 's':12} {', '.join(available(group))}")
     return 0
 
 
@@ -70,10 +74,41 @@ def redraw(args: list[str]) -> int:
     run_dir = Path(args[0])
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
+    import logging
+
     from sanity_cli.pipeline import finish
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     for path in finish(run_dir).figures:
         print(path)
+    return 0
+
+
+def paper(args: list[str]) -> int:
+    import logging
+
+    from sanity_cli.errors import SanityError
+    from sanity_cli.paper import rerun
+
+    out = Path("outputs/paper")
+    if "--out" in args:
+        at = args.index("--out")
+        if at + 1 >= len(args):
+            return fail("--out needs a directory: sanity paper FIG --out DIR")
+        out, args = Path(args[at + 1]), args[:at] + args[at + 2:]
+    if not args:
+        return fail("name a figure: sanity paper fig3 (fig1 .. fig6, or all)")
+    message = unknown_choice(args[1:])
+    if message:
+        return fail(message)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        outcomes = rerun(args[0], args[1:], out)
+    except SanityError as error:
+        return fail(str(error))
+    for outcome in outcomes:
+        took = f"{outcome.seconds:7.1f} s" if outcome.status == "done" else "       -"
+        print(f"{outcome.experiment:32} {outcome.status:8} {took}  {outcome.detail}")
     return 0
 
 
@@ -88,7 +123,7 @@ def unknown_choice(overrides: list[str]) -> str | None:
     except HydraException as error:
         return f"cannot parse the overrides: {str(error).splitlines()[0]}"
     for override in parsed:
-        if override.key_or_group not in GROUPS or override.is_delete():
+        if override.key_or_group not in (*GROUPS, "experiment") or override.is_delete():
             continue
         for name in _choices(override):
             if name not in available(override.key_or_group):

@@ -61,7 +61,7 @@ def load_dataset(cfg, *, data_dir: str | Path, seed: int, n_images: int,
         "mnist": lambda: load_torchvision("MNIST", data_dir),
         "fashion_mnist": lambda: load_torchvision("FashionMNIST", data_dir, cfg.get("system_dir")),
         "cifar10": lambda: load_torchvision("CIFAR10", data_dir),
-        "imagefolder": lambda: load_image_folder(cfg.path, image_size or 224, n_images, seed),
+        "imagefolder": lambda: load_image_folder(cfg.path, image_size or 224, n_images, seed, cfg.get("classes")),
         "samples": lambda: load_samples(image_size or 224),
     }
     if cfg.name not in loaders:
@@ -125,8 +125,13 @@ def _to_tensors(dataset) -> tuple[Tensor, Tensor]:
     return x.float().div(255.0), torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
 
 
-def load_image_folder(path: str, image_size: int, n_images: int, seed: int) -> ImageData:
-    """Test images from a folder of class sub-folders, balanced across classes."""
+def load_image_folder(path: str, image_size: int, n_images: int, seed: int, use_classes=None) -> ImageData:
+    """Test images from a folder of class sub-folders, balanced across classes.
+
+    use_classes: None for all classes, a number of classes picked at random (seeded),
+    or a list of sub-folder names (the paper explained 10 classes x 20 images).
+    Labels are indices into the sorted sub-folder names, as an ImageNet model expects.
+    """
     root = Path(path).expanduser()
     if not root.is_dir():
         raise SanityError(f"dataset folder '{root}' does not exist; set dataset.path to a folder of class sub-folders")
@@ -136,10 +141,20 @@ def load_image_folder(path: str, image_size: int, n_images: int, seed: int) -> I
     if not classes:
         raise SanityError(f"dataset folder '{root}' has no class sub-folders with images; expected ROOT/CLASS/IMAGE.jpg")
     rng = np.random.default_rng(seed)
-    chosen = _balanced([[(f, i) for f in rng.permutation(files[c])] for i, c in enumerate(classes)], n_images)
+    if isinstance(use_classes, int):
+        use = sorted(rng.choice(len(classes), size=min(use_classes, len(classes)), replace=False).tolist())
+    else:
+        use = range(len(classes)) if use_classes is None else [_class_index(classes, c) for c in use_classes]
+    chosen = _balanced([[(f, i) for f in rng.permutation(files[classes[i]])] for i in use], n_images)
     images = torch.stack([_read_image(f, image_size) for f, _ in chosen])
     labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
     return ImageData("imagefolder", images, labels, classes)
+
+
+def _class_index(classes: list[str], name) -> int:
+    if str(name) not in classes:
+        raise SanityError(f"no class folder '{name}' in the dataset; dataset.classes takes sub-folder names")
+    return classes.index(str(name))
 
 
 def load_samples(image_size: int) -> ImageData:

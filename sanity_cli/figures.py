@@ -86,7 +86,8 @@ def draw_all(run_dir: Path) -> list[Path]:
         meta = json.loads(str(npz["meta"][()])) if npz is not None else None
         run = describe_run(summary, meta)
         paths = summary_figures(summary, run, out) if summary is not None else []
-        return paths + (map_figures(npz, meta, run, out) if npz is not None else [])
+        return paths + (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
+                        if npz is not None else [])
 
 
 def similarity_curves(summary: pd.DataFrame, path: Path, title: str, metrics: list[str] | None = None) -> Path:
@@ -321,6 +322,22 @@ def map_figures(npz, meta: dict, run: Run, out: Path) -> list[Path]:
         fig = map_grid_figure(mosaic, rows, columns, title)
         paths.append(save(fig, out / f"{run.test}_{names[signed]}_{image}.png", dpi=100))
     return paths
+
+
+def methods_figure(npz, meta: dict, run: Run, out: Path) -> Path:
+    """Paper Fig. 1: the reference model's map of every method, controls (the edge
+    detector) included, for each example image (rows), in absolute-value grayscale."""
+    first = meta["states"][0]["key"]
+    methods = [m for m in run.methods if f"{first}/{m}" in npz]
+    images = npz["images"]
+    inputs = [image_tile(image) for image in images]
+    columns = {m: npz[f"{first}/{m}"] for m in methods}
+    tiles = [[inputs[i], *[map_tile(columns[m][i], False, inputs[i].shape[:2]) for m in methods]]
+             for i in range(len(images))]
+    rows = [image_caption(meta, i, False).split(";")[0] or f"image {i}" for i in range(len(images))]
+    labels = ["input", *[f"{m}\n(control)" if m in run.controls else m for m in methods]]
+    title = f"{run.title}\n{meta['states'][0]['block']} model's maps; |map|, white = high"
+    return save(map_grid_figure(assemble(tiles, 255), rows, labels, title), out / "methods.png", dpi=100)
 
 
 def build_mosaics(npz, keys: list[list[str]], images: np.ndarray, signs: Sequence[bool]

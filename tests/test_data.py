@@ -82,3 +82,16 @@ def test_selected_images_cover_the_classes():
     chosen = select_images(labels, 10, seed=0)
     assert sorted(labels[chosen].tolist()) == list(range(10))
     assert torch.equal(chosen, select_images(labels, 10, seed=0))
+
+
+def test_image_folder_class_choice(tmp_path):
+    for label in ("a", "b", "c"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / label / f"{i}.png")
+    picked = load_image_folder(str(tmp_path), 8, 10, seed=0, use_classes=2)
+    assert len(set(picked.test_y.tolist())) == 2 and len(picked.test_y) == 4
+    named = load_image_folder(str(tmp_path), 8, 10, seed=0, use_classes=["c"])
+    assert named.test_y.tolist() == [2, 2]  # labels keep the full dataset's class indices
+    with pytest.raises(SanityError, match="no class folder 'z'"):
+        load_image_folder(str(tmp_path), 8, 10, seed=0, use_classes=["z"])

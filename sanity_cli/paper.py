@@ -1,0 +1,106 @@
+"""Rerun the paper's figures: one entry of conf/experiment/ per figure and model.
+
+`sanity paper FIG [overrides]` runs every experiment of a figure (or of all of them)
+into OUT/EXPERIMENT/, skipping, with a message that names what is missing and how to
+supply it, those whose pretrained weights, images or dataset files are not here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from sanity_cli.errors import SanityError
+
+log = logging.getLogger(__name__)
+
+FIGURES: dict[str, list[str]] = {
+    "fig1": ["fig1_edge_fashion_cnn", "fig1_edge_inception"],
+    "fig2": ["fig3_cascade_inception"],  # the cascade run draws the Fig. 2 grids
+    "fig3": ["fig3_cascade_fashion_cnn", "fig3_cascade_mnist_mlp", "fig3_cascade_inception"],
+    "fig4": ["fig4_independent_fashion_cnn", "fig4_independent_inception"],
+    "fig5": ["fig5_data_mnist_cnn"],
+    "fig6": ["fig6_data_fashion_cnn"],
+}
+
+
+@dataclass
+class Outcome:
+    experiment: str
+    status: str          # "done" or "skipped"
+    detail: str          # the run directory, or why it was skipped
+    seconds: float = 0.0
+
+
+def experiments(figure: str) -> list[str]:
+    """The experiments of one figure, or of every figure for "all"."""
+    if figure == "all":
+        return list(dict.fromkeys(name for names in FIGURES.values() for name in names))
+    if figure not in FIGURES:
+        raise SanityError(f"unknown figure '{figure}'; choose one of: {', '.join(FIGURES)}, all")
+    return FIGURES[figure]
+
+
+def compose_experiment(name: str, overrides: list[str]) -> DictConfig:
+    from sanity_cli.cli import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"+experiment={name}", *overrides])
+
+
+def missing_inputs(cfg: DictConfig) -> str | None:
+    """What a run needs that is not on this machine (pretrained weights, an image folder), or None."""
+    from omegaconf import OmegaConf
+
+    model = cfg.model
+    if model.kind == "timm" and model.get("checkpoint") and not Path(model.checkpoint).expanduser().is_file():
+        return f"checkpoint {model.checkpoint} does not exist; pass model.checkpoint=PATH to the weights file"
+    if model.kind == "timm" and model.pretrained and not model.get("checkpoint") and not _weights_cached(model.name):
+        return (f"pretrained weights of {model.name} are not in timm's cache; run once with network access, "
+                "or pass model.checkpoint=PATH to a local weights file")
+    if cfg.dataset.name == "imagefolder":
+        path = cfg.dataset.path if not OmegaConf.is_missing(cfg.dataset, "path") else None
+        if not path or not Path(path).expanduser().is_dir():
+            return "ImageNet validation images are missing; pass dataset.path=PATH to a folder of class sub-folders"
+    return None
+
+
+def _weights_cached(name: str) -> bool:
+    """Whether timm can load `name`'s pretrained weights without the network."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    pretrained = get_pretrained_cfg(name)
+    repo = getattr(pretrained, "hf_hub_id", None)
+    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, file), str)
+                              for file in ("model.safetensors", "pytorch_model.bin"))
+
+
+def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
+    """Run the experiments of `figure` into `out`; a finished experiment is not rerun."""
+    from sanity_cli.pipeline import run
+
+    outcomes = []
+    for name in experiments(figure):
+        cfg = compose_experiment(name, overrides)
+        missing = missing_inputs(cfg)
+        if missing:
+            outcomes.append(Outcome(name, "skipped", missing))
+            log.warning("%s skipped: %s", name, missing)
+            continue
+        run_dir = out / name
+        cfg.resume = (run_dir / "results.csv").exists()  # continue, or skip what is finished
+        started = time.perf_counter()
+        try:
+            run(cfg, run_dir)
+        except SanityError as error:  # e.g. MNIST neither present nor downloadable
+            outcomes.append(Outcome(name, "skipped", str(error)))
+            log.warning("%s skipped: %s", name, error)
+            continue
+        outcomes.append(Outcome(name, "done", str(run_dir), time.perf_counter() - started))
+    return outcomes

@@ -122,3 +122,12 @@ def test_bad_settings_are_one_line_errors(run):
                             ("target=logit", "unknown target"), ("method.random.seed=-1", "random")]:
         with pytest.raises(SanityError, match=words):
             run([override])
+
+
+def test_target_choices(run):
+    by_label = run(["target=label", "method=[gradient]"], name="label").results
+    assert (by_label["target"] == by_label["label"]).all()
+    original = run(["target=original", "method=[gradient]"], name="original").results
+    first = original[original["step"] == 0].set_index(["image", "metric"])["target"]
+    last = original[original["step"] == original["step"].max()].set_index(["image", "metric"])["target"]
+    assert first.equals(last)  # the trained model's class, in every state

@@ -117,3 +117,14 @@ def test_paper_init_statistics_and_kept_batch_norm_stats():
 def test_block_seed_depends_on_run_seed_and_name():
     assert block_seed(0, "fc") == block_seed(0, "fc")
     assert len({block_seed(0, "fc"), block_seed(1, "fc"), block_seed(0, "fc1")}) == 3
+
+
+def test_default_init_is_reproducible_and_keeps_running_stats():
+    blocks = [nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)) for _ in range(2)]
+    for block in blocks:
+        block[1].running_var.fill_(7.0)
+        reinitialize(block, seed=11, init="default")
+    assert torch.equal(blocks[0][0].weight, blocks[1][0].weight)
+    assert torch.all(blocks[0][1].running_var == 7.0)
+    with pytest.raises(SanityError, match="unknown init 'xavier'"):
+        reinitialize(blocks[0], seed=0, init="xavier")

@@ -47,6 +47,7 @@ PAIR_YLABELS = {
 DEFAULT_CONTROLS = ("edge", "random")
 GRID_IMAGES = 3  # example images drawn per run: more adds pages, not insight
 GRID_FONT = 10
+METHOD_ROWS = 4  # example images in the Fig. 1 style panel
 TILE_PIXELS = 128  # a thumbnail of at most 1.3 inches at dpi 100; keeps the PDFs small
 CONTROL_STYLES = (("0.3", "--"), ("0.55", ":"), ("0.45", "-."))
 
@@ -329,7 +330,7 @@ def methods_figure(npz, meta: dict, run: Run, out: Path) -> Path:
     detector) included, for each example image (rows), in absolute-value grayscale."""
     first = meta["states"][0]["key"]
     methods = [m for m in run.methods if f"{first}/{m}" in npz]
-    images = npz["images"]
+    images = npz["images"][:METHOD_ROWS]
     inputs = [image_tile(image) for image in images]
     columns = {m: npz[f"{first}/{m}"] for m in methods}
     tiles = [[inputs[i], *[map_tile(columns[m][i], False, inputs[i].shape[:2]) for m in methods]]

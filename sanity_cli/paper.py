@@ -7,15 +7,20 @@ supply it, those whose pretrained weights, images or dataset files are not here.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from sanity_cli.errors import SanityError
+from sanity_cli.metrics import compare
 
 log = logging.getLogger(__name__)
 
@@ -102,5 +107,28 @@ def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
             outcomes.append(Outcome(name, "skipped", str(error)))
             log.warning("%s skipped: %s", name, error)
             continue
+        if name.startswith("fig1"):
+            edge_similarity(run_dir).to_csv(run_dir / "edge_similarity.csv", index=False)
         outcomes.append(Outcome(name, "done", str(run_dir), time.perf_counter() - started))
     return outcomes
+
+
+def edge_similarity(run_dir: Path, edge: str = "edge") -> pd.DataFrame:
+    """Paper Fig. 1 in numbers: how much each method's map of the trained model
+    resembles the edge detector's map of the same image (mean and std over the
+    images whose maps the run kept)."""
+    with np.load(run_dir / "maps.npz") as npz:
+        meta = json.loads(str(npz["meta"][()]))
+        first = meta["states"][0]["key"]
+        reference = torch.from_numpy(npz[f"{first}/{edge}"]).float()
+        rows = []
+        for method in meta["methods"]:
+            if method == edge or f"{first}/{method}" not in npz:
+                continue
+            maps = torch.from_numpy(npz[f"{first}/{method}"]).float()
+            if maps.shape[1] != reference.shape[1]:  # GradCAM's one channel against the input's
+                maps = maps.expand_as(reference)
+            for metric, values in compare(reference, maps, ["spearman_abs", "ssim"]).items():
+                rows.append({"method": method, "metric": metric, "mean": values.nanmean().item(),
+                             "std": values[~values.isnan()].std().item(), "n": int((~values.isnan()).sum())})
+    return pd.DataFrame(rows)

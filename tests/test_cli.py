@@ -28,6 +28,12 @@ def test_run_writes_results_summary_and_figure(isolated):
     assert {"method", "step", "block", "metric", "mean", "std", "n"} <= set(summary.columns)
     assert ((summary["n"] + summary["n_nan"]) == 4).all()
     assert (run_dir / "figures" / "cascade_spearman.png").stat().st_size > 10_000
+    # figures redraw from the run directory alone
+    for figure in (run_dir / "figures").iterdir():
+        figure.unlink()
+    assert cli.main(["figures", str(run_dir)]) == 0
+    redrawn = {p.name for p in (run_dir / "figures").glob("*.png")}
+    assert {"cascade_curves.png", "cascade_grid_abs_0.png", "cascade_grid_diverging_0.png", "methods.png"} <= redrawn
     # the second run loads the model from the cache instead of training it
     again = sanity("run", *TINY, f"hydra.run.dir={isolated / 'again'}", cwd=isolated)
     assert again.returncode == 0, again.stderr

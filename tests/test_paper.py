@@ -58,3 +58,23 @@ def test_paper_verb_errors(capsys):
     assert "unknown figure 'fig9'" in capsys.readouterr().err
     assert cli.main(["paper"]) == 2
     assert set(FIGURES) == {f"fig{i}" for i in range(1, 7)}
+
+
+def test_edge_similarity_from_the_kept_maps(tmp_path):
+    import json
+
+    import numpy as np
+
+    from sanity_cli.paper import edge_similarity
+
+    rng = np.random.default_rng(0)
+    edge = rng.random((6, 1, 20, 20)).astype(np.float32)
+    meta = {"methods": ["copy", "noise", "cam", "edge"], "states": [{"key": "seed0_step0"}]}
+    np.savez_compressed(tmp_path / "maps.npz", meta=np.array(json.dumps(meta)), **{
+        "seed0_step0/edge": edge, "seed0_step0/copy": 3 * edge, "seed0_step0/cam": edge[:, :1],
+        "seed0_step0/noise": rng.random((6, 1, 20, 20)).astype(np.float32)})
+    table = edge_similarity(tmp_path).set_index(["method", "metric"])
+    assert table.loc[("copy", "spearman_abs"), "mean"] == pytest.approx(1.0)
+    assert table.loc[("cam", "spearman_abs"), "mean"] == pytest.approx(1.0)
+    assert abs(table.loc[("noise", "spearman_abs"), "mean"]) < 0.3
+    assert "edge" not in table.index.get_level_values("method") and (table["n"] == 6).all()

@@ -43,13 +43,19 @@ class RunStore:
             raise SanityError(f"{run_dir} already holds a run; add resume=true to continue it, "
                               "or choose another directory with hydra.run.dir=PATH")
         self.finished: set[tuple[int, int]] = set()
+        self._new_info = None
         if resume and self.results.exists():
             self._reopen(fingerprint)
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        else:  # the files appear with the first thing worth keeping, not for a run that fails to start
+            self._new_info = {"fingerprint": fingerprint, "settings": settings}
+
+    def _start(self) -> None:
+        if self._new_info is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_rows(self.results, COLUMNS, [], mode="w")
             _write_rows(self.states, STATE_COLUMNS, [], mode="w")
-            self._write_info({"fingerprint": fingerprint, "settings": settings})
+            self._write_info(self._new_info)
+            self._new_info = None
 
     def _reopen(self, fingerprint: str) -> None:
         """Keep the finished states and drop rows of a state that was cut off mid-way."""
@@ -77,6 +83,7 @@ class RunStore:
 
     def add_state(self, seed: int, step: int, block: str, rows: list[dict], examples: Mapping[str, Tensor]) -> None:
         """Append one finished state: its rows, its example maps, then the resume log line."""
+        self._start()
         _write_rows(self.results, COLUMNS, rows)
         self.parts.mkdir(exist_ok=True)
         arrays = {name: maps.float().numpy().astype(np.float16) for name, maps in examples.items()}
@@ -100,6 +107,7 @@ class RunStore:
         return path
 
     def record_models(self, accuracies: Mapping[str, tuple[float | None, float | None]]) -> None:
+        self._start()
         self._update_info({"models": {name: {"train_accuracy": train, "test_accuracy": test}
                                       for name, (train, test) in accuracies.items()}})
 

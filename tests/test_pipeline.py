@@ -131,3 +131,11 @@ def test_target_choices(run):
     first = original[original["step"] == 0].set_index(["image", "metric"])["target"]
     last = original[original["step"] == original["step"].max()].set_index(["image", "metric"])["target"]
     assert first.equals(last)  # the trained model's class, in every state
+
+
+def test_a_run_that_fails_to_start_leaves_no_results(make_cfg, tmp_path):
+    cfg = make_cfg([*FAST, "dataset=imagefolder", f"dataset.path={tmp_path / 'missing'}", "model=timm",
+                    "model.pretrained=false"])
+    with pytest.raises(SanityError, match="does not exist"):
+        pipeline.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "results.csv").exists()

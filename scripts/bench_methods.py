@@ -23,19 +23,15 @@ from torch import nn
 
 from sanity_cli.methods import PassCount, count_passes, explain_all
 
-# The paper's methods with the authors' settings (the registry's defaults).
-PAPER_METHODS: dict[str, dict] = {
-    "gradient": {},
-    "input_x_gradient": {},
-    "integrated_gradients": {},
-    "guided_backprop": {},
-    "gradcam": {},
-    "guided_gradcam": {},
-    "smoothgrad": {},
-    "vargrad": {},
-    "edge": {},
-    "random": {},
-}
+def paper_methods() -> dict[str, dict]:
+    """The methods and options of the default run: the `paper` preset on the CNN."""
+    from hydra import compose, initialize_config_dir
+
+    from sanity_cli.cli import config_dir
+    from sanity_cli.pipeline import method_options
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return method_options(compose(config_name="config", overrides=["method=paper", "model=cnn"]))
 
 
 def paper_cnn() -> nn.Module:
@@ -87,7 +83,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = paper_cnn().to(device).eval()
     x = torch.rand(args.batch, 1, 28, 28, device=device)
-    methods = {name: dict(options) for name, options in PAPER_METHODS.items()}
+    methods = {name: dict(options) for name, options in paper_methods().items()}
     for name in ("gradcam", "guided_gradcam"):
         methods[name]["layer"] = args.gradcam_layer
 

@@ -6,7 +6,9 @@ run_dir/
   states.csv    one line per finished state, written after its rows: the resume log
   run.json      the settings that determine the results, the models' accuracies, timing
   maps/         each finished state's maps of the example images (.npz), merged into
-  maps.npz      at the end of the run, with the example images and a description
+  maps.npz      at the end of the run, with the example images and a description;
+                maps are float16 over their max |value|, with the scales beside them
+                (read_maps gives them back as float32)
   summary.csv   mean, std, n and n_nan per (method, step, block, metric)
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import Tensor
 
 from sanity_cli.errors import SanityError
@@ -29,6 +32,25 @@ COLUMNS = ["test", "model", "dataset", "method", "seed", "step", "block", "image
            "value", "init", "reset_bn_stats", "normalization"]
 GROUP = ["test", "model", "dataset", "method", "seed", "step", "block", "metric"]
 STATE_COLUMNS = ["seed", "step", "block"]
+SCALE = "/scale"  # maps.npz: "{state}/{method}/scale" holds the (E,) scales of "{state}/{method}"
+
+
+def compact(maps: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(E, C, H, W) maps as float16 divided by each map's max |value|, and those (E,) scales.
+
+    Half precision keeps maps.npz small; dividing first keeps it from overflowing
+    (gradients of a randomized Inception v3 exceed float16's range).
+    """
+    values = maps.detach().float().cpu()
+    scale = values.flatten(1).abs().amax(dim=1).nan_to_num(nan=1.0, posinf=1.0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (values / scale.view(-1, 1, 1, 1)).numpy().astype(np.float16), scale.numpy()
+
+
+def read_maps(npz, key: str) -> np.ndarray:
+    """The maps stored under `key` ("{state}/{method}") of an open maps.npz, as float32 (E, C, H, W)."""
+    scale = npz[f"{key}{SCALE}"] if f"{key}{SCALE}" in npz else np.ones(len(npz[key]), dtype=np.float32)
+    return npz[key].astype(np.float32) * scale.reshape(-1, 1, 1, 1)
 
 
 class RunStore:
@@ -86,14 +108,16 @@ class RunStore:
         self._start()
         _write_rows(self.results, COLUMNS, rows)
         self.parts.mkdir(exist_ok=True)
-        arrays = {name: maps.float().numpy().astype(np.float16) for name, maps in examples.items()}
+        arrays = {}
+        for name, maps in examples.items():
+            arrays[name], arrays[f"{name}{SCALE}"] = compact(maps)
         np.savez_compressed(self.parts / f"seed{seed}_step{step}.npz", **arrays)
         _write_rows(self.states, STATE_COLUMNS, [{"seed": seed, "step": step, "block": block}])
         self.finished.add((seed, step))
 
     def write_examples(self, images: Tensor, meta: dict) -> Path:
-        """Merge the states' example maps into maps.npz: "meta" (JSON), "images" (E, C, H, W)
-        and one (E, C, H, W) array per "{state key}/{method}"."""
+        """Merge the states' example maps into maps.npz: "meta" (JSON), "images" (E, C, H, W),
+        one (E, C, H, W) array per "{state key}/{method}" and its (E,) scales (see `compact`)."""
         states = pd.read_csv(self.states).drop_duplicates(["seed", "step"])
         arrays, described = {}, []
         for seed, step, block in states[STATE_COLUMNS].itertuples(index=False):

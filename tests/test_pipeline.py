@@ -139,3 +139,16 @@ def test_a_run_that_fails_to_start_leaves_no_results(make_cfg, tmp_path):
     with pytest.raises(SanityError, match="does not exist"):
         pipeline.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_kept_maps_survive_half_precision():
+    import numpy as np
+
+    from sanity_cli.results import compact, read_maps
+
+    maps = torch.randn(3, 2, 5, 5, dtype=torch.float64) * torch.tensor([1e-9, 1.0, 1e9]).view(3, 1, 1, 1)
+    maps[1] = 0.0
+    values, scales = compact(maps)
+    assert values.dtype == np.float16 and np.isfinite(values).all()
+    npz = {"s/m": values, "s/m/scale": scales}
+    np.testing.assert_allclose(read_maps(npz, "s/m"), maps.numpy(), rtol=1e-3, atol=0)

@@ -66,7 +66,7 @@ def assert_figures(paths: list[Path], expected: set[str]) -> None:
 def test_cascade_run_draws_curves_and_both_grids(tmp_path):
     write_summary(tmp_path, "cascade", CASCADE_METHODS, CASCADE_STATES)
     write_maps(tmp_path, "cascade", CASCADE_METHODS, CASCADE_STATES)
-    expected = {"cascade_curves.png", "cascade_spearman.png"}
+    expected = {"cascade_curves.png", "cascade_spearman.png", "methods.png"}  # methods.png: paper Fig. 1
     expected |= {f"cascade_grid_{style}_{i}.png" for style in ("abs", "diverging") for i in range(2)}
     assert_figures(draw_all(tmp_path), expected)
     assert all(p.parent == tmp_path / "figures" for p in (tmp_path / "figures").iterdir())
@@ -80,7 +80,8 @@ def test_without_maps_only_the_curves_are_drawn(tmp_path):
 def test_data_run_draws_bars_and_map_pairs(tmp_path):
     write_summary(tmp_path, "data", CASCADE_METHODS, DATA_STATES)
     write_maps(tmp_path, "data", CASCADE_METHODS, DATA_STATES)
-    assert_figures(draw_all(tmp_path), {"data_similarity.png", "data_maps_0.png", "data_maps_1.png"})
+    assert_figures(draw_all(tmp_path), {"data_similarity.png", "data_maps_0.png", "data_maps_1.png",
+                                                "methods.png"})
 
 
 def test_random_logit_run_draws_bars(tmp_path):

@@ -49,6 +49,9 @@ def test_multirun_sweeps_and_hydra_flags(isolated):
     assert seeds == {0, 1}
     shown = sanity("run", "--cfg", "job", "model=mlp", cwd=isolated)
     assert shown.returncode == 0 and "kind: mlp" in shown.stdout
+    helped = sanity("run", "--help", cwd=isolated)
+    assert helped.returncode == 0 and "sanity checks for saliency maps" in helped.stdout
+    assert "test: cascade, data, entropy, independent, random_logit, smooth_cascade" in helped.stdout
 
 
 @pytest.mark.parametrize("override, words", [

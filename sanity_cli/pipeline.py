@@ -79,36 +79,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device)
     store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
-    clock = {"explain": 0.0, "compare": 0.0}
     model = prepared.models["trained"].model
     trained = TrainedWeights(model)
     blocks = find_blocks(model, prepared.images[:1], _granularity(cfg.test.get("granularity", "block")))
-    context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name,
-               "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
-               "normalization": cfg.metrics.normalization}
-    original = predicted_classes(model, prepared.images, cfg.max_batch)
+    clock = {"explain": 0.0, "compare": 0.0}
     for seed in _seeds(cfg):
         conditions = list_conditions(cfg, prepared, blocks, trained, seed)
         total = len(blocks) + 1 if cfg.test.name in checks.MODEL_CHECKS else 2
-        reference: dict[str, Tensor] = {}
-        for condition in tqdm(conditions, total=total, desc=f"{cfg.test.name} (seed {seed})", unit="state",
-                              disable=os.environ.get("SANITY_PROGRESS", "1") == "0"):
-            step = condition.state.step
-            if step > 0 and store.done(seed, step):
-                continue  # resumed: this state's rows are already in results.csv
-            targets = _targets(cfg.target, condition, prepared, original, cfg.max_batch)
-            tick = time.perf_counter()
-            maps = explain_state(cfg, condition.model, prepared.images, targets, seed, step)
-            clock["explain"] += time.perf_counter() - tick
-            reference = maps if step == 0 else reference
-            if store.done(seed, step):
-                continue
-            tick = time.perf_counter()
-            scores = score(cfg, reference, maps)
-            clock["compare"] += time.perf_counter() - tick
-            rows = state_rows({**context, "seed": seed}, step, condition.state.block, scores, prepared.image_ids,
-                              prepared.labels, targets)
-            store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples))
+        run_conditions(cfg, prepared, tqdm(conditions, total=total, desc=f"{cfg.test.name} (seed {seed})",
+                                           unit="state", disable=os.environ.get("SANITY_PROGRESS", "1") == "0"),
+                       seed, store, clock)
     trained.check(model)
     clock["total"] = time.perf_counter() - started
     store.record_timing(clock)
@@ -116,6 +96,41 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     log.info("time: %.1fs in all, %.1fs explaining, %.1fs comparing", clock["total"], clock["explain"],
              clock["compare"])
     return finish(Path(run_dir), clock)
+
+
+def run_conditions(cfg: DictConfig, prepared: Prepared, conditions, seed: int, store: RunStore,
+                   clock: dict[str, float]) -> None:
+    """Explain every condition, score it against the first (step 0), and store each
+    state as soon as it is scored. States a resumed run already has are skipped;
+    step 0 is explained again all the same, as the reference of the others."""
+    context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
+               "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
+               "normalization": cfg.metrics.normalization}
+    original = predicted_classes(prepared.models["trained"].model, prepared.images, cfg.max_batch)
+    reference: dict[str, Tensor] = {}
+    for condition in conditions:
+        step = condition.state.step
+        if step > 0 and store.done(seed, step):
+            continue
+        targets = _targets(cfg.target, condition, prepared, original, cfg.max_batch)
+        tick = _now(prepared.images.device)
+        maps = explain_state(cfg, condition.model, prepared.images, targets, seed, step)
+        reference = maps if step == 0 else reference
+        clock["explain"] += _now(prepared.images.device) - tick
+        if store.done(seed, step):
+            continue
+        tick = _now(prepared.images.device)
+        scores = score(cfg, reference, maps)
+        clock["compare"] += _now(prepared.images.device) - tick
+        rows = state_rows(context, step, condition.state.block, scores, prepared.image_ids, prepared.labels, targets)
+        store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples))
+
+
+def _now(device: torch.device) -> float:
+    """Wall-clock seconds once the device's queued work is done (GPU kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def settings(cfg: DictConfig) -> dict:
@@ -329,12 +344,12 @@ def finish(run_dir: Path, timing: dict[str, float] | None = None) -> RunResult:
 
 def validate(cfg: DictConfig) -> None:
     """Reject unknown names and bad values with one line that says what is valid."""
-    checks_ = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
-               ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
-    checks_ += [("metric", name, METRICS) for name in cfg.metrics.names]
+    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
+             ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
+    names += [("metric", name, METRICS) for name in cfg.metrics.names]
     if cfg.test.name in checks.MODEL_CHECKS:
-        checks_.append(("init", cfg.test.init, INIT_POLICIES))
-    for what, value, valid in checks_:
+        names.append(("init", cfg.test.init, INIT_POLICIES))
+    for what, value, valid in names:
         if value not in valid:
             raise SanityError(f"unknown {what} '{value}'; choose one of: {', '.join(valid)}")
     if not cfg.method:

@@ -6,7 +6,7 @@ run_dir/
   states.csv    one line per finished state, written after its rows: the resume log
   run.json      the settings that determine the results, the models' accuracies, timing
   maps/         each finished state's maps of the example images (.npz), merged into
-  maps.npz      at the end of the run, with the example images and a description;
+  maps.npz      at the end of the run (maps/ is then removed), with the example images and a description;
                 maps are float16 over their max |value|, with the scales beside them
                 (read_maps gives them back as float32)
   summary.csv   mean, std, n and n_nan per (method, step, block, metric)
@@ -14,10 +14,12 @@ run_dir/
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -117,17 +119,29 @@ class RunStore:
 
     def write_examples(self, images: Tensor, meta: dict) -> Path:
         """Merge the states' example maps into maps.npz: "meta" (JSON), "images" (E, C, H, W),
-        one (E, C, H, W) array per "{state key}/{method}" and its (E,) scales (see `compact`)."""
+        one (E, C, H, W) array per "{state key}/{method}" and its (E,) scales (see `compact`).
+
+        The per-state files are removed once merged; a state merged by an earlier
+        (resumed) pass is read back from the previous maps.npz.
+        """
+        path = self.run_dir / "maps.npz"
         states = pd.read_csv(self.states).drop_duplicates(["seed", "step"])
         arrays, described = {}, []
-        for seed, step, block in states[STATE_COLUMNS].itertuples(index=False):
-            key = f"seed{seed}_step{step}"
-            with np.load(self.parts / f"{key}.npz") as part:
-                arrays.update({f"{key}/{name}": part[name] for name in part.files})
-            described.append({"key": key, "seed": int(seed), "step": int(step), "block": block})
-        meta = {**meta, "states": described}
-        path = self.run_dir / "maps.npz"
-        np.savez_compressed(path, meta=np.array(json.dumps(meta)), images=images.float().cpu().numpy(), **arrays)
+        with (np.load(path) if path.exists() else contextlib.nullcontext({})) as merged:
+            for seed, step, block in states[STATE_COLUMNS].itertuples(index=False):
+                key = f"seed{seed}_step{step}"
+                part = self.parts / f"{key}.npz"
+                if part.exists():
+                    with np.load(part) as arrays_of_state:
+                        arrays.update({f"{key}/{name}": arrays_of_state[name] for name in arrays_of_state.files})
+                else:
+                    arrays.update({name: merged[name] for name in merged if name.startswith(f"{key}/")})
+                described.append({"key": key, "seed": int(seed), "step": int(step), "block": block})
+            partial = path.with_suffix(".partial.npz")
+            np.savez_compressed(partial, meta=np.array(json.dumps({**meta, "states": described})),
+                                images=images.float().cpu().numpy(), **arrays)
+        partial.replace(path)
+        shutil.rmtree(self.parts, ignore_errors=True)
         return path
 
     def record_models(self, accuracies: Mapping[str, tuple[float | None, float | None]]) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -92,10 +95,16 @@ def test_interrupted_run_resumes_to_the_same_csv(run, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(name="cut")
     monkeypatch.setattr(RunStore, "add_state", original_add)
-    resumed = run(["resume=true"], name="cut").results
+    resumed = run(["resume=true"], name="cut")
     key = ["seed", "step", "method", "image", "metric"]
-    pd.testing.assert_frame_equal(resumed.sort_values(key).reset_index(drop=True),
+    pd.testing.assert_frame_equal(resumed.results.sort_values(key).reset_index(drop=True),
                                   whole.sort_values(key).reset_index(drop=True))
+    # resuming a finished run keeps every state's maps, merged from the previous maps.npz
+    again = run(["resume=true"], name="cut")
+    with np.load(again.run_dir / "maps.npz") as kept:
+        steps = [state["step"] for state in json.loads(str(kept["meta"][()]))["states"]]
+        assert sorted(steps) == [0, 1, 2, 3, 4] and "seed0_step4/gradient" in kept
+    assert not (again.run_dir / "maps").exists()
 
 
 def test_results_are_never_overwritten(run):

@@ -78,8 +78,14 @@ def redraw(args: list[str]) -> int:
 
     from sanity_cli.pipeline import finish
 
+    from sanity_cli.errors import SanityError
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    for path in finish(run_dir).figures:
+    try:
+        figures = finish(run_dir).figures
+    except SanityError as error:
+        return fail(str(error))
+    for path in figures:
         print(path)
     return 0
 
@@ -98,7 +104,13 @@ def paper(args: list[str]) -> int:
         out, args = Path(args[at + 1]), args[:at] + args[at + 2:]
     if not args:
         return fail("name a figure: sanity paper fig3 (fig1 .. fig6, or all)")
-    message = unknown_choice(args[1:])
+    from hydra.errors import HydraException
+
+    try:
+        _, parsed = parse_overrides(args[1:])
+    except HydraException as error:
+        return fail(f"cannot parse the overrides: {one_line(error)}")
+    message = unknown_choice(parsed)
     if message:
         return fail(message)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -106,22 +118,25 @@ def paper(args: list[str]) -> int:
         outcomes = rerun(args[0], args[1:], out)
     except SanityError as error:
         return fail(str(error))
+    except HydraException as error:  # e.g. a misspelt key in the overrides
+        return fail(one_line(error))
     for outcome in outcomes:
         took = f"{outcome.seconds:7.1f} s" if outcome.status == "done" else "       -"
         print(f"{outcome.experiment:32} {outcome.status:8} {took}  {outcome.detail}")
     return 0
 
 
-def unknown_choice(overrides: list[str]) -> str | None:
-    """A one-line message when an override names a config that does not exist."""
+def parse_overrides(args: list[str]):
+    """Hydra's own parsing of `sanity run` arguments: (flags namespace, [Override])."""
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
 
-    try:  # Hydra's own argument parser separates its flags (--cfg job) from the overrides
-        parsed = OverridesParser.create().parse_overrides(get_args_parser().parse_args(overrides).overrides)
-    except HydraException as error:
-        return f"cannot parse the overrides: {str(error).splitlines()[0]}"
+    flags = get_args_parser().parse_args(args)  # separates Hydra's flags (--cfg job) from overrides
+    return flags, OverridesParser.create().parse_overrides(flags.overrides)
+
+
+def unknown_choice(parsed) -> str | None:
+    """A one-line message when an override names a config that does not exist."""
     for override in parsed:
         if override.key_or_group not in (*GROUPS, "experiment") or override.is_delete():
             continue
@@ -133,20 +148,66 @@ def unknown_choice(overrides: list[str]) -> str | None:
 
 
 def _choices(override) -> list[str]:
-    values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+    try:
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:  # noqa: BLE001 - glob() sweeps resolve only inside Hydra; it checks those itself
+        return []
     flat: list[str] = []
     for value in values:
         flat += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     return flat
 
 
+def composition_error(parsed) -> str | None:
+    """Compose the config as Hydra will (a sweep's first value standing for all of it),
+    and turn any error, e.g. a misspelt key, into one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = []
+    for override in parsed:
+        try:
+            first = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+        except Exception:  # noqa: BLE001 - glob() sweeps: left to Hydra
+            continue
+        overrides.append(override.input_line if first is None else f"{override.get_key_element()}={first}")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        return one_line(error)
+    return None
+
+
+def one_line(error: Exception) -> str:
+    """The first sentences of a Hydra or OmegaConf message, without its indented details."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith(" ")]
+    return " ".join(lines[:2]) or type(error).__name__
+
+
 def run(args: list[str]) -> int:
-    message = unknown_choice(args)
+    from hydra.errors import HydraException
+
+    try:
+        flags, parsed = parse_overrides(args)
+    except HydraException as error:
+        return fail(f"cannot parse the overrides: {one_line(error)}")
+    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    if sweeps and not flags.multirun:
+        return fail(f"{sweeps[0]} sweeps over several values; add -m to run one job per value")
+    message = unknown_choice(parsed) or (composition_error(parsed) if not (flags.help or flags.hydra_help) else None)
     if message:
         return fail(message)
     sys.argv = ["sanity run", *args]
+    FAILED_JOBS.clear()
     _hydra_entry()
+    if FAILED_JOBS:
+        return fail(f"{len(FAILED_JOBS)} of the sweep's jobs failed: {'; '.join(FAILED_JOBS)}")
     return 0
+
+
+FAILED_JOBS: list[str] = []  # errors of a sweep's jobs, reported when the sweep ends
 
 
 def _hydra_entry() -> None:
@@ -160,20 +221,30 @@ def _hydra_entry() -> None:
 
 
 def run_task(cfg) -> None:
-    """One Hydra job: run the pipeline into Hydra's output directory."""
+    """One Hydra job: run the pipeline into Hydra's output directory.
+
+    A bad setting ends a single run with exit code 2; in a sweep the other jobs go
+    on and the sweep reports the failures at its end.
+    """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf.errors import MissingMandatoryValue
 
     from sanity_cli.errors import SanityError
     from sanity_cli.pipeline import run as run_pipeline
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         result = run_pipeline(cfg, run_dir)
-    except SanityError as error:
-        sys.exit(fail(str(error)))
-    except MissingMandatoryValue as error:
-        sys.exit(fail(f"{error.full_key} is not set; give it on the command line: {error.full_key}=VALUE"))
+    except (SanityError, MissingMandatoryValue) as error:
+        message = (f"{error.full_key} is not set; give it on the command line: {error.full_key}=VALUE"
+                   if isinstance(error, MissingMandatoryValue) else str(error))
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(fail(message))
+        print(f"sanity: job {hydra_cfg.job.num} failed: {message}", file=sys.stderr)
+        FAILED_JOBS.append(f"job {hydra_cfg.job.num}: {message}")
+        return
     print(f"results: {run_dir / 'results.csv'}")
     print(f"summary: {run_dir / 'summary.csv'}")
     for figure in result.figures:

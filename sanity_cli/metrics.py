@@ -312,13 +312,16 @@ def _paper_normalize(v: torch.Tensor, metric: str, single_channel: bool) -> torc
 
 
 @torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
-def normalize(maps: torch.Tensor, metric: str, scheme: str = "paper") -> torch.Tensor:
+def normalize(maps: torch.Tensor, metric: str, scheme: str = "paper",
+              single_channel: bool | None = None) -> torch.Tensor:
     """Reduce channels and normalize each map for ``metric``: (B, C, H, W) -> (B, H, W) float64.
 
     Channels: sum of |map| for 'spearman_abs', signed sum otherwise. Schemes:
     'paper' (the authors' code: see compare() and REFERENCE.md section 2),
     'none', 'max_abs' (v / max|v|), 'second_moment' (v / sqrt(mean v**2)).
     A zero denominator leaves the map as is (a constant map stays constant).
+    single_channel: whether the paper's rule for one-channel (MNIST) inputs applies;
+    None infers it from C, but a GradCAM map (C = 1) of an RGB input is not one.
     """
     _check_choice(metric, METRICS, "metric")
     _check_choice(scheme, NORMALIZATIONS, "normalization")
@@ -334,7 +337,8 @@ def normalize(maps: torch.Tensor, metric: str, scheme: str = "paper") -> torch.T
     elif scheme == "second_moment":
         out = _safe_div(flat, flat.square().mean(-1, keepdim=True).sqrt())
     else:
-        out = _paper_normalize(flat, metric, single_channel=maps.shape[1] == 1)
+        single = maps.shape[1] == 1 if single_channel is None else single_channel
+        out = _paper_normalize(flat, metric, single_channel=single)
     return out.view(v.shape)
 
 
@@ -365,10 +369,12 @@ def compare(
     hog_pixels_per_cell: int = 16,
     hog_cells_per_block: int = 3,
     hog_orientations: int = 9,
+    single_channel: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Similarity of ``other`` to ``reference``, per image and metric.
 
     reference, other: (B, C, H, W) maps, any float dtype, one device.
+    single_channel: see normalize(); None infers it from the maps' C.
     Returns {metric: (B,) float64 tensor on that device}. NaN marks an
     undefined value (constant map for the correlations, maps smaller than
     the SSIM window or than one HOG block).
@@ -380,7 +386,7 @@ def compare(
     _check_pair(reference, other)
     out: dict[str, torch.Tensor] = {}
     for m in metrics:
-        a, b = normalize(reference, m, normalization), normalize(other, m, normalization)
+        a, b = (normalize(maps, m, normalization, single_channel) for maps in (reference, other))
         if m in ("spearman_abs", "spearman"):
             out[m] = spearman(a.flatten(1), b.flatten(1))
         elif m == "ssim":

@@ -115,7 +115,7 @@ def build_model(model_cfg, num_classes: int, spec: InputSpec) -> nn.Module:
     else:
         raise SanityError(f"unknown model kind '{model_cfg.kind}'; choose one of: {', '.join(MODEL_KINDS)}")
     if model_cfg.get("checkpoint"):
-        model.load_state_dict(_read_checkpoint(model_cfg.checkpoint))
+        _load(model, model_cfg.checkpoint, lambda: model.load_state_dict(_read_checkpoint(model_cfg.checkpoint)))
     return model
 
 
@@ -127,7 +127,8 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
         raise SanityError(f"unknown timm model '{name}'; see timm.list_models() for the names")
     if checkpoint:
         model = timm.create_model(name, pretrained=False)
-        timm.models.load_checkpoint(model, str(_existing(checkpoint)))
+        path = str(_existing(checkpoint))
+        _load(model, checkpoint, lambda: timm.models.load_checkpoint(model, path))
         return model
     if not model_cfg.pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
@@ -138,6 +139,16 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
             f"cannot fetch pretrained weights for '{name}' ({type(error).__name__}); "
             "use model.checkpoint=PATH for a local weights file, or model.pretrained=false for random weights"
         ) from None
+
+
+def _load(model: nn.Module, path: str, load) -> None:
+    """Run `load`; a checkpoint of another architecture becomes a one-line error."""
+    try:
+        load()
+    except (RuntimeError, KeyError, ValueError) as error:
+        detail = " ".join(str(error).split())[:160] or type(error).__name__
+        raise SanityError(f"checkpoint '{path}' does not fit {type(model).__name__} ({detail}); "
+                          "give the weights of the configured model and input size") from None
 
 
 def _existing(path: str) -> Path:

@@ -14,23 +14,24 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from sanity_cli import checks
 from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
-from sanity_cli.methods import METHODS, MethodError, explain_all, resolve_call
-from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare, histogram_entropy
+from sanity_cli.methods import MethodError, explain_all
+from sanity_cli.metrics import compare, histogram_entropy
 from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
-from sanity_cli.randomization import INIT_POLICIES, TrainedWeights, find_blocks
+from sanity_cli.randomization import TrainedWeights, find_blocks
 from sanity_cli.results import RunStore, state_rows
 from sanity_cli.training import TrainedModel, shuffled_labels, train_or_load
+from sanity_cli.validation import validate
 
 log = logging.getLogger(__name__)
-TARGETS = ("predicted", "label", "original")
 CONTROLS = ("edge", "random")
+GRADCAM_FAMILY = ("gradcam", "guided_gradcam")
 UNDEFINED_HINTS = {"hog": " (the maps are smaller than one HOG block); lower metrics.hog.pixels_per_cell, e.g. to 4",
                    "ssim": " (the maps are smaller than the SSIM window); lower metrics.ssim.sigma"}
 
@@ -46,6 +47,7 @@ class Prepared:
     labels: Tensor       # (B,) true labels, -1 where the dataset has none
     image_ids: Tensor    # (B,) indices into the dataset's test split
     classes: list[str]
+    num_outputs: int     # the model's logits per image
 
 
 @dataclass
@@ -78,10 +80,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     store = RunStore(Path(run_dir), settings(cfg), resume=cfg.resume)
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device)
-    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
     model = prepared.models["trained"].model
-    trained = TrainedWeights(model)
     blocks = find_blocks(model, prepared.images[:1], _granularity(cfg.test.get("granularity", "block")))
+    check_model_fit(cfg, prepared)
+    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
+    trained = TrainedWeights(model)
     clock = {"explain": 0.0, "compare": 0.0}
     for seed in _seeds(cfg):
         conditions = list_conditions(cfg, prepared, blocks, trained, seed)
@@ -120,7 +123,7 @@ def run_conditions(cfg: DictConfig, prepared: Prepared, conditions, seed: int, s
         if store.done(seed, step):
             continue
         tick = _now(prepared.images.device)
-        scores = score(cfg, reference, maps)
+        scores = score(cfg, reference, maps, prepared.spec.channels)
         clock["compare"] += _now(prepared.images.device) - tick
         rows = state_rows(context, step, condition.state.block, scores, prepared.image_ids, prepared.labels, targets)
         store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples))
@@ -134,9 +137,34 @@ def _now(device: torch.device) -> float:
 
 
 def settings(cfg: DictConfig) -> dict:
-    """What determines the results: the whole config but the resume flag and the device."""
+    """What determines the results: the config but where things are kept, how they
+    are batched and on which device (a resumed run may change those)."""
     values = OmegaConf.to_container(cfg, resolve=True)
-    return {key: value for key, value in values.items() if key not in ("resume", "device", "hydra")}
+    ignored = ("resume", "device", "max_batch", "data_dir", "cache_dir", "hydra")
+    return {key: value for key, value in values.items() if key not in ignored}
+
+
+def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
+    """Checks that need the model: classes to explain, and GradCAM's convolution."""
+    if cfg.target == "label" and prepared.num_outputs != len(prepared.classes):
+        raise SanityError(f"target=label, but the dataset has {len(prepared.classes)} classes and the model "
+                          f"{prepared.num_outputs} outputs, so labels are not the model's classes; "
+                          "use target=predicted")
+    if cfg.test.name == "random_logit" and prepared.num_outputs < 2:
+        raise SanityError("test=random_logit needs a model with at least two classes")
+    model = prepared.models["trained"].model
+    if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+        return
+    selected = {name: (options.get("method") or name) for name, options in cfg.method.items()}
+    cams = [name for name, kind in selected.items() if kind in GRADCAM_FAMILY]
+    if cams and len(cams) == len(selected):
+        raise SanityError(f"{' and '.join(cams)} {'needs' if len(cams) == 1 else 'need'} a convolutional layer "
+                          f"and model={cfg.model.name} has none; choose other methods")
+    if cams:  # the paper preset on the MLP: explain the rest, and say so
+        log.warning("model %s has no convolutional layer: leaving out %s", cfg.model.name, ", ".join(cams))
+        with open_dict(cfg):
+            for name in cams:
+                del cfg.method[name]
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
@@ -155,7 +183,7 @@ def list_conditions(cfg: DictConfig, prepared: Prepared, blocks: list[str], trai
     if cfg.test.name == "data":
         return checks.data_randomization(model, prepared.models["shuffled"].model)
     if cfg.test.name == "random_logit":
-        return checks.random_logit(model, len(prepared.classes), seed)
+        return checks.random_logit(model, prepared.num_outputs, seed)
     return checks.model_randomization(cfg.test, model, blocks, trained, seed)
 
 
@@ -191,9 +219,10 @@ def smoothed_maps(model: nn.Module, images: Tensor, targets: Tensor, methods: di
     return {name: value / samples for name, value in total.items()}
 
 
-def score(cfg: DictConfig, reference: dict[str, Tensor], maps: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Per method, per metric, one value per image (B,)."""
-    options = metric_options(cfg)
+def score(cfg: DictConfig, reference: dict[str, Tensor], maps: dict[str, Tensor],
+          channels: int) -> dict[str, dict[str, Tensor]]:
+    """Per method, per metric, one value per image (B,); `channels` of the input images."""
+    options = metric_options(cfg, single_channel=channels == 1)
     scores = {}
     for name, other in maps.items():
         if cfg.test.name == "entropy":
@@ -208,9 +237,12 @@ def score(cfg: DictConfig, reference: dict[str, Tensor], maps: dict[str, Tensor]
     return scores
 
 
-def metric_options(cfg: DictConfig) -> dict:
+def metric_options(cfg: DictConfig, single_channel: bool | None = None) -> dict:
+    """compare()'s keyword arguments from the `metrics` settings; the paper's one-channel
+    normalization follows the input images (a GradCAM map of an RGB image is not one)."""
     m = cfg.metrics
-    return {"metrics": list(m.names), "normalization": m.normalization, "ssim_data_range": m.ssim.data_range,
+    return {"metrics": list(m.names), "normalization": m.normalization, "single_channel": single_channel,
+            "ssim_data_range": m.ssim.data_range,
             "ssim_sigma": m.ssim.sigma, "ssim_sample_covariance": m.ssim.sample_covariance,
             "hog_pixels_per_cell": m.hog.pixels_per_cell, "hog_cells_per_block": m.hog.cells_per_block,
             "hog_orientations": m.hog.orientations}
@@ -229,8 +261,10 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
     chosen = datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed)
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
-    return Prepared(models, spec, spec.normalize(display).to(device), display, dataset.test_y[chosen], chosen,
-                    dataset.classes)
+    images = spec.normalize(display).to(device)
+    with torch.no_grad():
+        num_outputs = models["trained"].model(images[:1]).shape[1]
+    return Prepared(models, spec, images, display, dataset.test_y[chosen], chosen, dataset.classes, num_outputs)
 
 
 def _warn_unless_memorized(model: TrainedModel, threshold: float) -> None:
@@ -270,21 +304,27 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
             subset = cfg.test.get("shuffled_subset")
             train_x, train_y = (train_x[:subset], train_y[:subset]) if subset else (train_x, train_y)
     prepare_x = lambda x: spec.normalize(datasets.adapt_images(x, spec.channels, spec.size))  # noqa: E731
-    key = {"model": cfg.model.name, "kind": cfg.model.kind, "dataset": OmegaConf.to_container(cfg.dataset),
+    dataset_settings = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset_settings.pop("system_dir", None)  # where a copy lies does not change the weights
+    # The device is part of the key: GPU and CPU training give different weights.
+    key = {"model": cfg.model.name, "kind": cfg.model.kind, "dataset": dataset_settings,
            "input": [spec.channels, spec.size], "classes": num_classes, "labels": "shuffled" if shuffled else "true",
-           "train_size": len(train_y)}
+           "train_size": len(train_y), "device": device.type}
     return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_x(train_x), train_y,
                          prepare_x(dataset.test_x), dataset.test_y, train_cfg, cfg.seed, cfg.cache_dir, device)
 
 
 def method_options(cfg: DictConfig, seed: int = 0, step: int = 0) -> dict[str, dict]:
     """The selected methods (the `method` group) as plain dicts, with the model's
-    GradCAM layer filled in and the random control's seed following the state."""
+    GradCAM layer filled in, the noise of SmoothGrad and VarGrad following the run's
+    seed, and the random control's seed following the state as well."""
     selected = OmegaConf.to_container(cfg.method, resolve=True) or {}
     for name, options in selected.items():
         kind = options.get("method") or name
         if kind in ("gradcam", "guided_gradcam") and not options.get("layer"):
             options["layer"] = cfg.model.get("gradcam_layer")
+        if kind in ("smoothgrad", "vargrad"):
+            options["seed"] = int(options.get("seed", 0)) + int(cfg.seed)
         if kind == "random":
             options["seed"] = int(options.get("seed", 0)) + 1000 * seed + step
     return selected
@@ -334,36 +374,11 @@ def finish(run_dir: Path, timing: dict[str, float] | None = None) -> RunResult:
     from sanity_cli.results import summarize
 
     results = pd.read_csv(run_dir / "results.csv")
+    if results.empty:
+        raise SanityError(f"{run_dir} has no finished state yet; continue the run with resume=true")
     summary = summarize(results, RunStore.models_of(run_dir))
     summary.to_csv(run_dir / "summary.csv", index=False)
     for metric, rows in summary[summary["step"] > 0].groupby("metric"):
         if rows["n"].sum() == 0:
             log.warning("%s is undefined for every image%s", metric, UNDEFINED_HINTS.get(metric, ""))
     return RunResult(run_dir, results, summary, draw_all(run_dir), timing or {})
-
-
-def validate(cfg: DictConfig) -> None:
-    """Reject unknown names and bad values with one line that says what is valid."""
-    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
-             ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
-    names += [("metric", name, METRICS) for name in cfg.metrics.names]
-    if cfg.test.name in checks.MODEL_CHECKS:
-        names.append(("init", cfg.test.init, INIT_POLICIES))
-    for what, value, valid in names:
-        if value not in valid:
-            raise SanityError(f"unknown {what} '{value}'; choose one of: {', '.join(valid)}")
-    if not cfg.method:
-        raise SanityError("no method selected; pick one with method=NAME (see `sanity list`)")
-    for name, options in (OmegaConf.to_container(cfg.method, resolve=True) or {}).items():
-        options = dict(options or {})
-        kind = options.pop("method", None) or name
-        if kind not in METHODS:
-            raise SanityError(f"unknown method '{kind}'; choose one of: {', '.join(METHODS)}")
-        try:
-            resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})
-        except MethodError as error:
-            raise SanityError(str(error)) from None
-    if cfg.labels not in (True, "true", "shuffled"):
-        raise SanityError(f"unknown labels '{cfg.labels}'; choose true or shuffled")
-    if cfg.n_images < 1 or cfg.max_batch < 1:
-        raise SanityError("n_images and max_batch must be at least 1")

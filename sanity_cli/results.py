@@ -67,26 +67,28 @@ class RunStore:
             raise SanityError(f"{run_dir} already holds a run; add resume=true to continue it, "
                               "or choose another directory with hydra.run.dir=PATH")
         self.finished: set[tuple[int, int]] = set()
-        self._new_info = None
-        if resume and self.results.exists():
-            self._reopen(fingerprint)
-        else:  # the files appear with the first thing worth keeping, not for a run that fails to start
-            self._new_info = {"fingerprint": fingerprint, "settings": settings}
+        self.info_values = {"fingerprint": fingerprint, "settings": settings}
+        self.started = resume and self.results.exists()
+        if self.started:
+            self._reopen()
+        # else: the files appear with the first finished state, not for a run that fails before it
 
     def _start(self) -> None:
-        if self._new_info is not None:
+        if not self.started:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_rows(self.results, COLUMNS, [], mode="w")
             _write_rows(self.states, STATE_COLUMNS, [], mode="w")
-            self._write_info(self._new_info)
-            self._new_info = None
+            self._write_info()
+            self.started = True
 
-    def _reopen(self, fingerprint: str) -> None:
+    def _reopen(self) -> None:
         """Keep the finished states and drop rows of a state that was cut off mid-way."""
         info = json.loads(self.info.read_text()) if self.info.exists() else {}
-        if info.get("fingerprint") != fingerprint:
-            raise SanityError(f"{self.run_dir} holds a run with other settings; resume it with the same "
-                              "overrides, or choose another directory with hydra.run.dir=PATH")
+        if info.get("fingerprint") != self.info_values["fingerprint"]:
+            changed = _differences(info.get("settings", {}), self.info_values["settings"])
+            raise SanityError(f"{self.run_dir} holds a run with other settings ({', '.join(changed) or 'unknown'});"
+                              " resume it with the same overrides, or choose another directory with hydra.run.dir=PATH")
+        self.info_values = {**info, **self.info_values}
         states = pd.read_csv(self.states)
         self.finished = set(zip(states["seed"].astype(int), states["step"].astype(int)))
         with open(self.results, newline="") as handle:
@@ -145,7 +147,6 @@ class RunStore:
         return path
 
     def record_models(self, accuracies: Mapping[str, tuple[float | None, float | None]]) -> None:
-        self._start()
         self._update_info({"models": {name: {"train_accuracy": train, "test_accuracy": test}
                                       for name, (train, test) in accuracies.items()}})
 
@@ -158,12 +159,26 @@ class RunStore:
         return json.loads(info.read_text()).get("models", {}) if info.exists() else {}
 
     def _update_info(self, values: dict) -> None:
-        self._write_info({**json.loads(self.info.read_text()), **values})
+        self.info_values.update(values)
+        if self.started:
+            self._write_info()
 
-    def _write_info(self, info: dict) -> None:
+    def _write_info(self) -> None:
         partial = self.info.with_suffix(".partial")
-        partial.write_text(json.dumps(info, indent=2, default=str))
+        partial.write_text(json.dumps(self.info_values, indent=2, default=str))
         partial.replace(self.info)
+
+
+def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changed += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def _write_rows(path: Path, columns: list[str], rows: Iterable[Mapping], mode: str = "a") -> None:

@@ -77,6 +77,32 @@ def test_bad_input_exits_2_without_traceback(isolated):
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.parametrize("args, words", [
+    (["n_image=3"], "Could not override 'n_image'"),
+    (["seed=0,1"], "add -m"),
+    (["experiment=fig6_data_fashion_cnn"], "+experiment=fig6_data_fashion_cnn"),
+])
+def test_composition_errors_fail_in_one_line(args, words, capsys):
+    assert cli.main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failing_job_does_not_stop_the_sweep(isolated):
+    sweep = isolated / "sweep"
+    done = sanity("run", "-m", *TINY, "model=mlp", "method=[gradcam],[gradient]", f"hydra.sweep.dir={sweep}",
+                  cwd=isolated)
+    assert done.returncode == 2
+    assert "1 of the sweep's jobs failed" in done.stderr and "needs a convolutional layer" in done.stderr
+    assert (sweep / "1" / "results.csv").is_file() and not (sweep / "0" / "results.csv").exists()
+
+
+def test_figures_of_an_unfinished_run_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "results.csv").write_text("test,model,dataset,method,seed,step,block,image,metric,value\n")
+    assert cli.main(["figures", str(tmp_path)]) == 2
+    assert "no finished state" in capsys.readouterr().err
+
+
 def test_list_shows_every_group(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out

@@ -383,3 +383,13 @@ def test_histogram_entropy_matches_numpy_histogram():
         p = counts[counts > 0] / v.size
         assert abs(got[i].item() - float(-(p * np.log(p)).sum())) < 1e-9
     assert got[2].item() == 0.0
+
+
+def test_gradcam_map_of_an_rgb_input_uses_the_rgb_rule():
+    from sanity_cli.metrics import normalize
+
+    cam = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    cam[:, :, 0, 0] = 100.0  # an outlier that the p99 rule clips and the max rule does not
+    as_rgb = normalize(cam, "spearman_abs", "paper", single_channel=False)
+    assert torch.allclose(as_rgb, normalize(cam.expand(-1, 3, -1, -1), "spearman_abs", "paper"))
+    assert not torch.allclose(as_rgb, normalize(cam, "spearman_abs", "paper"))

@@ -1,0 +1,106 @@
+"""Checks of a composed config before any work: names, types and ranges.
+
+Every problem becomes a SanityError with one line that names the setting and what
+it accepts, so a typo costs a second, not a training run and a traceback.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from sanity_cli import checks
+from sanity_cli.errors import SanityError
+from sanity_cli.methods import METHODS, MethodError, resolve_call
+from sanity_cli.metrics import METRICS, NORMALIZATIONS
+from sanity_cli.randomization import INIT_POLICIES
+
+TARGETS = ("predicted", "label", "original")
+
+# (setting, type, bound): whole numbers must be at least the bound, numbers above it
+# (or at least it, for the settings in INCLUSIVE); None: any value. Settings that a
+# config group does not have are skipped.
+NUMBERS = [
+    ("seed", int, None), ("n_images", int, 1), ("n_examples", int, 1), ("max_batch", int, 1),
+    ("train.epochs", int, 1), ("train.batch_size", int, 1), ("train.lr", float, 0.0),
+    ("metrics.ssim.data_range", float, 0.0), ("metrics.ssim.sigma", float, 0.0),
+    ("metrics.hog.pixels_per_cell", int, 1), ("metrics.hog.cells_per_block", int, 1),
+    ("metrics.hog.orientations", int, 1),
+    ("test.bins", int, 1), ("test.samples", int, 1), ("test.noise", float, 0.0),
+    ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0),
+    ("dataset.image_size", int, 8), ("dataset.test_fraction", float, 0.0),
+]
+INCLUSIVE = {"test.noise", "test.memorization_threshold"}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise SanityError for the first unknown name or bad value in `cfg`."""
+    _check_names(cfg)
+    _check_methods(cfg)
+    for key, kind, bound in NUMBERS:
+        _check_number(cfg, key, kind, bound)
+    _check_lists(cfg)
+    if cfg.labels not in (True, "true", "shuffled"):
+        raise SanityError(f"unknown labels '{cfg.labels}'; choose true or shuffled")
+    if cfg.labels == "shuffled" and cfg.test.name == "data":
+        raise SanityError("test=data trains its own shuffled-label model next to the true-label one; "
+                          "drop labels=shuffled")
+    fraction = OmegaConf.select(cfg, "dataset.test_fraction")
+    if fraction is not None and fraction >= 1:
+        raise SanityError("dataset.test_fraction must be between 0 and 1, e.g. 0.2")
+
+
+def _check_names(cfg: DictConfig) -> None:
+    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
+             ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
+    if cfg.test.name in checks.MODEL_CHECKS:
+        names.append(("init", cfg.test.init, INIT_POLICIES))
+    for what, value, valid in names:
+        if value not in valid:
+            raise SanityError(f"unknown {what} '{value}'; choose one of: {', '.join(valid)}")
+
+
+def _check_methods(cfg: DictConfig) -> None:
+    if not cfg.method:
+        raise SanityError("no method selected; pick one with method=NAME (see `sanity list`)")
+    for name, options in (OmegaConf.to_container(cfg.method, resolve=True) or {}).items():
+        options = dict(options or {})
+        kind = options.pop("method", None) or name
+        if kind not in METHODS:
+            raise SanityError(f"unknown method '{kind}'; choose one of: {', '.join(METHODS)}")
+        try:
+            resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})
+        except MethodError as error:
+            raise SanityError(str(error)) from None
+
+
+def _check_number(cfg: DictConfig, key: str, kind: type, bound: float | None) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    is_kind = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not is_kind:
+        raise SanityError(f"{key} must be {'a number' if kind is float else 'a whole number'}, not '{value}'")
+    if bound is None:
+        return
+    if kind is int or key in INCLUSIVE:
+        if value < bound:
+            raise SanityError(f"{key} must be at least {bound}, not {value}")
+    elif value <= bound:
+        raise SanityError(f"{key} must be above {bound}, not {value}")
+
+
+def _check_lists(cfg: DictConfig) -> None:
+    names = cfg.metrics.names
+    if not isinstance(names, ListConfig) or not names:
+        raise SanityError(f"metrics.names must be a non-empty list, e.g. metrics.names=[spearman_abs,ssim]; "
+                          f"got '{names}'")
+    for name in names:
+        if name not in METRICS:
+            raise SanityError(f"unknown metric '{name}'; choose one of: {', '.join(METRICS)}")
+    seeds = OmegaConf.select(cfg, "test.seeds")
+    if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise SanityError(f"test.seeds must be a list of whole numbers, e.g. test.seeds=[0,1,2]; got '{seeds}'")
+    classes = OmegaConf.select(cfg, "dataset.classes")
+    if isinstance(classes, int) and classes < 1:
+        raise SanityError(f"dataset.classes must be at least 1, or a list of class folder names; got {classes}")

@@ -109,3 +109,31 @@ def test_list_shows_every_group(capsys):
     for name in ("cnn", "mlp", "timm", "inception_v3", "digits", "fashion_mnist", "imagefolder", "samples",
                  "gradient", "cascade"):
         assert name in out
+
+
+def test_killed_run_resumes_to_the_same_results(isolated):
+    """SIGKILL after two states, as a crash or a cluster would, then resume=true."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = [*TINY, "n_images=6", "method=[integrated_gradients]", "method.integrated_gradients.steps=150",
+            "metrics.names=[spearman_abs,spearman]"]
+    whole = sanity("run", *slow, f"hydra.run.dir={isolated / 'whole'}", cwd=isolated)  # also fills the cache
+    assert whole.returncode == 0, whole.stderr
+    cut = isolated / "cut"
+    process = subprocess.Popen([sys.executable, "-m", "sanity_cli.cli", "run", *slow, f"hydra.run.dir={cut}"],
+                               cwd=isolated, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    states, deadline = cut / "states.csv", time.monotonic() + 120
+    while time.monotonic() < deadline and not (states.exists() and len(states.read_text().splitlines()) >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished = len(states.read_text().splitlines()) - 1
+    assert 2 <= finished < 5, "the run was to be killed between its first states and its last"
+    resumed = sanity("run", *slow, f"hydra.run.dir={cut}", "resume=true", cwd=isolated)
+    assert resumed.returncode == 0, resumed.stderr
+    key = ["step", "method", "image", "metric"]
+    read = lambda path: pd.read_csv(path).sort_values(key).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(read(cut / "results.csv"), read(isolated / "whole" / "results.csv"))

@@ -230,10 +230,21 @@ def score(cfg: DictConfig, reference: dict[str, Tensor], maps: dict[str, Tensor]
             scores[name] = {"entropy": now, "entropy_rise": now / start - 1.0}
             continue
         scores[name] = compare(reference[name], other, **options)
-        if cfg.test.name == "random_logit":  # Sixt et al.: SSIM of each sign of the map on its own
-            for sign, part in (("positive", lambda m: m.clamp(min=0)), ("negative", lambda m: (-m).clamp(min=0))):
-                ssim_options = {**options, "metrics": ["ssim"]}
-                scores[name][f"ssim_{sign}"] = compare(part(reference[name]), part(other), **ssim_options)["ssim"]
+        if cfg.test.name == "random_logit":
+            scores[name].update(signed_ssim(reference[name], other, options))
+    return scores
+
+
+def signed_ssim(reference: Tensor, other: Tensor, options: dict) -> dict[str, Tensor]:
+    """SSIM of the positive parts and of the negative parts of two maps on their own
+    (Sixt et al. 2020). Where neither map has any value of a sign (GradCAM has no
+    negative part) there is nothing to compare: NaN, not the 1.0 of two empty maps."""
+    scores = {}
+    for sign, part in (("positive", lambda m: m.clamp(min=0)), ("negative", lambda m: (-m).clamp(min=0))):
+        a, b = part(reference), part(other)
+        value = compare(a, b, **{**options, "metrics": ["ssim"]})["ssim"]
+        empty = (a.flatten(1).amax(dim=1) <= 0) & (b.flatten(1).amax(dim=1) <= 0)
+        scores[f"ssim_{sign}"] = value.masked_fill(empty.to(value.device), float("nan"))
     return scores
 
 

@@ -162,3 +162,13 @@ def test_kept_maps_survive_half_precision():
     assert values.dtype == np.float16 and np.isfinite(values).all()
     npz = {"s/m": values, "s/m/scale": scales}
     np.testing.assert_allclose(read_maps(npz, "s/m"), maps.numpy(), rtol=1e-3, atol=0)
+
+
+def test_signed_ssim_of_a_map_without_negative_values_is_undefined():
+    from sanity_cli.pipeline import signed_ssim
+
+    positive = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    scores = signed_ssim(positive, positive.flip(-1), {"normalization": "paper"})
+    assert scores["ssim_negative"].isnan().all() and scores["ssim_positive"].isfinite().all()
+    signed = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    assert signed_ssim(signed, signed, {"normalization": "paper"})["ssim_negative"].eq(1.0).all()

@@ -7,8 +7,13 @@ ordinary functions.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
+
+from hydra.errors import HydraException
+
+from sanity_cli.errors import SanityError
 
 GROUPS = ("model", "dataset", "method", "test")
 USAGE = """usage: sanity VERB [ARGS]
@@ -74,11 +79,7 @@ def redraw(args: list[str]) -> int:
     run_dir = Path(args[0])
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
-    import logging
-
     from sanity_cli.pipeline import finish
-
-    from sanity_cli.errors import SanityError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -91,9 +92,6 @@ def redraw(args: list[str]) -> int:
 
 
 def paper(args: list[str]) -> int:
-    import logging
-
-    from sanity_cli.errors import SanityError
     from sanity_cli.paper import rerun
 
     out = Path("outputs/paper")
@@ -104,8 +102,6 @@ def paper(args: list[str]) -> int:
         out, args = Path(args[at + 1]), args[:at] + args[at + 2:]
     if not args:
         return fail("name a figure: sanity paper fig3 (fig1 .. fig6, or all)")
-    from hydra.errors import HydraException
-
     try:
         _, parsed = parse_overrides(args[1:])
     except HydraException as error:
@@ -162,7 +158,6 @@ def composition_error(parsed) -> str | None:
     """Compose the config as Hydra will (a sweep's first value standing for all of it),
     and turn any error, e.g. a misspelt key, into one line."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = []
@@ -187,8 +182,6 @@ def one_line(error: Exception) -> str:
 
 
 def run(args: list[str]) -> int:
-    from hydra.errors import HydraException
-
     try:
         flags, parsed = parse_overrides(args)
     except HydraException as error:
@@ -230,7 +223,6 @@ def run_task(cfg) -> None:
     from hydra.types import RunMode
     from omegaconf.errors import MissingMandatoryValue
 
-    from sanity_cli.errors import SanityError
     from sanity_cli.pipeline import run as run_pipeline
 
     hydra_cfg = HydraConfig.get()

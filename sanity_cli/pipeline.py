@@ -21,7 +21,7 @@ from tqdm import tqdm
 from sanity_cli import checks
 from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
-from sanity_cli.methods import MethodError, explain_all
+from sanity_cli.methods import explain_all
 from sanity_cli.metrics import compare, histogram_entropy
 from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
 from sanity_cli.randomization import TrainedWeights, find_blocks
@@ -196,13 +196,10 @@ def explain_state(cfg: DictConfig, model: nn.Module, images: Tensor, targets: Te
     noise in every state, so only the model differs between states.
     sMPRT (test=smooth_cascade) averages each method's maps over noisy copies of the input.
     """
-    methods = method_options(cfg, seed, step)
-    try:
-        if cfg.test.name != "smooth_cascade":
-            return explain_all(model, images, targets, methods, max_batch=cfg.max_batch)
-        return smoothed_maps(model, images, targets, methods, cfg.test.samples, cfg.test.noise, seed, cfg.max_batch)
-    except MethodError as error:
-        raise SanityError(str(error)) from None
+    methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
+    if cfg.test.name != "smooth_cascade":
+        return explain_all(model, images, targets, methods, max_batch=cfg.max_batch)
+    return smoothed_maps(model, images, targets, methods, cfg.test.samples, cfg.test.noise, seed, cfg.max_batch)
 
 
 def smoothed_maps(model: nn.Module, images: Tensor, targets: Tensor, methods: dict, samples: int, noise: float,

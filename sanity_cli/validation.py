@@ -10,7 +10,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sanity_cli import checks
 from sanity_cli.errors import SanityError
-from sanity_cli.methods import METHODS, MethodError, resolve_call
+from sanity_cli.methods import METHODS, resolve_call
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
 from sanity_cli.randomization import INIT_POLICIES
 
@@ -67,10 +67,7 @@ def _check_methods(cfg: DictConfig) -> None:
         kind = options.pop("method", None) or name
         if kind not in METHODS:
             raise SanityError(f"unknown method '{kind}'; choose one of: {', '.join(METHODS)}")
-        try:
-            resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})
-        except MethodError as error:
-            raise SanityError(str(error)) from None
+        resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})  # MethodError: a SanityError
 
 
 def _check_number(cfg: DictConfig, key: str, kind: type, bound: float | None) -> None:

@@ -49,6 +49,13 @@ class ImageData:
         return self.test_x.shape[-1]
 
 
+def geometry(cfg) -> tuple[int, int]:
+    """Channels and size of the images of the dataset that `cfg` names, known without
+    loading it (folder datasets take the model's size; 224 stands in)."""
+    return {"digits": (1, cfg.get("image_size", 28)), "mnist": (1, 28), "fashion_mnist": (1, 28),
+            "cifar10": (3, 32)}.get(cfg.name, (3, 224))
+
+
 def load_dataset(cfg, *, data_dir: str | Path, seed: int, n_images: int,
                  image_size: int | None = None) -> ImageData:
     """Load the dataset that `cfg` (the `dataset` config group) names.

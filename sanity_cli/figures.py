@@ -91,12 +91,6 @@ def draw_all(run_dir: Path) -> list[Path]:
                         if npz is not None else [])
 
 
-def similarity_curves(summary: pd.DataFrame, path: Path, title: str, metrics: list[str] | None = None) -> Path:
-    """Draw the similarity curves of `summary` to `path` (and its PDF twin); return `path`."""
-    run = dataclasses.replace(describe_run(summary, None), title=title)
-    return save(curves_figure(summary, run, metrics), Path(path))
-
-
 def describe_run(summary: pd.DataFrame | None, meta: dict | None) -> Run:
     """Test, title, method order and controls: from maps.npz's meta when present, else summary.csv."""
     if meta is not None:

@@ -7,7 +7,6 @@ wrapper around it and tests call it directly with composed configs.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,13 @@ from sanity_cli import checks
 from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import explain_all
+from sanity_cli.methods.gradients import logits_of, predict
+from sanity_cli.methods.noise import noise_scale
 from sanity_cli.metrics import compare, histogram_entropy
 from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
 from sanity_cli.randomization import TrainedWeights, find_blocks
 from sanity_cli.results import RunStore, state_rows
-from sanity_cli.training import TrainedModel, shuffled_labels, train_or_load
+from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
 from sanity_cli.validation import validate
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Prepared:
     image_ids: Tensor    # (B,) indices into the dataset's test split
     classes: list[str]
     num_outputs: int     # the model's logits per image
+    original: Tensor     # (B,) the trained model's predicted classes
 
 
 @dataclass
@@ -81,16 +83,17 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device)
     model = prepared.models["trained"].model
-    blocks = find_blocks(model, prepared.images[:1], _granularity(cfg.test.get("granularity", "block")))
+    model_check = cfg.test.name in checks.MODEL_CHECKS
+    blocks = find_blocks(model, prepared.images[:1], cfg.test.granularity) if model_check else []
     check_model_fit(cfg, prepared)
     store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
     trained = TrainedWeights(model)
     clock = {"explain": 0.0, "compare": 0.0}
     for seed in _seeds(cfg):
         conditions = list_conditions(cfg, prepared, blocks, trained, seed)
-        total = len(blocks) + 1 if cfg.test.name in checks.MODEL_CHECKS else 2
+        total = len(blocks) + 1 if model_check else 2
         run_conditions(cfg, prepared, tqdm(conditions, total=total, desc=f"{cfg.test.name} (seed {seed})",
-                                           unit="state", disable=os.environ.get("SANITY_PROGRESS", "1") == "0"),
+                                           unit="state", disable=progress_disabled()),
                        seed, store, clock)
     trained.check(model)
     clock["total"] = time.perf_counter() - started
@@ -109,13 +112,12 @@ def run_conditions(cfg: DictConfig, prepared: Prepared, conditions, seed: int, s
     context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
                "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
                "normalization": cfg.metrics.normalization}
-    original = predicted_classes(prepared.models["trained"].model, prepared.images, cfg.max_batch)
     reference: dict[str, Tensor] = {}
     for condition in conditions:
         step = condition.state.step
         if step > 0 and store.done(seed, step):
             continue
-        targets = _targets(cfg.target, condition, prepared, original, cfg.max_batch)
+        targets = _targets(cfg.target, condition, prepared, cfg.max_batch)
         tick = _now(prepared.images.device)
         maps = explain_state(cfg, condition.model, prepared.images, targets, seed, step)
         reference = maps if step == 0 else reference
@@ -172,10 +174,6 @@ def _seeds(cfg: DictConfig) -> list[int]:
     return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
 
 
-def _granularity(value):
-    return value if isinstance(value, str) else list(value)
-
-
 def list_conditions(cfg: DictConfig, prepared: Prepared, blocks: list[str], trained: TrainedWeights,
                     seed: int):
     """The conditions of the configured check, for one randomization seed."""
@@ -205,12 +203,12 @@ def explain_state(cfg: DictConfig, model: nn.Module, images: Tensor, targets: Te
 def smoothed_maps(model: nn.Module, images: Tensor, targets: Tensor, methods: dict, samples: int, noise: float,
                   seed: int, max_batch: int) -> dict[str, Tensor]:
     """Maps averaged over `samples` noisy copies of each image, noise std = `noise` x the image's range."""
-    span = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    sigma = noise_scale(images, noise)
     generator = torch.Generator(device=images.device).manual_seed(seed)
     total: dict[str, Tensor] = {}
     for _ in range(samples):
-        noisy = images + noise * span * torch.randn(images.shape, generator=generator, device=images.device,
-                                                    dtype=images.dtype)
+        noisy = images + sigma * torch.randn(images.shape, generator=generator, device=images.device,
+                                             dtype=images.dtype)
         for name, maps in explain_all(model, noisy, targets, methods, max_batch=max_batch).items():
             total[name] = total[name] + maps if name in total else maps
     return {name: value / samples for name, value in total.items()}
@@ -258,7 +256,7 @@ def metric_options(cfg: DictConfig, single_channel: bool | None = None) -> dict:
 
 def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     """Load the data, then build, train or load the model(s), and pick the test images."""
-    channels, size = _dataset_geometry(cfg)
+    channels, size = datasets.geometry(cfg.dataset)
     spec = input_spec(cfg.model, channels, size)
     dataset = datasets.load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, n_images=cfg.n_images,
                                     image_size=spec.size)
@@ -270,9 +268,10 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     chosen = datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed)
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
     images = spec.normalize(display).to(device)
-    with torch.no_grad():
-        num_outputs = models["trained"].model(images[:1]).shape[1]
-    return Prepared(models, spec, images, display, dataset.test_y[chosen], chosen, dataset.classes, num_outputs)
+    with torch.no_grad():  # one pass gives both the number of classes and the trained model's predictions
+        logits = torch.cat([logits_of(models["trained"].model, chunk) for chunk in images.split(cfg.max_batch)])
+    return Prepared(models, spec, images, display, dataset.test_y[chosen], chosen, dataset.classes,
+                    logits.shape[1], logits.argmax(dim=1))
 
 
 def _warn_unless_memorized(model: TrainedModel, threshold: float) -> None:
@@ -280,12 +279,6 @@ def _warn_unless_memorized(model: TrainedModel, threshold: float) -> None:
         log.warning("the shuffled-label model reached train accuracy %.3f < %.2f: it has not memorized its labels, "
                     "so the data randomization test means little; raise test.shuffled_epochs",
                     model.train_accuracy, threshold)
-
-
-def _dataset_geometry(cfg: DictConfig) -> tuple[int, int]:
-    """Channels and size of the dataset's images, known without loading it."""
-    return {"digits": (1, cfg.dataset.get("image_size", 28)), "mnist": (1, 28), "fashion_mnist": (1, 28),
-            "cifar10": (3, 32)}.get(cfg.dataset.name, (3, 224))
 
 
 def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec, device: torch.device,
@@ -338,23 +331,17 @@ def method_options(cfg: DictConfig, seed: int = 0, step: int = 0) -> dict[str, d
     return selected
 
 
-@torch.no_grad()
-def predicted_classes(model: nn.Module, images: Tensor, max_batch: int) -> Tensor:
-    return torch.cat([model(chunk).argmax(1) for chunk in images.split(max_batch)])
-
-
-def _targets(choice: str, condition: checks.Condition, prepared: Prepared, original: Tensor,
-             max_batch: int) -> Tensor:
+def _targets(choice: str, condition: checks.Condition, prepared: Prepared, max_batch: int) -> Tensor:
     """The class explained for each image: the current model's argmax (the paper),
     the true label, or the trained model's prediction; then the check's own choice."""
     if choice == "predicted":
-        targets = predicted_classes(condition.model, prepared.images, max_batch)
+        targets = predict(condition.model, prepared.images, max_batch)
     elif choice == "original":
-        targets = original
+        targets = prepared.original
     elif (prepared.labels < 0).any():
         raise SanityError("target=label but the dataset has no labels; use target=predicted")
     else:
-        targets = prepared.labels.to(original.device)
+        targets = prepared.labels.to(prepared.original.device)
     return condition.retarget(targets) if condition.retarget else targets
 
 

@@ -36,6 +36,11 @@ class TrainedModel:
     cache_file: Path | None = None
 
 
+def progress_disabled() -> bool:
+    """SANITY_PROGRESS=0 turns the progress bars off (logs, CI)."""
+    return os.environ.get("SANITY_PROGRESS", "1") == "0"
+
+
 def cache_key(fields: dict) -> str:
     """A stable hash of the settings that determine a model's weights."""
     text = json.dumps({"format": CACHE_FORMAT, **fields}, sort_keys=True, default=str)
@@ -57,7 +62,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, train_cfg, seed: int, device: to
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
     model.to(device).train()
     bar = tqdm(range(train_cfg.epochs), desc=description, unit="epoch", leave=False,
-               disable=os.environ.get("SANITY_PROGRESS", "1") == "0")
+               disable=progress_disabled())
     for _ in bar:
         order = torch.randperm(len(y), generator=generator)
         correct, total_loss = 0, 0.0

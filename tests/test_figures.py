@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from sanity_cli.figures import (Run, curves_figure, describe_run, draw_all, map_grid_figure, normalize_abs,
-                                normalize_signed, similarity_curves)
+                                normalize_signed)
 
 CASCADE_METHODS = ["gradient", "gradcam", "edge"]
 CASCADE_STATES = [(0, "original"), (1, "fc2"), (2, "fc1"), (3, "conv2")]
@@ -117,13 +117,6 @@ def test_controls_are_flat_reference_lines_not_curves(tmp_path):
 def test_title_names_model_dataset_and_seeds(tmp_path):
     summary = write_summary(tmp_path, "cascade", CASCADE_METHODS, CASCADE_STATES, seeds=(0, 1))
     assert describe_run(summary, None).title == "cascade: cnn on mnist, seeds 0, 1"
-
-
-def test_similarity_curves_keeps_the_pipeline_contract(tmp_path):
-    summary = write_summary(tmp_path, "cascade", CASCADE_METHODS, CASCADE_STATES)
-    path = tmp_path / "figures" / "cascade_spearman.png"
-    assert similarity_curves(summary, path, "a title", ["spearman_abs", "spearman"]) == path
-    assert path.stat().st_size > 10_000 and path.with_suffix(".pdf").exists()
 
 
 def test_normalizations_follow_the_paper():

@@ -116,14 +116,17 @@ def test_results_are_never_overwritten(run):
     run(["resume=true", "max_batch=2"], name="same")  # batching is not a setting of the results
 
 
-def test_trained_weights_unchanged_after_a_run(make_cfg, cache, tmp_path):
+def test_trained_weights_unchanged_after_a_run(make_cfg, cache, tmp_path, monkeypatch):
+    """The very model object the run randomized holds its trained weights afterwards."""
     cfg = make_cfg([*FAST, f"cache_dir={cache}"])
     prepared = pipeline.prepare(cfg, torch.device("cpu"))
-    before = {k: v.clone() for k, v in prepared.models["trained"].model.state_dict().items()}
+    model = prepared.models["trained"].model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(pipeline, "prepare", lambda *args: prepared)
     pipeline.run(cfg, tmp_path / "run")
-    again = pipeline.prepare(cfg, torch.device("cpu")).models["trained"]
-    assert again.source == "cache"
-    for name, value in again.model.state_dict().items():
+    monkeypatch.undo()
+    assert pipeline.prepare(cfg, torch.device("cpu")).models["trained"].source == "cache"
+    for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
 
 

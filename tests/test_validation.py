@@ -49,7 +49,7 @@ def _prepared(num_outputs: int, classes: int, model=None) -> Prepared:
     images = torch.zeros(2, 1, 28, 28)
     return Prepared({"trained": TrainedModel(model, None, None, "random")}, InputSpec(1, 28, (0.0,), (1.0,)),
                     images, images, torch.zeros(2, dtype=torch.long), torch.arange(2),
-                    [str(i) for i in range(classes)], num_outputs)
+                    [str(i) for i in range(classes)], num_outputs, torch.zeros(2, dtype=torch.long))
 
 
 def test_labels_must_be_the_models_classes(make_cfg):

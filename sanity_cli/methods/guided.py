@@ -63,8 +63,9 @@ class _SwitchableRelu(torch.autograd.Function):
         return _relu_backward(grad, output, ctx.switch), None
 
 
-class _SwitchableReluInplace(torch.autograd.Function):
-    """In-place variant: the caller may rely on its tensor being modified."""
+class _SwitchableReluInplace(_SwitchableRelu):
+    """In-place variant: the caller may rely on its tensor being modified. The
+    backward is the out-of-place one's."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, switch: _Switch) -> Tensor:
@@ -73,11 +74,6 @@ class _SwitchableReluInplace(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.switch = switch
         return x
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (output,) = ctx.saved_tensors
-        return _relu_backward(grad, output, ctx.switch), None
 
 
 def _relu_inplace(func: Any, args: tuple, kwargs: dict) -> bool | None:

@@ -308,7 +308,9 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     dataset_settings = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset_settings.pop("system_dir", None)  # where a copy lies does not change the weights
     # The device is part of the key: GPU and CPU training give different weights.
-    key = {"model": cfg.model.name, "kind": cfg.model.kind, "dataset": dataset_settings,
+    model_settings = OmegaConf.to_container(cfg.model, resolve=True)
+    model_settings.pop("gradcam_layer", None)  # where GradCAM looks does not change the weights
+    key = {"model": cfg.model.name, "kind": cfg.model.kind, "architecture": model_settings, "dataset": dataset_settings,
            "input": [spec.channels, spec.size], "classes": num_classes, "labels": "shuffled" if shuffled else "true",
            "train_size": len(train_y), "device": device.type}
     return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_x(train_x), train_y,

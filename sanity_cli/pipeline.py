@@ -22,8 +22,7 @@ from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import explain_all
 from sanity_cli.methods.gradients import logits_of, predict
-from sanity_cli.methods.noise import noise_scale
-from sanity_cli.metrics import compare, histogram_entropy
+from sanity_cli.metrics import compare
 from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
 from sanity_cli.randomization import TrainedWeights, find_blocks
 from sanity_cli.results import RunStore, state_rows
@@ -82,36 +81,45 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     store = RunStore(Path(run_dir), settings(cfg), resume=cfg.resume)
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg, device)
+    return execute(cfg, prepared, store, started)
+
+
+def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float | None = None) -> RunResult:
+    """The check that `cfg.test` names, on prepared models and images, into `store`."""
+    started = time.perf_counter() if started is None else started
+    check = checks.get(cfg.test.name)
     model = prepared.models["trained"].model
-    model_check = cfg.test.name in checks.MODEL_CHECKS
-    blocks = find_blocks(model, prepared.images[:1], cfg.test.granularity) if model_check else []
+    blocks = find_blocks(model, prepared.images[:1], cfg.test.granularity) if check.randomizes_model else []
     check_model_fit(cfg, prepared)
-    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
     trained = TrainedWeights(model)
+    subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
+                             prepared.num_outputs, blocks, trained)
+    check.check_fit(subject)
+    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
     clock = {"explain": 0.0, "compare": 0.0}
     for seed in _seeds(cfg):
-        conditions = list_conditions(cfg, prepared, blocks, trained, seed)
-        total = len(blocks) + 1 if model_check else 2
-        run_conditions(cfg, prepared, tqdm(conditions, total=total, desc=f"{cfg.test.name} (seed {seed})",
-                                           unit="state", disable=progress_disabled()),
-                       seed, store, clock)
+        conditions = tqdm(check.conditions(subject, seed), total=check.n_states(subject),
+                          desc=f"{cfg.test.name} (seed {seed})", unit="state", disable=progress_disabled())
+        run_conditions(cfg, check, prepared, conditions, seed, store, clock)
     trained.check(model)
     clock["total"] = time.perf_counter() - started
     store.record_timing(clock)
     store.write_examples(prepared.display[: cfg.n_examples], _meta(cfg, prepared))
     log.info("time: %.1fs in all, %.1fs explaining, %.1fs comparing", clock["total"], clock["explain"],
              clock["compare"])
-    return finish(Path(run_dir), clock)
+    return finish(store.run_dir, clock)
 
 
-def run_conditions(cfg: DictConfig, prepared: Prepared, conditions, seed: int, store: RunStore,
-                   clock: dict[str, float]) -> None:
+def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, conditions, seed: int,
+                   store: RunStore, clock: dict[str, float]) -> None:
     """Explain every condition, score it against the first (step 0), and store each
     state as soon as it is scored. States a resumed run already has are skipped;
     step 0 is explained again all the same, as the reference of the others."""
     context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
                "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
                "normalization": cfg.metrics.normalization}
+    explain = explainer(cfg, seed)
+    compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1)
     reference: dict[str, Tensor] = {}
     for condition in conditions:
         step = condition.state.step
@@ -119,16 +127,28 @@ def run_conditions(cfg: DictConfig, prepared: Prepared, conditions, seed: int, s
             continue
         targets = _targets(cfg.target, condition, prepared, cfg.max_batch)
         tick = _now(prepared.images.device)
-        maps = explain_state(cfg, condition.model, prepared.images, targets, seed, step)
+        maps = check.maps(explain(step), condition.model, prepared.images, targets, seed, cfg.test)
         reference = maps if step == 0 else reference
         clock["explain"] += _now(prepared.images.device) - tick
         if store.done(seed, step):
             continue
         tick = _now(prepared.images.device)
-        scores = score(cfg, reference, maps, prepared.spec.channels)
+        compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
+        scores = {name: check.score(reference[name], value, compare_fn, cfg.test) for name, value in maps.items()}
         clock["compare"] += _now(prepared.images.device) - tick
         rows = state_rows(context, step, condition.state.block, scores, prepared.image_ids, prepared.labels, targets)
         store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples))
+
+
+def explainer(cfg: DictConfig, seed: int):
+    """explain(step) -> a function (model, images, targets) -> {method: (B, C, H, W) maps}
+    that computes every selected method in one state of the run."""
+
+    def for_step(step: int):
+        methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
+        return lambda model, images, targets: explain_all(model, images, targets, methods, max_batch=cfg.max_batch)
+
+    return for_step
 
 
 def _now(device: torch.device) -> float:
@@ -152,8 +172,6 @@ def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
         raise SanityError(f"target=label, but the dataset has {len(prepared.classes)} classes and the model "
                           f"{prepared.num_outputs} outputs, so labels are not the model's classes; "
                           "use target=predicted")
-    if cfg.test.name == "random_logit" and prepared.num_outputs < 2:
-        raise SanityError("test=random_logit needs a model with at least two classes")
     model = prepared.models["trained"].model
     if any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
         return
@@ -172,75 +190,6 @@ def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
 def _seeds(cfg: DictConfig) -> list[int]:
     seeds = cfg.test.get("seeds")
     return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
-
-
-def list_conditions(cfg: DictConfig, prepared: Prepared, blocks: list[str], trained: TrainedWeights,
-                    seed: int):
-    """The conditions of the configured check, for one randomization seed."""
-    model = prepared.models["trained"].model
-    if cfg.test.name == "data":
-        return checks.data_randomization(model, prepared.models["shuffled"].model)
-    if cfg.test.name == "random_logit":
-        return checks.random_logit(model, prepared.num_outputs, seed)
-    return checks.model_randomization(cfg.test, model, blocks, trained, seed)
-
-
-def explain_state(cfg: DictConfig, model: nn.Module, images: Tensor, targets: Tensor, seed: int,
-                  step: int) -> dict[str, Tensor]:
-    """All selected methods' maps (B, C, H, W) for one condition.
-
-    The random control draws a new map in every state (its seed follows the step),
-    so it shows the similarity of unrelated maps; every other method sees the same
-    noise in every state, so only the model differs between states.
-    sMPRT (test=smooth_cascade) averages each method's maps over noisy copies of the input.
-    """
-    methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
-    if cfg.test.name != "smooth_cascade":
-        return explain_all(model, images, targets, methods, max_batch=cfg.max_batch)
-    return smoothed_maps(model, images, targets, methods, cfg.test.samples, cfg.test.noise, seed, cfg.max_batch)
-
-
-def smoothed_maps(model: nn.Module, images: Tensor, targets: Tensor, methods: dict, samples: int, noise: float,
-                  seed: int, max_batch: int) -> dict[str, Tensor]:
-    """Maps averaged over `samples` noisy copies of each image, noise std = `noise` x the image's range."""
-    sigma = noise_scale(images, noise)
-    generator = torch.Generator(device=images.device).manual_seed(seed)
-    total: dict[str, Tensor] = {}
-    for _ in range(samples):
-        noisy = images + sigma * torch.randn(images.shape, generator=generator, device=images.device,
-                                             dtype=images.dtype)
-        for name, maps in explain_all(model, noisy, targets, methods, max_batch=max_batch).items():
-            total[name] = total[name] + maps if name in total else maps
-    return {name: value / samples for name, value in total.items()}
-
-
-def score(cfg: DictConfig, reference: dict[str, Tensor], maps: dict[str, Tensor],
-          channels: int) -> dict[str, dict[str, Tensor]]:
-    """Per method, per metric, one value per image (B,); `channels` of the input images."""
-    options = metric_options(cfg, single_channel=channels == 1)
-    scores = {}
-    for name, other in maps.items():
-        if cfg.test.name == "entropy":
-            start, now = histogram_entropy(reference[name], cfg.test.bins), histogram_entropy(other, cfg.test.bins)
-            scores[name] = {"entropy": now, "entropy_rise": now / start - 1.0}
-            continue
-        scores[name] = compare(reference[name], other, **options)
-        if cfg.test.name == "random_logit":
-            scores[name].update(signed_ssim(reference[name], other, options))
-    return scores
-
-
-def signed_ssim(reference: Tensor, other: Tensor, options: dict) -> dict[str, Tensor]:
-    """SSIM of the positive parts and of the negative parts of two maps on their own
-    (Sixt et al. 2020). Where neither map has any value of a sign (GradCAM has no
-    negative part) there is nothing to compare: NaN, not the 1.0 of two empty maps."""
-    scores = {}
-    for sign, part in (("positive", lambda m: m.clamp(min=0)), ("negative", lambda m: (-m).clamp(min=0))):
-        a, b = part(reference), part(other)
-        value = compare(a, b, **{**options, "metrics": ["ssim"]})["ssim"]
-        empty = (a.flatten(1).amax(dim=1) <= 0) & (b.flatten(1).amax(dim=1) <= 0)
-        scores[f"ssim_{sign}"] = value.masked_fill(empty.to(value.device), float("nan"))
-    return scores
 
 
 def metric_options(cfg: DictConfig, single_channel: bool | None = None) -> dict:
@@ -262,7 +211,7 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
                                     image_size=spec.size)
     shuffled_run = cfg.labels == "shuffled"
     models = {"trained": _trained_model(cfg, dataset, spec, device, shuffled_run)}
-    if cfg.test.name == "data":
+    if checks.get(cfg.test.name).needs_shuffled_model:
         models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
     chosen = datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed)
@@ -300,7 +249,7 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     train_x, train_y, train_cfg = dataset.train_x, dataset.train_y, cfg.train
     if shuffled:
         train_y = shuffled_labels(train_y, cfg.seed)
-        if cfg.test.name == "data":  # memorizing random labels takes longer; a subset is allowed
+        if "shuffled_epochs" in cfg.test:  # memorizing random labels takes longer; a subset is allowed
             train_cfg = OmegaConf.merge(cfg.train, {"epochs": cfg.test.shuffled_epochs})
             subset = cfg.test.get("shuffled_subset")
             train_x, train_y = (train_x[:subset], train_y[:subset]) if subset else (train_x, train_y)

@@ -168,10 +168,12 @@ def test_kept_maps_survive_half_precision():
 
 
 def test_signed_ssim_of_a_map_without_negative_values_is_undefined():
-    from sanity_cli.pipeline import signed_ssim
+    from sanity_cli.checks.random_logit import signed_ssim
+    from sanity_cli.metrics import compare
 
+    paper = lambda a, b, **options: compare(a, b, normalization="paper", **options)  # noqa: E731
     positive = torch.rand(2, 1, 16, 16, dtype=torch.float64)
-    scores = signed_ssim(positive, positive.flip(-1), {"normalization": "paper"})
+    scores = signed_ssim(positive, positive.flip(-1), paper)
     assert scores["ssim_negative"].isnan().all() and scores["ssim_positive"].isfinite().all()
     signed = torch.randn(2, 1, 16, 16, dtype=torch.float64)
-    assert signed_ssim(signed, signed, {"normalization": "paper"})["ssim_negative"].eq(1.0).all()
+    assert signed_ssim(signed, signed, paper)["ssim_negative"].eq(1.0).all()

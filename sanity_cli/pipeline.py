@@ -125,7 +125,8 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
         step = condition.state.step
         if step > 0 and store.done(seed, step):
             continue
-        targets = _targets(cfg.target, condition, prepared, cfg.max_batch)
+        predicted = predict(condition.model, prepared.images, cfg.max_batch)
+        targets = _targets(cfg.target, condition, prepared, predicted)
         tick = _now(prepared.images.device)
         maps = check.maps(explain(step), condition.model, prepared.images, targets, seed, cfg.test)
         reference = maps if step == 0 else reference
@@ -137,7 +138,21 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
         scores = {name: check.score(reference[name], value, compare_fn, cfg.test) for name, value in maps.items()}
         clock["compare"] += _now(prepared.images.device) - tick
         rows = state_rows(context, step, condition.state.block, scores, prepared.image_ids, prepared.labels, targets)
-        store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples))
+        store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples),
+                        receipt(condition, predicted, prepared.labels))
+
+
+def receipt(condition: checks.Condition, predicted: Tensor, labels: Tensor) -> dict:
+    """What a user can check of a state: the explained model's accuracy on the chosen
+    images (NaN without labels), a short fingerprint of its weights, and the share of
+    its parameters that the state re-initialized (randomization checks only)."""
+    labelled = labels >= 0
+    hits = predicted.cpu()[labelled] == labels[labelled]
+    state = condition.state
+    return {"accuracy": hits.float().mean().item() if labelled.any() else float("nan"),
+            "weights": TrainedWeights.fingerprint(condition.model.state_dict())[:12],
+            "params_randomized": getattr(state, "params_randomized", None),
+            "tensors_left_trained": getattr(state, "tensors_left_trained", None)}
 
 
 def explainer(cfg: DictConfig, seed: int):
@@ -282,11 +297,11 @@ def method_options(cfg: DictConfig, seed: int = 0, step: int = 0) -> dict[str, d
     return selected
 
 
-def _targets(choice: str, condition: checks.Condition, prepared: Prepared, max_batch: int) -> Tensor:
-    """The class explained for each image: the current model's argmax (the paper),
-    the true label, or the trained model's prediction; then the check's own choice."""
+def _targets(choice: str, condition: checks.Condition, prepared: Prepared, predicted: Tensor) -> Tensor:
+    """The class explained for each image: the current model's argmax (the paper, given
+    as `predicted`), the true label, or the trained model's prediction; then the check's own choice."""
     if choice == "predicted":
-        targets = predict(condition.model, prepared.images, max_batch)
+        targets = predicted
     elif choice == "original":
         targets = prepared.original
     elif (prepared.labels < 0).any():

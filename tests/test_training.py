@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from sanity_cli.data import load_digits
 from sanity_cli.models import InputSpec, PaperCNN
-from sanity_cli.training import cache_key, shuffled_labels, train_or_load
+from sanity_cli.errors import SanityError
+from sanity_cli.training import cache_key, majority_rate, near_chance, shuffled_labels, train_or_load
 
 SPEC = InputSpec(1, 28, (0.0,), (1.0,))
 
@@ -29,7 +31,7 @@ def test_cache_miss_then_hit_then_new_key(tmp_path):
     assert second.train_accuracy == first.train_accuracy
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values()):
         assert torch.equal(a, b)
-    changed = [_train(tmp_path, lr=1e-4), _train(tmp_path, seed=1), _train(tmp_path, labels="shuffled")]
+    changed = [_train(tmp_path, lr=3e-3), _train(tmp_path, seed=1), _train(tmp_path, epochs=2)]
     assert all(model.source == "trained" for model in changed)
     assert len({m.cache_file for m in [first, *changed]}) == 4
 
@@ -53,3 +55,24 @@ def test_shuffled_labels_are_one_fixed_permutation():
     assert torch.equal(shuffled, shuffled_labels(labels, seed=3))
     assert not torch.equal(shuffled, labels) and not torch.equal(shuffled, shuffled_labels(labels, seed=4))
     assert torch.equal(shuffled.sort().values, labels.sort().values)
+
+
+def test_diverged_training_is_refused_and_not_cached(tmp_path):
+    with pytest.raises(SanityError, match=r"diverged: .* not finite after epoch 1 \(train.lr=1e\+30\); lower train.lr"):
+        _train(tmp_path, lr=1e30)
+    assert not list((tmp_path / "cache").glob("*.pt"))
+
+
+def test_model_near_chance_is_used_with_a_warning_but_not_cached(tmp_path, caplog):
+    first = _train(tmp_path, labels="shuffled")  # one epoch cannot memorize shuffled labels
+    assert first.source == "trained" and first.cache_file is None
+    assert near_chance(first.train_accuracy, shuffled_labels(load_digits(28, 0.2, seed=0).train_y, 0)[:200])
+    assert "not caching the model: its train accuracy" in caplog.text
+    assert not list((tmp_path / "cache").glob("*.pt"))
+    assert _train(tmp_path, labels="shuffled").source == "trained"
+
+
+def test_chance_is_the_most_frequent_label():
+    labels = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)
+    assert majority_rate(labels) == 0.6
+    assert near_chance(0.63, labels) and not near_chance(0.65, labels)  # 0.6 + 0.1 * 0.4 = 0.64

@@ -8,13 +8,16 @@ Plan of :func:`explain_all` on a batch x (B, C, H, W):
    :mod:`sanity_cli.methods.gradients`). target="predicted" is read off this
    forward's logits.
 2. If target="predicted" and no one-pass method ran, one gradient-free forward finds
-   the predicted classes (counted as a forward).
+   the predicted classes (counted as a forward) for the methods that need a class.
 3. Each distinct integrated_gradients setting: B * steps interpolated inputs,
    ``max_batch`` per forward/backward.
 4. smoothgrad / vargrad with the same noise and seed share their noisy inputs; each
    noisy chunk goes through step 1 (and 3) for the base methods, so bases share
    passes there too (see :mod:`sanity_cli.methods.noise`).
-5. Controls (edge, random): no pass.
+5. attention_rollout: one gradient-free forward per ``max_batch`` images; chefer: one
+   forward and one backward per ``max_batch`` images (see
+   :mod:`sanity_cli.methods.transformers`).
+6. Controls (edge, random): no pass.
 
 Identical requests under different keys are computed once. The caller must put the
 model in ``eval()`` mode (see :mod:`sanity_cli.methods.gradients`); hooks, ReLU mode and
@@ -35,6 +38,7 @@ from sanity_cli.methods.gradients import PREDICTED, Target, predict, shared_pass
 from sanity_cli.methods.integrated import integrated_gradients
 from sanity_cli.methods.noise import noise_maps
 from sanity_cli.methods.registry import MethodCall, MethodError, resolve_call
+from sanity_cli.methods.transformers import attention_rollout, chefer
 
 
 def explain(
@@ -49,7 +53,8 @@ def explain(
     """The maps of one ``method`` (with ``options``) for x (B, C, H, W).
 
     ``target`` is a (B,) LongTensor of classes or "predicted" (the model's argmax on
-    x, from the same forward). Returns (B, C, H, W); gradcam returns (B, 1, H, W).
+    x, from the same forward). Returns (B, C, H, W); gradcam and the attention
+    methods return (B, 1, H, W).
     Raises ``ValueError`` (:class:`MethodError`) on an unknown method or option.
     """
     return explain_all(model, x, target, {method: options}, max_batch=max_batch)[method]
@@ -70,7 +75,7 @@ def explain_all(
     options name one with ``method:``, e.g. ``{"smoothgrad_gbp": {"method":
     "smoothgrad", "base": "guided_backprop"}}``. No forward sees more than
     ``max_batch`` inputs. Returns {key: maps}, each (B, C, H, W) or (B, 1, H, W)
-    for gradcam (and for noise methods over a gradcam base).
+    for gradcam and the attention methods (and for noise methods over them).
     """
     target = _checked(x, target, max_batch)
     x = x.detach()  # maps never carry a graph back to the caller's x
@@ -125,7 +130,10 @@ def compute_calls(
     if by_family["pass"]:
         pass_maps, target = _chunked_shared_pass(model, x, target, by_family["pass"], max_batch)
         maps.update(pass_maps)
-    if (by_family["integrated"] or by_family["noise"]) and isinstance(target, str):
+    needs_class = by_family["integrated"] or by_family["noise"] or any(
+        call.method == "chefer" for call in by_family["attention"]
+    )
+    if needs_class and isinstance(target, str):
         target = predict(model, x, max_batch)
     for call in by_family["integrated"]:
         maps[call] = integrated_gradients(
@@ -137,6 +145,8 @@ def compute_calls(
             return compute_calls(model, inputs, targets, bases, max_batch)[0]
 
         maps.update(noise_maps(x, target, by_family["noise"], base_maps, max_batch))
+    for call in by_family["attention"]:
+        maps[call] = _attention_map(model, x, target, call, max_batch)
     for call in by_family["control"]:
         maps[call] = _control_map(call, x)
     return maps, target
@@ -158,6 +168,14 @@ def _chunked_shared_pass(
     return {call: torch.cat(chunks) for call, chunks in chunk_maps.items()}, torch.cat(
         chunk_targets
     )
+
+
+def _attention_map(
+    model: nn.Module, x: Tensor, target: Target, call: MethodCall, max_batch: int
+) -> Tensor:
+    if call.method == "chefer":
+        return chefer(model, x, target, max_batch=max_batch, **dict(call.options))
+    return attention_rollout(model, x, max_batch=max_batch, **dict(call.options))
 
 
 def _control_map(call: MethodCall, x: Tensor) -> Tensor:

@@ -11,6 +11,8 @@ Families (how the planner computes them):
   of gradient, input_x_gradient, gradcam, guided_backprop, guided_gradcam.
 * ``integrated``: integrated_gradients, on interpolated inputs.
 * ``noise``: smoothgrad and vargrad, moments of a base method over noisy copies.
+* ``attention``: attention_rollout and chefer, read from the attention of a Vision
+  Transformer (see :mod:`sanity_cli.methods.transformers`).
 * ``control``: edge and random; use neither the model nor its weights.
 """
 
@@ -34,6 +36,7 @@ INTEGRATION_RULES = (
 )
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
 EDGE_DETECTORS = ("sobel", "canny")
+HEAD_FUSIONS = ("mean", "max", "min")
 
 
 class MethodError(SanityError, ValueError):
@@ -125,6 +128,11 @@ def _check_noise(method: str) -> Callable[[dict[str, Any]], None]:
     return check
 
 
+def _check_rollout(options: dict[str, Any]) -> None:
+    _check_choice("attention_rollout", options, "head_fusion", HEAD_FUSIONS)
+    _check_choice("attention_rollout", options, "interpolation", INTERPOLATIONS)
+
+
 def _check_edge(options: dict[str, Any]) -> None:
     _check_choice("edge", options, "detector", EDGE_DETECTORS)
     _check_number("edge", options, "sigma", 0.0)
@@ -170,6 +178,22 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                 "guided_backprop * gradcam",
                 _check_layer("guided_gradcam"),
                 layer=None,
+                interpolation="bilinear",
+            ),
+            _spec(
+                "attention_rollout",
+                "attention",
+                "class-token row of the attention rolled out over a ViT's layers; (B, 1, H, W)",
+                _check_rollout,
+                head_fusion="mean",
+                interpolation="bilinear",
+            ),
+            _spec(
+                "chefer",
+                "attention",
+                "class-token relevance of gradient-weighted ViT attention (Chefer et al. 2021); "
+                "(B, 1, H, W)",
+                lambda options: _check_choice("chefer", options, "interpolation", INTERPOLATIONS),
                 interpolation="bilinear",
             ),
             _spec(

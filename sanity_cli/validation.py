@@ -12,7 +12,7 @@ from sanity_cli import checks
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import METHODS, resolve_call
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
-from sanity_cli.randomization import INIT_POLICIES
+from sanity_cli.randomization import INIT_POLICIES, ORDERS
 
 TARGETS = ("predicted", "label", "original")
 
@@ -54,6 +54,7 @@ def _check_names(cfg: DictConfig) -> None:
              ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
     if cfg.test.name in checks.MODEL_CHECKS:
         names.append(("init", cfg.test.init, INIT_POLICIES))
+        names.append(("order", cfg.test.get("order", "top_down"), ORDERS))
     for what, value, valid in names:
         if value not in valid:
             raise SanityError(f"unknown {what} '{value}'; choose one of: {', '.join(valid)}")

@@ -24,8 +24,11 @@ from sanity_cli.methods import explain_all
 from sanity_cli.methods.gradients import logits_of, predict
 from sanity_cli.metrics import compare
 from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
-from sanity_cli.randomization import TrainedWeights, find_blocks
+from sanity_cli.methods.preflight import preflight
+from sanity_cli.randomization import TrainedWeights, plan_blocks
 from sanity_cli.results import RunStore, state_rows
+from sanity_cli.rundir import replace_atomically
+from sanity_cli.signal import signal_table, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
 from sanity_cli.validation import validate
 
@@ -89,8 +92,9 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     started = time.perf_counter() if started is None else started
     check = checks.get(cfg.test.name)
     model = prepared.models["trained"].model
-    blocks = find_blocks(model, prepared.images[:1], cfg.test.granularity) if check.randomizes_model else []
+    blocks = plan_blocks(model, prepared.images[:1], cfg.test.granularity) if check.randomizes_model else []
     check_model_fit(cfg, prepared)
+    preflight(model, method_options(cfg), prepared.images[:1])
     trained = TrainedWeights(model)
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
                              prepared.num_outputs, blocks, trained)
@@ -131,6 +135,8 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
         maps = check.maps(explain(step), condition.model, prepared.images, targets, seed, cfg.test)
         reference = maps if step == 0 else reference
         clock["explain"] += _now(prepared.images.device) - tick
+        if step == 0 and seed == _seeds(cfg)[0]:
+            record_signal(cfg, prepared, maps, store.run_dir)
         if store.done(seed, step):
             continue
         tick = _now(prepared.images.device)
@@ -153,6 +159,23 @@ def receipt(condition: checks.Condition, predicted: Tensor, labels: Tensor) -> d
             "weights": TrainedWeights.fingerprint(condition.model.state_dict())[:12],
             "params_randomized": getattr(state, "params_randomized", None),
             "tensors_left_trained": getattr(state, "tensors_left_trained", None)}
+
+
+def record_signal(cfg: DictConfig, prepared: Prepared, maps: dict[str, Tensor], run_dir: Path) -> pd.DataFrame:
+    """signal.csv: how much structure each method's maps of the unrandomized model have,
+    next to a random map's (sanity_cli.signal); warns for each method that has none."""
+    controls = [name for name in maps if _kind(cfg, name) in CONTROLS]
+    display = prepared.display.to(prepared.images.device)
+    table = signal_table({name: value for name, value in maps.items()}, display, controls=controls, seed=cfg.seed)
+    replace_atomically(run_dir / "signal.csv", table.to_csv(index=False).encode())
+    for name in uninformative(table):
+        log.warning("%s: the trained model's maps are no more structured than a random map (signal.csv); "
+                    "its randomization scores are marked uninformative, not a pass", name)
+    return table
+
+
+def _kind(cfg: DictConfig, name: str) -> str:
+    return cfg.method[name].get("method") or name
 
 
 def explainer(cfg: DictConfig, seed: int):

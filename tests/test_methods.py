@@ -507,7 +507,7 @@ def test_random_map_is_seeded() -> None:
 def test_registry_lists_every_method() -> None:
     assert set(METHODS) == {
         "gradient", "input_x_gradient", "integrated_gradients", "guided_backprop", "gradcam",
-        "guided_gradcam", "smoothgrad", "vargrad", "edge", "random",
+        "guided_gradcam", "smoothgrad", "vargrad", "edge", "random", "attention_rollout", "chefer",
     }  # fmt: skip
     assert METHODS["smoothgrad"].defaults["noise"] == 0.15
     assert METHODS["integrated_gradients"].defaults["steps"] == 50

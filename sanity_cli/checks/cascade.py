@@ -1,5 +1,6 @@
 """Cascading model parameter randomization (Adebayo et al. 2018): blocks re-initialized
-cumulatively, from the logits down (or, with `order=bottom_up`, from the input up);
+cumulatively, from the logits down (or, with `test.order=bottom_up`, from the input up,
+as Binder et al. 2023 recommend);
 the verdict is decided with every block random."""
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ class Cascade(Check):
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, test = subject.models["trained"], subject.settings
         for state in cascading_states(model, subject.blocks, subject.trained, seed, test.init, test.reset_bn_stats,
-                                      **_order(test)):
+                                      order=test.get("order") or "top_down"):
             yield Condition(state, model)
 
     def n_states(self, subject: Subject) -> int:
         return len(subject.blocks) + 1
-
-
-def _order(test) -> dict:
-    order = test.get("order")
-    return {"order": order} if order else {}
 
 
 CHECK = Cascade()

@@ -1,0 +1,403 @@
+"""Merge finished runs into one table: a sweep's jobs, the shards of one run, separate runs.
+
+`collect(dirs, out)` finds every run under `dirs` (a directory holding run.json),
+refuses any that is unfinished or failed, and writes into `out`:
+
+  results.csv   every run's rows, with one column per swept setting in front
+  summary.csv   sanity_cli.results.summarize per combination of swept settings
+  verdict.csv   sanity_cli.verdict.verdict_table per combination, under the runs' verdict settings
+  runs.csv      one line per run: its directory, swept settings, shard, rows, accuracies
+  figures/      per test and metric: each method's similarity at the decisive (last) step,
+                one bar per combination of swept settings (seeds pooled)
+
+A swept setting is one the runs' Hydra overrides (.hydra/overrides.yaml) set to
+different values. Runs whose settings (run.json "settings") differ anywhere else
+are not one experiment, and are refused. Shards of one combination are merged back
+into one run: all N shards must be there, each once, on disjoint images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from filelock import FileLock, Timeout
+
+from sanity_cli.errors import SanityError
+from sanity_cli.results import COLUMNS, summarize
+from sanity_cli.sharding import ERROR_FILE, Shard, parse_shard
+
+log = logging.getLogger(__name__)
+SKIPPED_DIRS = (".hydra", ".submitit", ".gpus", "figures", "maps")
+GLOBAL_GROUPS = ("experiment",)  # groups that may set any setting (`# @package _global_`)
+
+
+@dataclass
+class FoundRun:
+    """One finished run directory, as collect reads it."""
+
+    path: Path
+    settings: dict              # run.json "settings", nested
+    flat: dict[str, str]        # the same as dotted key -> JSON text, for comparing
+    overrides: dict[str, str]   # Hydra's task overrides: key -> value as typed
+    models: dict                # run.json "models": accuracies
+    shard: Shard | None
+    swept: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class Collected:
+    """What collect wrote, and what it merged."""
+
+    out: Path
+    runs: list[FoundRun]
+    swept: list[str]
+    results: pd.DataFrame
+    summary: pd.DataFrame
+    verdict: pd.DataFrame | None
+    figures: list[Path]
+    notes: list[str]
+
+
+def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collected:
+    """Merge the runs under `dirs` into `out` (default: the first dir's collected/)."""
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise SanityError("name at least one directory: sanity collect DIR [DIR ...] [--out DIR]")
+    runs = [load_run(path) for path in find_runs(dirs)]
+    swept = swept_settings(runs)
+    combos = merge_shards(runs, swept)
+    tables = [results_of(combo) for combo in combos]
+    results = pd.concat([_with_swept(t, c[0], swept) for c, t in zip(combos, tables)], ignore_index=True)
+    summary = pd.concat([_with_swept(summarize(t, c[0].models), c[0], swept) for c, t in zip(combos, tables)],
+                        ignore_index=True)
+    verdict, notes = verdicts(combos, tables, swept)
+    out = Path(out) if out is not None else dirs[0] / "collected"
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_csv(out / "results.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    if verdict is not None:
+        verdict.to_csv(out / "verdict.csv", index=False)
+    run_table(combos, swept).to_csv(out / "runs.csv", index=False)
+    figures = comparison_figures(results, swept, out / "figures")
+    return Collected(out, runs, swept, results, summary, verdict, figures, notes)
+
+
+# -- finding and reading runs -------------------------------------------------------------------
+
+
+def find_runs(dirs: Iterable[Path]) -> list[Path]:
+    """Every run directory under `dirs`, in order, each once; refuses failed and unfinished jobs."""
+    found: list[Path] = []
+    for top in dirs:
+        if not top.is_dir():
+            raise SanityError(f"'{top}' is not a directory; give run or sweep directories")
+        candidates = [top] if _is_job(top) else sorted(
+            (p for p in top.rglob("*") if p.is_dir() and _is_job(p) and not _skipped(p, top)), key=_natural)
+        if not candidates:
+            raise SanityError(f"'{top}' holds no run (no run.json below it); give the directory of a run or sweep")
+        found += [p for p in candidates if p.resolve() not in {f.resolve() for f in found}]
+    return found
+
+
+def _is_job(path: Path) -> bool:
+    """A run's directory: it has run.json, or it is a Hydra job's directory (.hydra/, error.txt)."""
+    return any((path / name).exists() for name in ("run.json", ".hydra", ERROR_FILE))
+
+
+def _skipped(path: Path, top: Path) -> bool:
+    return any(part in SKIPPED_DIRS or part.startswith(".") for part in path.relative_to(top).parts)
+
+
+def _natural(path: Path) -> list:
+    """Sweep job directories 0, 1, ..., 10 in numeric order."""
+    return [int(part) if part.isdigit() else part for part in path.parts]
+
+
+def load_run(path: Path) -> FoundRun:
+    """Read one run's settings, overrides and accuracies; SanityError when it is not finished."""
+    problem = unfinished(path)
+    if problem:
+        raise SanityError(problem)
+    info = _read_info(path)
+    settings = info.get("settings")
+    if not isinstance(settings, dict):
+        raise SanityError(f"{path / 'run.json'} has no settings; the run is damaged, rerun it")
+    return FoundRun(path, settings, flatten(settings), read_overrides(path), info.get("models", {}),
+                    parse_shard(settings.get("shard")))
+
+
+def unfinished(path: Path) -> str | None:
+    """Why the run in `path` cannot be collected yet, or None when it is finished."""
+    if (path / ERROR_FILE).is_file():
+        return f"{path} failed: {(path / ERROR_FILE).read_text().strip()}; fix it and rerun that job"
+    if not (path / "run.json").is_file():
+        return (f"{path} has no run.json: the job failed before its first state or has not started "
+                f"(see its log there); rerun it, or leave it out")
+    for lock in sorted(path.glob("*.lock")):
+        try:
+            with FileLock(lock, timeout=0):
+                pass
+        except Timeout:
+            return f"{path} is still running (its lock {lock.name} is held); collect once it is done"
+    info = _read_info(path)
+    expected, done = info.get("states_expected"), _states_done(path)
+    if expected is not None and done < int(expected):
+        return f"{path} is unfinished: {done} of {expected} states; continue it with resume=true"
+    if not (path / "summary.csv").is_file() or "timing_s" not in info:
+        return (f"{path} is unfinished (no summary yet): still running or interrupted; "
+                "continue it with resume=true")
+    return None
+
+
+def _read_info(path: Path) -> dict:
+    try:
+        info = json.loads((path / "run.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SanityError(f"{path / 'run.json'} cannot be read ({error}); the run is damaged, rerun it") from None
+    if not isinstance(info, dict):
+        raise SanityError(f"{path / 'run.json'} is not a run's record; the run is damaged, rerun it")
+    return info
+
+
+def _states_done(path: Path) -> int:
+    try:
+        states = pd.read_csv(path / "states.csv")
+    except (OSError, ValueError):
+        return 0
+    return len(states.drop_duplicates(["seed", "step"]))
+
+
+def read_overrides(path: Path) -> dict[str, str]:
+    """Hydra's task overrides of the job in `path` (.hydra/overrides.yaml): key -> value as typed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return {}
+    parsed = OverridesParser.create().parse_overrides(list(OmegaConf.load(file)))
+    return {o.key_or_group: o.get_value_element_as_str() for o in parsed if not o.is_delete()}
+
+
+def flatten(values: Mapping, prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: nested settings as dotted keys with JSON values."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value, sort_keys=True, default=str)
+    return flat
+
+
+# -- what was swept, and what may be merged -----------------------------------------------------
+
+
+def swept_settings(runs: Sequence[FoundRun]) -> list[str]:
+    """The override keys whose values differ between runs (the shard aside), in order of
+    appearance; SanityError when the runs' settings differ in a key no such override explains."""
+    keys = list(dict.fromkeys(k for run in runs for k in run.overrides if k != "shard"))
+    swept = [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
+    for key in dict.fromkeys(k for run in runs for k in run.flat):
+        values = {run.flat.get(key) for run in runs}
+        if key == "shard" or len(values) == 1 or _explained(key, swept):
+            continue
+        a, b = _two_differing(runs, key)
+        raise SanityError(f"cannot merge {a.path} and {b.path}: they differ in {key} ({a.flat.get(key)} vs "
+                          f"{b.flat.get(key)}), which no sweep varies; collect runs of one experiment, "
+                          f"or run them as one sweep (-m {key}=...)")
+    for run in runs:
+        run.swept = {key: swept_value(run, key) for key in swept}
+    return swept
+
+
+def _explained(key: str, swept: Sequence[str]) -> bool:
+    return any(key == k or key.startswith(f"{k}.") or k in GLOBAL_GROUPS for k in swept)
+
+
+def _two_differing(runs: Sequence[FoundRun], key: str) -> tuple[FoundRun, FoundRun]:
+    first = runs[0]
+    return first, next(run for run in runs if run.flat.get(key) != first.flat.get(key))
+
+
+def swept_value(run: FoundRun, key: str) -> object:
+    """A run's value of a swept key: the setting when it is a single value, else the
+    config's name (model=mlp -> "mlp") or the override as typed; None when unset."""
+    value = run.flat.get(key)
+    if value is not None:
+        return json.loads(value)
+    if f"{key}.name" in run.flat and key not in run.overrides:
+        return json.loads(run.flat[f"{key}.name"])
+    if key in run.overrides:
+        return run.overrides[key]
+    nested = run.settings
+    for part in key.split("."):
+        nested = nested.get(part) if isinstance(nested, Mapping) else None
+    return ",".join(nested) if isinstance(nested, Mapping) else None
+
+
+def merge_shards(runs: Sequence[FoundRun], swept: Sequence[str]) -> list[list[FoundRun]]:
+    """Runs grouped by their swept values, shards in order; SanityError for a duplicate
+    run, a missing or repeated shard, or shards of different N."""
+    groups: dict[str, list[FoundRun]] = defaultdict(list)
+    for run in runs:
+        groups[json.dumps([run.swept.get(k) for k in swept], default=str)].append(run)
+    combos = []
+    for members in groups.values():
+        members.sort(key=lambda r: r.shard.index if r.shard else -1)
+        _check_shards(members)
+        combos.append(members)
+    return combos
+
+
+def _check_shards(members: list[FoundRun]) -> None:
+    if len(members) == 1 and members[0].shard is None:
+        return
+    whole = [run for run in members if run.shard is None]
+    if whole:
+        other = next(run for run in members if run is not whole[0])
+        raise SanityError(f"{whole[0].path} and {other.path} are the same experiment (same settings); "
+                          "collect only one of them")
+    counts = {run.shard.count for run in members}
+    if len(counts) > 1:
+        ways = ", ".join(map(str, sorted(counts)))
+        raise SanityError(f"shards of one experiment split the images differently ({ways} ways): "
+                          f"{members[0].path}; rerun them with one N")
+    count = counts.pop()
+    seen: dict[int, FoundRun] = {}
+    for run in members:
+        if run.shard.index in seen:
+            raise SanityError(f"shard {run.shard} appears twice: {seen[run.shard.index].path} and {run.path}; "
+                              "collect only one of them")
+        seen[run.shard.index] = run
+    missing = [f"{k}/{count}" for k in range(count) if k not in seen]
+    if missing:
+        raise SanityError(f"shard {', '.join(missing)} of {members[0].path.parent} is missing "
+                          f"({len(seen)} of {count} found); run it (shard={missing[0]}) before collecting")
+
+
+def results_of(combo: Sequence[FoundRun]) -> pd.DataFrame:
+    """The rows of one combination. Shards' rows come in the unsharded run's order: state by
+    state, method by method, metric by metric, the images of shard 0 first. SanityError if
+    two shards explain one image."""
+    tables, owner = [], {}
+    for run in combo:
+        table = pd.read_csv(run.path / "results.csv")
+        for image in set(table["image"].tolist()):
+            if image in owner:
+                raise SanityError(f"{owner[image]} and {run.path} both explain image {image}: these shards "
+                                  "overlap; rerun them with the same settings")
+            owner[image] = run.path
+        tables.append(table)
+    rows = pd.concat(tables, ignore_index=True)
+    if len(tables) == 1:
+        return rows
+    ranks = pd.DataFrame({key: rows[key].map({v: i for i, v in enumerate(dict.fromkeys(rows[key]))})
+                          for key in ("seed", "step", "method", "metric")})
+    order = ranks.sort_values(list(ranks.columns), kind="stable").index  # stable: images stay in shard order
+    return rows.loc[order].reset_index(drop=True)
+
+
+def swept_columns(swept: Sequence[str]) -> dict[str, str]:
+    """Column name of each swept key; keys that are also result columns ("seed") get a "cfg." prefix."""
+    return {key: f"cfg.{key}" if key in COLUMNS else key for key in swept}
+
+
+def _with_swept(table: pd.DataFrame, run: FoundRun, swept: Sequence[str]) -> pd.DataFrame:
+    names = swept_columns(swept)
+    front = pd.DataFrame({names[k]: [run.swept[k]] * len(table) for k in swept}, index=table.index)
+    return pd.concat([front, table], axis=1)
+
+
+def run_table(combos: Sequence[Sequence[FoundRun]], swept: Sequence[str]) -> pd.DataFrame:
+    """One line per run: directory, swept values, shard, row count and the trained model's accuracies."""
+    names = swept_columns(swept)
+    lines = []
+    for run in (run for combo in combos for run in combo):
+        trained = run.models.get("trained", {})
+        rows = sum(1 for _ in open(run.path / "results.csv")) - 1
+        lines.append({"run": str(run.path), **{names[k]: run.swept[k] for k in swept},
+                      "shard": str(run.shard) if run.shard else "", "rows": rows,
+                      "train_accuracy": trained.get("train_accuracy"), "test_accuracy": trained.get("test_accuracy")})
+    return pd.DataFrame(lines)
+
+
+# -- verdicts and figures -----------------------------------------------------------------------
+
+
+def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame],
+             swept: Sequence[str]) -> tuple[pd.DataFrame | None, list[str]]:
+    """verdict_table of each combination's rows under its runs' verdict settings, with the
+    swept columns; None and a note while the verdict module is not available."""
+    try:
+        from sanity_cli import verdict
+    except ImportError:
+        return None, ["verdicts skipped: this version of sanity has no verdict module"]
+    parts, notes = [], []
+    for combo, table in zip(combos, tables):
+        first = combo[0]
+        extra = {name: pd.read_csv(first.path / f"{name}.csv") for name in ("signal", "robustness")
+                 if len(combo) == 1 and (first.path / f"{name}.csv").is_file()}
+        if len(combo) > 1 and any((run.path / "signal.csv").is_file() for run in combo):
+            notes.append(f"signal.csv of the shards of {first.path.parent} is per shard and not merged: "
+                         "their verdicts do not mark uninformative methods")
+        judged = verdict.verdict_table(table, **asdict(verdict.settings_of(first.settings)), **extra,
+                                       controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)))
+        parts.append(_with_swept(judged.reset_index(drop=True), first, swept))
+    return pd.concat(parts, ignore_index=True), notes
+
+
+def decisive_rows(results: pd.DataFrame, swept: Sequence[str]) -> pd.DataFrame:
+    """The rows of each run's last step (full randomization, or the compared model), step 0 excluded."""
+    names = list(swept_columns(swept).values())
+    keys = [*names, "test", "seed"]
+    last = results.groupby(keys, dropna=False, sort=False)["step"].transform("max")
+    return results[(results["step"] == last) & (results["step"] > 0)]
+
+
+def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -> list[Path]:
+    """One figure per (test, metric): a panel per method, a bar per combination of the
+    swept settings (seeds pooled), mean ± std over images at the decisive step."""
+    from sanity_cli.figures import METRIC_TITLES, panels, save, style_panel, y_limits
+
+    names = [n for k, n in swept_columns(swept).items() if not _is_seed(k)]
+    decisive = decisive_rows(results, swept)
+    paths = []
+    for (test, metric), rows in decisive.groupby(["test", "metric"], sort=False):
+        rows = rows.assign(combo=_labels(rows, names))
+        table = rows.groupby(["method", "combo"], sort=False)["value"].agg(["mean", "std"]).reset_index()
+        if table["mean"].notna().sum() == 0:
+            continue  # e.g. HOG on maps smaller than one block
+        combos, methods = list(dict.fromkeys(table["combo"])), list(dict.fromkeys(table["method"]))
+        fig, axes = panels(len(methods), (max(3.0, 0.35 * len(combos) + 1.4), 3.8),
+                           f"{METRIC_TITLES.get(metric, metric)}\nat the last step of {test}")
+        for ax, method in zip(axes, methods):
+            bars = table[table["method"] == method].set_index("combo").reindex(combos)
+            ax.bar(range(len(combos)), bars["mean"], yerr=bars["std"].fillna(0), capsize=2, color="tab:blue",
+                   error_kw={"elinewidth": 1})
+            ax.set_xticks(range(len(combos)), combos, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+            ax.set_ylim(*y_limits(metric, bars["mean"] - bars["std"].fillna(0)))
+            style_panel(ax, metric)
+            ax.set_title(method, fontsize=11)
+        pooled = " (seeds pooled)" if any(_is_seed(k) for k in swept) else ""
+        fig.suptitle(f"{test}: {METRIC_TITLES.get(metric, metric)} by {', '.join(names) or 'run'}{pooled}",
+                     fontsize=12)
+        paths.append(save(fig, out / f"compare_{test}_{metric}.png"))
+    return paths
+
+
+def _is_seed(key: str) -> bool:
+    """Seeds repeat an experiment; the figures pool them rather than draw a bar each."""
+    return key.split(".")[-1] in ("seed", "seeds")
+
+
+def _labels(rows: pd.DataFrame, names: Sequence[str]) -> pd.Series:
+    if not names:
+        return pd.Series(["all runs"] * len(rows), index=rows.index)
+    return rows[list(names)].astype(str).agg(", ".join, axis=1)

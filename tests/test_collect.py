@@ -1,0 +1,170 @@
+"""`sanity collect`: a real two-job joblib sweep merged, and each kind of run it must refuse."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import sanity
+from filelock import FileLock
+
+from sanity_cli import cli
+from sanity_cli.collect import collect, decisive_rows
+from sanity_cli.errors import SanityError
+from sanity_cli.results import summarize
+
+SWEEP = ["-m", "hydra/launcher=joblib", "target=predicted,original", "method=gradient", "n_images=4",
+         "train.epochs=1", "device=cpu", "hydra.sweep.dir=sweep"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A finished two-job sweep run by joblib workers (read-only: tests copy what they change)."""
+    root = tmp_path_factory.mktemp("collect")
+    env = {"SANITY_CACHE_DIR": str(root / "cache"), "SANITY_DATA_DIR": str(root / "data")}
+    done = sanity("run", *SWEEP, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr
+    return root / "sweep"
+
+
+def test_collect_merges_a_joblib_sweep_with_the_swept_setting_as_a_column(sweep, tmp_path):
+    done = sanity("collect", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"collected 2 runs (swept: target) into {tmp_path / 'out'}" in done.stdout
+    jobs = [pd.read_csv(sweep / job / "results.csv") for job in ("0", "1")]
+    merged = pd.read_csv(tmp_path / "out" / "results.csv")
+    # "target" is also the explained class of each row, so the setting is the column cfg.target
+    assert list(merged.columns) == ["cfg.target", *jobs[0].columns]
+    assert merged["cfg.target"].tolist() == ["predicted"] * len(jobs[0]) + ["original"] * len(jobs[1])
+    pd.testing.assert_frame_equal(merged.drop(columns="cfg.target"), pd.concat(jobs, ignore_index=True))
+    assert len(merged) == 2 * 4 * 5 * 4  # jobs x images x states x metrics
+
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    models = json.loads((sweep / "0" / "run.json").read_text())["models"]
+    expected = summarize(jobs[1], models)
+    got = summary[summary["cfg.target"] == "original"].drop(columns="cfg.target").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert runs["cfg.target"].tolist() == ["predicted", "original"] and runs["rows"].tolist() == [80, 80]
+    assert runs["train_accuracy"].tolist() == [models["trained"]["train_accuracy"]] * 2
+    verdict = pd.read_csv(tmp_path / "out" / "verdict.csv")
+    assert set(verdict["cfg.target"]) == {"predicted", "original"} and set(verdict["method"]) == {"gradient"}
+    for metric in ("spearman_abs", "ssim"):
+        assert (tmp_path / "out" / "figures" / f"compare_cascade_{metric}.png").stat().st_size > 0
+
+
+def test_figures_compare_the_last_step_of_each_run(sweep, tmp_path):
+    collected = collect([sweep], tmp_path)
+    decisive = decisive_rows(collected.results, collected.swept)
+    assert set(decisive["step"]) == {4} and set(decisive["block"]) == {"conv1"}  # all blocks random
+    assert len(decisive) == len(collected.results) // 5
+    names = {path.name for path in collected.figures}
+    assert names == {"compare_cascade_spearman_abs.png", "compare_cascade_spearman.png", "compare_cascade_ssim.png"}
+
+
+def test_the_default_output_is_the_first_directorys_collected(sweep, tmp_path):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    assert collect([copy]).out == copy / "collected"
+    assert (copy / "collected" / "results.csv").is_file()
+    assert len(collect([copy]).runs) == 2  # its own output is not taken for a run
+
+
+def _copy_job(sweep: Path, tmp_path: Path, job: str, name: str) -> Path:
+    target = tmp_path / name
+    shutil.copytree(sweep / job, target)
+    return target
+
+
+def _edit_settings(run: Path, **changes) -> None:
+    info = json.loads((run / "run.json").read_text())
+    info["settings"].update(changes)
+    (run / "run.json").write_text(json.dumps(info))
+
+
+def _refusal(dirs: list[Path], capsys) -> str:
+    assert cli.main(["collect", *map(str, dirs), "--out", str(dirs[0].parent / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sanity: error: ") and err.count("\n") == 1
+    return err
+
+
+def test_runs_that_differ_in_an_unswept_setting_are_refused(sweep, tmp_path, capsys):
+    a, b = _copy_job(sweep, tmp_path, "0", "a"), _copy_job(sweep, tmp_path, "1", "b")
+    _edit_settings(b, n_images=8)
+    err = _refusal([a, b], capsys)
+    assert f"cannot merge {a} and {b}: they differ in n_images (4 vs 8), which no sweep varies" in err
+
+
+def test_the_same_experiment_twice_is_refused(sweep, tmp_path, capsys):
+    a, b = _copy_job(sweep, tmp_path, "0", "a"), _copy_job(sweep, tmp_path, "0", "b")
+    assert f"{a} and {b} are the same experiment" in _refusal([a, b], capsys)
+
+
+def test_unfinished_and_failed_runs_are_refused(sweep, tmp_path, capsys):
+    no_summary = _copy_job(sweep, tmp_path, "0", "no_summary")
+    (no_summary / "summary.csv").unlink()
+    assert f"{no_summary} is unfinished (no summary yet)" in _refusal([no_summary], capsys)
+
+    short = _copy_job(sweep, tmp_path, "0", "short")
+    info = json.loads((short / "run.json").read_text())
+    (short / "run.json").write_text(json.dumps({**info, "states_expected": 7}))
+    assert f"{short} is unfinished: 5 of 7 states" in _refusal([short], capsys)
+
+    running = _copy_job(sweep, tmp_path, "0", "running")
+    with FileLock(running / "run.lock"):
+        assert f"{running} is still running (its lock run.lock is held)" in _refusal([running], capsys)
+
+    failed = _copy_job(sweep, tmp_path, "0", "failed")
+    (failed / "run.json").unlink()
+    (failed / "error.txt").write_text("unknown method 'x'\n")
+    assert f"{failed} failed: unknown method 'x'" in _refusal([failed], capsys)
+
+    started = _copy_job(sweep, tmp_path, "0", "started")
+    (started / "run.json").unlink()
+    assert f"{started} has no run.json" in _refusal([started], capsys)
+
+
+def test_a_directory_without_runs_is_refused(tmp_path, capsys):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    assert "holds no run (no run.json below it)" in _refusal([tmp_path / "empty"], capsys)
+    assert cli.main(["collect"]) == 2 and "name at least one directory" in capsys.readouterr().err
+
+
+def _split_into_shards(job: Path, tmp_path: Path, count: int) -> list[Path]:
+    """The job's run cut into `count` shards by image, as `shard=K/N` runs write them."""
+    results = pd.read_csv(job / "results.csv")
+    images = list(dict.fromkeys(results["image"]))
+    shards = []
+    for index in range(count):
+        shard = _copy_job(job.parent, tmp_path, job.name, f"shard{index}")
+        part = images[index * len(images) // count:(index + 1) * len(images) // count]
+        results[results["image"].isin(part)].to_csv(shard / "results.csv", index=False)
+        _edit_settings(shard, shard=f"{index}/{count}")
+        shards.append(shard)
+    return shards
+
+
+def test_shards_merge_back_into_the_whole_run(sweep, tmp_path):
+    shards = _split_into_shards(sweep / "1", tmp_path, 2)
+    collected = collect(list(reversed(shards)), tmp_path / "out")
+    assert collected.swept == []
+    pd.testing.assert_frame_equal(collected.results, pd.read_csv(sweep / "1" / "results.csv"))
+    assert pd.read_csv(tmp_path / "out" / "runs.csv")["shard"].tolist() == ["0/2", "1/2"]
+
+
+def test_missing_repeated_or_overlapping_shards_are_refused(sweep, tmp_path, capsys):
+    shards = _split_into_shards(sweep / "1", tmp_path, 3)
+    assert f"shard 1/3 of {tmp_path} is missing (2 of 3 found)" in _refusal([shards[0], shards[2]], capsys)
+    _edit_settings(shards[2], shard="0/3")
+    assert f"shard 0/3 appears twice: {shards[0]} and {shards[2]}" in _refusal(shards, capsys)
+    _edit_settings(shards[2], shard="2/3")
+    shutil.copy(shards[0] / "results.csv", shards[1] / "results.csv")
+    assert "both explain image" in _refusal(shards, capsys)
+    with pytest.raises(SanityError, match="split the images differently"):
+        _edit_settings(shards[1], shard="1/2")
+        collect(shards, tmp_path / "out")

@@ -24,11 +24,14 @@ verbs:
   figures RUN_DIR   redraw the figures and summary of a run from its results.csv
   paper FIG [OVERRIDES] [--out DIR]
                     rerun a figure of the paper (fig1 .. fig6, or all) into DIR (outputs/paper)
+  collect DIR [DIR ...] [--out DIR]
+                    merge finished runs, shards and sweeps into one table (default: DIR/collected)
 
 examples:
   sanity run
   sanity run model=mlp n_images=16
   sanity run -m method=gradient,guided_backprop seed=0,1
+  sanity run -m hydra/launcher=joblib shard=0/2,1/2 && sanity collect multirun/DATE/TIME
 """
 
 
@@ -64,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         return redraw(args)
     if verb == "paper":
         return paper(args)
-    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, paper (sanity --help)")
+    if verb == "collect":
+        return collect(args)
+    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, paper, collect (sanity --help)")
 
 
 def list_configs() -> int:
@@ -91,15 +96,24 @@ def redraw(args: list[str]) -> int:
     return 0
 
 
+def take_out(args: list[str]) -> tuple[str | None, list[str]]:
+    """The value of `--out DIR` and the arguments without it; SanityError when DIR is missing."""
+    if "--out" not in args:
+        return None, args
+    at = args.index("--out")
+    if at + 1 >= len(args):
+        raise SanityError("--out needs a directory: --out DIR")
+    return args[at + 1], args[:at] + args[at + 2:]
+
+
 def paper(args: list[str]) -> int:
     from sanity_cli.paper import rerun
 
-    out = Path("outputs/paper")
-    if "--out" in args:
-        at = args.index("--out")
-        if at + 1 >= len(args):
-            return fail("--out needs a directory: sanity paper FIG --out DIR")
-        out, args = Path(args[at + 1]), args[:at] + args[at + 2:]
+    try:
+        out, args = take_out(args)
+    except SanityError as error:
+        return fail(str(error))
+    out = Path(out or "outputs/paper")
     if not args:
         return fail("name a figure: sanity paper fig3 (fig1 .. fig6, or all)")
     try:
@@ -122,6 +136,31 @@ def paper(args: list[str]) -> int:
     return 0
 
 
+def collect(args: list[str]) -> int:
+    """sanity collect DIR [DIR ...] [--out DIR]: merge finished runs into one table."""
+    from sanity_cli.collect import collect as collect_runs
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        out, dirs = take_out(args)
+        options = [a for a in dirs if a.startswith("-")]
+        if options:
+            raise SanityError(f"unknown option '{options[0]}'; usage: sanity collect DIR [DIR ...] [--out DIR]")
+        collected = collect_runs(dirs, out)
+    except SanityError as error:
+        return fail(str(error))
+    swept = ", ".join(collected.swept) or "nothing"
+    print(f"collected {len(collected.runs)} runs (swept: {swept}) into {collected.out}")
+    for note in collected.notes:
+        print(f"note: {note}")
+    for name in ("results.csv", "summary.csv", "verdict.csv", "runs.csv"):
+        if (collected.out / name).is_file():
+            print(f"{name[:-4] + ':':9}{collected.out / name}")
+    for figure in collected.figures:
+        print(f"figure:  {figure}")
+    return 0
+
+
 def parse_overrides(args: list[str]):
     """Hydra's own parsing of `sanity run` arguments: (flags namespace, [Override])."""
     from hydra._internal.utils import get_args_parser
@@ -140,6 +179,40 @@ def unknown_choice(parsed) -> str | None:
             if name not in available(override.key_or_group):
                 return (f"unknown {override.key_or_group} '{name}'; choose one of: "
                         f"{', '.join(available(override.key_or_group))}")
+    return None
+
+
+# Launchers that come with an extra of this package: name -> (extra, plugin module).
+LAUNCHER_EXTRAS = {"submitit_slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+                   "submitit_local": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+                   "joblib": ("joblib", "hydra_plugins.hydra_joblib_launcher")}
+
+
+def missing_launcher(parsed) -> str | None:
+    """A one-line message when hydra/launcher names a launcher whose plugin is not installed."""
+    import importlib.util
+
+    for override in parsed:
+        if override.key_or_group != "hydra/launcher":
+            continue
+        for name in _choices(override):
+            extra, module = LAUNCHER_EXTRAS.get(name, (None, None))
+            if extra and importlib.util.find_spec(module) is None:
+                return f"hydra/launcher={name} needs its plugin: pip install 'sanity-cli[{extra}]'"
+    return None
+
+
+def bad_shard(parsed) -> str | None:
+    """A one-line message when a value of `shard` (each one, in a sweep) is not K/N."""
+    from sanity_cli.sharding import parse_shard
+
+    for override in parsed:
+        if override.key_or_group == "shard" and not override.is_delete():
+            for value in _choices(override):
+                try:
+                    parse_shard(None if value == "None" else value)
+                except SanityError as error:
+                    return str(error)
     return None
 
 
@@ -189,18 +262,18 @@ def run(args: list[str]) -> int:
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps and not flags.multirun:
         return fail(f"{sweeps[0]} sweeps over several values; add -m to run one job per value")
-    message = unknown_choice(parsed) or (composition_error(parsed) if not (flags.help or flags.hydra_help) else None)
+    message = unknown_choice(parsed) or missing_launcher(parsed) or bad_shard(parsed) or (
+        composition_error(parsed) if not (flags.help or flags.hydra_help) else None)
     if message:
         return fail(message)
+    from sanity_cli.sharding import SWEEP_FAILURES  # filled when a sweep ends, whichever launcher ran it
+
     sys.argv = ["sanity run", *args]
-    FAILED_JOBS.clear()
+    SWEEP_FAILURES.clear()
     _hydra_entry()
-    if FAILED_JOBS:
-        return fail(f"{len(FAILED_JOBS)} of the sweep's jobs failed: {'; '.join(FAILED_JOBS)}")
+    if SWEEP_FAILURES:
+        return fail(f"{len(SWEEP_FAILURES)} of the sweep's jobs failed: {'; '.join(SWEEP_FAILURES)}")
     return 0
-
-
-FAILED_JOBS: list[str] = []  # errors of a sweep's jobs, reported when the sweep ends
 
 
 def _hydra_entry() -> None:
@@ -217,25 +290,32 @@ def run_task(cfg) -> None:
     """One Hydra job: run the pipeline into Hydra's output directory.
 
     A bad setting ends a single run with exit code 2; in a sweep the other jobs go
-    on and the sweep reports the failures at its end.
+    on, each failed job leaves its message in its directory (it may run in another
+    process or on another node), and the sweep reports the failures at its end.
+    The job runs within its share of the machine (threads, GPU: `job_resources`).
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf.errors import MissingMandatoryValue
 
     from sanity_cli.pipeline import run as run_pipeline
+    from sanity_cli.sharding import clear_job_error, job_resources, record_job_error
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        clear_job_error(run_dir)
     try:
-        result = run_pipeline(cfg, run_dir)
+        with job_resources(cfg):
+            result = run_pipeline(cfg, run_dir)
     except (SanityError, MissingMandatoryValue) as error:
         message = (f"{error.full_key} is not set; give it on the command line: {error.full_key}=VALUE"
                    if isinstance(error, MissingMandatoryValue) else str(error))
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if not multirun:
             sys.exit(fail(message))
         print(f"sanity: job {hydra_cfg.job.num} failed: {message}", file=sys.stderr)
-        FAILED_JOBS.append(f"job {hydra_cfg.job.num}: {message}")
+        record_job_error(run_dir, message)
         return
     print(f"results: {run_dir / 'results.csv'}")
     print(f"summary: {run_dir / 'summary.csv'}")

@@ -13,6 +13,7 @@ from sanity_cli.errors import SanityError
 from sanity_cli.methods import METHODS, resolve_call
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
 from sanity_cli.randomization import INIT_POLICIES, ORDERS
+from sanity_cli.sharding import parse_shard
 
 TARGETS = ("predicted", "label", "original")
 
@@ -39,6 +40,7 @@ def validate(cfg: DictConfig) -> None:
     for key, kind, bound in NUMBERS:
         _check_number(cfg, key, kind, bound)
     _check_lists(cfg)
+    _check_shard(cfg)
     if cfg.labels not in (True, "true", "shuffled"):
         raise SanityError(f"unknown labels '{cfg.labels}'; choose true or shuffled")
     if cfg.labels == "shuffled" and cfg.test.name == "data":
@@ -85,6 +87,14 @@ def _check_number(cfg: DictConfig, key: str, kind: type, bound: float | None) ->
             raise SanityError(f"{key} must be at least {bound}, not {value}")
     elif value <= bound:
         raise SanityError(f"{key} must be above {bound}, not {value}")
+
+
+def _check_shard(cfg: DictConfig) -> None:
+    """shard=K/N, and no more shards than images (each shard must explain at least one)."""
+    shard = parse_shard(cfg.get("shard"))
+    if shard is not None and isinstance(cfg.n_images, int) and shard.count > cfg.n_images:
+        raise SanityError(f"shard={shard} splits n_images={cfg.n_images} images {shard.count} ways, so some "
+                          f"shards are empty; use at most {cfg.n_images} shards or raise n_images")
 
 
 def _check_lists(cfg: DictConfig) -> None:

@@ -126,11 +126,13 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
     the leased `cuda:I` for its duration. Threads and device are restored on exit.
     """
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     hydra_cfg = HydraConfig.get()
     launcher = hydra_cfg.launcher
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    share = job_share(str(launcher.get("_target_", "")), launcher.get("n_jobs"), sweep_size(sweep_dir),
+    sweep_jobs = sweep_size(sweep_dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    share = job_share(str(launcher.get("_target_", "")), launcher.get("n_jobs"), sweep_jobs,
                       len(os.sched_getaffinity(0)), dict(os.environ))
     threads, device = torch.get_num_threads(), cfg.device
     with ExitStack() as stack:

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from sanity_cli import cli
 from sanity_cli.errors import SanityError
-from sanity_cli.sharding import (Shard, gpu_lease, job_errors, job_share, parse_shard, record_job_error,
-                                 shard_images, sweep_size)
+from sanity_cli.sharding import (Shard, gpu_lease, job_errors, job_resources, job_share, parse_shard,
+                                 record_job_error, shard_images, sweep_size)
 from sanity_cli.validation import validate
 
 
@@ -86,6 +86,53 @@ def test_sweep_size_counts_the_jobs_of_the_sweep(tmp_path):
     OmegaConf.save({"hydra": {"overrides": {"task": overrides}}}, tmp_path / "multirun.yaml")
     assert sweep_size(tmp_path) == 12
     assert sweep_size(tmp_path / "nowhere") is None
+
+
+@pytest.fixture
+def joblib_job(tmp_path):
+    """A job of a joblib sweep of 3 jobs at most `n_jobs` at a time, as Hydra sets it up (hydra config set)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from sanity_cli.cli import config_dir
+
+    def make(n_jobs: int, device: str = "cpu"):
+        overrides = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={n_jobs}", f"hydra.sweep.dir={tmp_path}",
+                     f"device={device}"]
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = "MULTIRUN"
+            cfg.hydra.job.num = 0
+        OmegaConf.save({"hydra": {"overrides": {"task": ["seed=0,1,2"]}}}, tmp_path / "multirun.yaml")
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield make
+    HydraConfig.instance().cfg = None  # no job after this test
+
+
+@pytest.mark.parametrize("n_jobs, threads", [(1, 2), (2, 1), (-1, 1)])
+def test_job_resources_set_the_threads_of_a_joblib_job_and_restore_them(joblib_job, monkeypatch, n_jobs, threads):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a two-core machine
+    before = torch.get_num_threads()
+    cfg = joblib_job(n_jobs)
+    with job_resources(cfg):
+        assert torch.get_num_threads() == threads
+        assert cfg.device == "cpu"  # a CPU job leases no GPU
+    assert torch.get_num_threads() == before
+
+
+def test_job_resources_give_a_gpu_job_its_leased_device(joblib_job, monkeypatch):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.setattr("torch.cuda.set_device", lambda index: None)
+    cfg, other = joblib_job(2, device="auto"), joblib_job(2, device="auto")
+    with job_resources(cfg):
+        assert cfg.device == "cuda:0"
+        with job_resources(other):  # a second job at the same time gets the other GPU
+            assert other.device == "cuda:1"
+    assert cfg.device == other.device == "auto"
 
 
 def test_each_concurrent_job_leases_a_gpu_of_its_own(tmp_path):

@@ -18,12 +18,19 @@ Reference behaviour matched (see tests/test_metrics.py):
 NaN policy: a correlation with a constant input (undefined), an SSIM of maps
 smaller than the Gaussian window, and a HOG similarity of maps too small to
 hold one block are NaN; nothing raises or warns for those cases.
+
+Cost: a rank correlation is mostly its two sorts. A check compares every state
+with the same step-0 maps, so ``compare`` keeps the ranks of the reference maps
+it has seen (``REFERENCE_CACHE_BYTES`` at most, see ``_ReferenceRanks``) and
+ranks only the other maps when the same reference comes again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -38,6 +45,8 @@ _HOG_EPS = 1e-5
 # L2-Hys clips the L2-normalized block at this value (Lowe 2004).
 _HOG_CLIP = 0.2
 _F64 = torch.float64
+# Most bytes of reference ranks (and the copies that validate them) kept between compare() calls.
+REFERENCE_CACHE_BYTES = 64 * 2**20
 
 
 # --------------------------------------------------------------------------
@@ -347,6 +356,61 @@ def normalize(maps: torch.Tensor, metric: str, scheme: str = "paper",
 # --------------------------------------------------------------------------
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _ReferenceRanks:
+    """Ranks of reference maps that compare() has seen, kept for the next call
+    with the same reference (the next state of a check), least recently used
+    dropped first beyond ``max_bytes``.
+
+    An entry is used only for the same tensor object (held weakly: the entry
+    goes when the tensor does) whose values still equal a copy taken when it
+    was ranked, so a reference changed in place, by any means, is ranked anew.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def ranks(self, reference: torch.Tensor, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute()'s ranks for (reference, key), from the cache when they are there."""
+        full_key = (id(reference), *key)
+        entry = self._entries.get(full_key)
+        if entry is not None and entry[0]() is reference and _same(entry[1], reference):
+            self._entries.move_to_end(full_key)
+            return entry[2]
+        ranks = compute()
+        if _nbytes(ranks) + _nbytes(reference) <= self.max_bytes:
+            entries = self._entries
+            forget = lambda _, k=full_key: entries.pop(k, None)  # noqa: E731 - runs when the tensor is freed
+            self._entries[full_key] = (weakref.ref(reference, forget), reference.detach().clone(), ranks)
+            self._evict()
+        return ranks
+
+    def _evict(self) -> None:
+        total = sum(_nbytes(copy) + _nbytes(ranks) for _, copy, ranks in self._entries.values())
+        while total > self.max_bytes:
+            _, (_, copy, ranks) = self._entries.popitem(last=False)
+            total -= _nbytes(copy) + _nbytes(ranks)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+_REFERENCE_RANKS = _ReferenceRanks(REFERENCE_CACHE_BYTES)
+
+
+def _vectors(maps: torch.Tensor, metric: str, normalization: str, single_channel: bool | None,
+             hog_options: dict) -> torch.Tensor:
+    """What a rank metric correlates: (B, C, H, W) maps -> (B, F), the normalized
+    maps flattened, or for 'hog' the HOG features of the normalized maps."""
+    normalized = normalize(maps, metric, normalization, single_channel)
+    return hog(normalized, **hog_options) if metric == "hog" else normalized.flatten(1)
+
+
 def _check_pair(reference: torch.Tensor, other: torch.Tensor) -> None:
     if reference.shape != other.shape:
         raise ValueError(f"shape mismatch: {tuple(reference.shape)} vs {tuple(other.shape)}")
@@ -385,19 +449,22 @@ def compare(
     _check_choice(normalization, NORMALIZATIONS, "normalization")
     _check_pair(reference, other)
     out: dict[str, torch.Tensor] = {}
+    hog_options = dict(orientations=hog_orientations, pixels_per_cell=hog_pixels_per_cell,
+                       cells_per_block=hog_cells_per_block)
     for m in metrics:
-        a, b = (normalize(maps, m, normalization, single_channel) for maps in (reference, other))
-        if m in ("spearman_abs", "spearman"):
-            out[m] = spearman(a.flatten(1), b.flatten(1))
-        elif m == "ssim":
+        if m == "ssim":
+            a, b = (normalize(maps, m, normalization, single_channel) for maps in (reference, other))
             out[m] = ssim(
                 a, b, data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance
             )
-        else:
-            kw = dict(
-                orientations=hog_orientations, pixels_per_cell=hog_pixels_per_cell, cells_per_block=hog_cells_per_block
-            )
-            out[m] = spearman(hog(a, **kw), hog(b, **kw))
+            continue
+        options = hog_options if m == "hog" else {}
+        key = (m, normalization, single_channel, tuple(sorted(options.items())))
+        reference_ranks = _REFERENCE_RANKS.ranks(
+            reference, key, lambda m=m, options=options: rankdata(_vectors(reference, m, normalization,
+                                                                           single_channel, options)))
+        other_ranks = rankdata(_vectors(other, m, normalization, single_channel, options))
+        out[m] = _pearson_of_ranks(reference_ranks, other_ranks)
     return out
 
 

@@ -1,0 +1,113 @@
+"""compare() ranks a reference it has seen once; results stay those of a fresh ranking."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from sanity_cli import metrics
+from sanity_cli.metrics import compare
+
+
+@pytest.fixture
+def maps():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(6, 1, 12, 12, generator=generator)
+    others = [torch.randn(6, 1, 12, 12, generator=generator) for _ in range(3)]
+    return reference, others
+
+
+@pytest.fixture
+def rank_calls(monkeypatch):
+    """How many (B, N) rankings compare() makes."""
+    calls = []
+    original = metrics.rankdata
+
+    def counting(x):
+        calls.append(tuple(x.shape))
+        return original(x)
+
+    monkeypatch.setattr(metrics, "rankdata", counting)
+    return calls
+
+
+def scipy_spearman_abs(reference: torch.Tensor, other: torch.Tensor) -> np.ndarray:
+    """Spearman of |map| per image (one channel: |v| / max keeps the order)."""
+    a, b = reference.abs().flatten(1).numpy(), other.abs().flatten(1).numpy()
+    return np.array([scipy.stats.spearmanr(row_a, row_b)[0] for row_a, row_b in zip(a, b, strict=True)])
+
+
+def test_a_reference_compared_again_is_ranked_once(maps, rank_calls):
+    reference, others = maps
+    for other in others:
+        scores = compare(reference, other, ["spearman_abs", "spearman"])
+        np.testing.assert_allclose(scores["spearman_abs"].numpy(), scipy_spearman_abs(reference, other), atol=1e-12)
+    # 2 metrics x (1 reference + 3 others): the reference ranked once per metric, not per call
+    assert len(rank_calls) == 2 + 2 * len(others)
+
+
+def test_cached_scores_are_bit_for_bit_a_fresh_rankings(maps):
+    reference, others = maps
+    cached = [compare(reference, other, "spearman_abs")["spearman_abs"] for other in others]
+    fresh = [compare(reference.clone(), other, "spearman_abs")["spearman_abs"] for other in others]
+    for a, b in zip(cached, fresh, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change", ["in_place", "through_data"])
+def test_a_reference_changed_in_place_is_ranked_anew(maps, change):
+    reference, (other, *_) = maps
+    compare(reference, other, "spearman_abs")
+    if change == "in_place":
+        reference.mul_(-1).add_(other)
+    else:  # .data changes bypass the version counter: the stored copy still notices
+        reference.data.copy_(torch.flip(reference.data, dims=(-1,)))
+    scores = compare(reference, other, "spearman_abs")["spearman_abs"].numpy()
+    np.testing.assert_allclose(scores, scipy_spearman_abs(reference, other), atol=1e-12)
+
+
+def test_each_metric_and_setting_has_its_own_entry(maps):
+    reference, (other, *_) = maps
+    compare(reference, other, "spearman_abs")
+    signed = compare(reference, other, "spearman")["spearman"].numpy()
+    expected = [scipy.stats.spearmanr(a, b)[0] for a, b in
+                zip(reference.flatten(1).numpy(), other.flatten(1).numpy(), strict=True)]
+    np.testing.assert_allclose(signed, expected, atol=1e-12)
+    none = compare(reference, other, "spearman", "none")["spearman"].numpy()
+    np.testing.assert_allclose(none, expected, atol=1e-12)  # a scale does not change ranks
+
+
+def test_hog_features_of_the_reference_are_cached_with_their_options(rank_calls):
+    generator = torch.Generator().manual_seed(1)
+    reference, other = (torch.randn(2, 1, 32, 32, generator=generator) for _ in range(2))
+    first = compare(reference, other, "hog", hog_pixels_per_cell=8)["hog"]
+    again = compare(reference, other, "hog", hog_pixels_per_cell=8)["hog"]
+    finer = compare(reference, other, "hog", hog_pixels_per_cell=4)["hog"]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, finer)
+    assert rank_calls == [(2, 324), (2, 324), (2, 324), (2, 2916), (2, 2916)]
+
+
+def test_entries_go_with_their_reference_and_stay_under_the_byte_bound():
+    cache = metrics._ReferenceRanks(max_bytes=3 * (10 * 8 + 10 * 4))  # three (1, 10) entries
+    references = [torch.randn(1, 10) for _ in range(5)]
+    for reference in references:
+        cache.ranks(reference, ("m",), lambda reference=reference: metrics.rankdata(reference))
+    assert len(cache._entries) == 3  # the two least recently used were dropped
+    kept = [entry[1] for entry in cache._entries.values()]
+    assert all(torch.equal(a, b) for a, b in zip(kept, references[2:], strict=True))
+    del references[3], reference
+    gc.collect()
+    assert len(cache._entries) == 2  # a freed reference's entry is gone with it
+
+
+def test_a_reference_larger_than_the_bound_is_not_kept():
+    cache = metrics._ReferenceRanks(max_bytes=100)
+    reference = torch.randn(1, 50)
+    ranks = cache.ranks(reference, ("m",), lambda: metrics.rankdata(reference))
+    assert torch.equal(ranks, metrics.rankdata(reference))
+    assert not cache._entries

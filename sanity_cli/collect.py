@@ -385,9 +385,9 @@ def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -
             ax.set_ylim(*y_limits(metric, bars["mean"] - bars["std"].fillna(0)))
             style_panel(ax, metric)
             ax.set_title(method, fontsize=11)
+        by = ", ".join(k for k in swept if not _is_seed(k)) or "run"
         pooled = " (seeds pooled)" if any(_is_seed(k) for k in swept) else ""
-        fig.suptitle(f"{test}: {METRIC_TITLES.get(metric, metric)} by {', '.join(names) or 'run'}{pooled}",
-                     fontsize=12)
+        fig.suptitle(f"{test}: {METRIC_TITLES.get(metric, metric)} by {by}{pooled}", fontsize=12)
         paths.append(save(fig, out / f"compare_{test}_{metric}.png"))
     return paths
 

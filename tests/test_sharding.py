@@ -6,6 +6,8 @@ by `sanity collect` must be the rows of the unsharded run.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pandas as pd
 import pytest
 import torch
@@ -166,6 +168,15 @@ def test_cli_refuses_a_sweep_with_one_bad_shard_before_any_job(tmp_path, capsys)
     assert cli.main(["run", "-m", "shard=0/2,2/2", f"hydra.sweep.dir={tmp_path / 'sweep'}"]) == 2
     assert "shard=2/2: K counts from 0" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_launcher_without_its_plugin_is_refused_naming_the_extra(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if "submitit" in name else real(name, *rest))
+    assert cli.main(["run", "-m", "hydra/launcher=submitit_slurm", "seed=0,1"]) == 2
+    assert capsys.readouterr().err == ("sanity: error: hydra/launcher=submitit_slurm needs its plugin: "
+                                       "pip install 'sanity-cli[slurm]'\n")
 
 
 # -- end to end: three shards merged == the unsharded run -------------------------------------

@@ -7,15 +7,20 @@ ordinary functions.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import shlex
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra.errors import HydraException
 
+from sanity_cli.configs import GROUPS, available, config_dir
 from sanity_cli.errors import SanityError
 
-GROUPS = ("model", "dataset", "method", "test")
 USAGE = """usage: sanity VERB [ARGS]
 
 verbs:
@@ -33,18 +38,6 @@ examples:
   sanity run -m method=gradient,guided_backprop seed=0,1
   sanity run -m hydra/launcher=joblib shard=0/2,1/2 && sanity collect multirun/DATE/TIME
 """
-
-
-def config_dir() -> Path:
-    """The Hydra config tree: inside the package when installed from a wheel,
-    the repository's top-level conf/ in a source checkout or editable install."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf"
-
-
-def available(group: str) -> list[str]:
-    """The config names of one group, e.g. available("model") -> ["cnn", "inception_v3", ...]."""
-    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
 
 
 def fail(message: str) -> int:
@@ -85,9 +78,11 @@ def redraw(args: list[str]) -> int:
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
     from sanity_cli.pipeline import finish
+    from sanity_cli.results import check_maps
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        check_maps(run_dir)
         figures = finish(run_dir).figures
     except SanityError as error:
         return fail(str(error))
@@ -119,7 +114,7 @@ def paper(args: list[str]) -> int:
     try:
         _, parsed = parse_overrides(args[1:])
     except HydraException as error:
-        return fail(f"cannot parse the overrides: {one_line(error)}")
+        return fail(parse_failure(args, error))
     message = unknown_choice(parsed)
     if message:
         return fail(message)
@@ -242,9 +237,25 @@ def composition_error(parsed) -> str | None:
         overrides.append(override.input_line if first is None else f"{override.get_key_element()}={first}")
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
         return one_line(error)
+    return settings_error(cfg)
+
+
+def settings_error(cfg) -> str | None:
+    """The one-line message of a bad setting, found before Hydra makes any directory; a
+    setting left unset (???) is named by the job, which knows where it is read."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sanity_cli.validation import validate
+
+    try:
+        validate(cfg)
+    except SanityError as error:
+        return str(error)
+    except OmegaConfBaseException:
+        return None
     return None
 
 
@@ -254,26 +265,131 @@ def one_line(error: Exception) -> str:
     return " ".join(lines[:2]) or type(error).__name__
 
 
+def parse_failure(args: list[str], error: Exception) -> str:
+    """Hydra's parse error in one line; where a value parses once quoted (non-ASCII letters,
+    brackets or parentheses in a path), how to quote it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if not equals or arg.startswith("-"):
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException:
+            quoted = f"{key}=\"{value}\""
+            try:
+                parser.parse_override(quoted)
+            except HydraException:
+                continue
+            return (f"cannot parse the override {shlex.quote(arg)}: Hydra reads this value only in quotes; "
+                    f"write {shlex.quote(quoted)}")
+    return f"cannot parse the overrides: {one_line(error)}"
+
+
+def output_dir_error(parsed, multirun: bool) -> str | None:
+    """Create the run's (or sweep's) directory as Hydra is about to, and turn a failure into
+    one line. Of the default directory (outputs/DATE/...) and of one given with ${...}, the
+    part before the first interpolation is created; Hydra makes the rest."""
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override() and not o.is_delete()]
+    path = str(given[-1].value()) if given else ("multirun" if multirun else "outputs")
+    try:
+        Path(path.split("${")[0] or ".").expanduser().mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return (f"{key}={path} cannot be created ({error.strerror}: {error.filename}); choose another directory "
+                f"with {key}=PATH")
+    return None
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the run is, so that it ends as Ctrl-C does: in one line, with the way on."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def continue_command(run_dir: Path, overrides: list[str]) -> str:
+    """The command that continues the run in `run_dir`, given the job's overrides."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("resume=", "hydra.run.dir="))]
+    return shlex.join(["sanity", "run", *kept, f'hydra.run.dir="{run_dir}"', "resume=true"])
+
+
+def interrupted(run_dir: Path, overrides: list[str]) -> str:
+    """How many states the run in `run_dir` finished, and how to continue it."""
+    from sanity_cli.results import count_finished
+
+    n = count_finished(run_dir)
+    return (f"interrupted after {n} state{'' if n == 1 else 's'}; "
+            f"continue with: {continue_command(run_dir, overrides)}")
+
+
 def run(args: list[str]) -> int:
     try:
         flags, parsed = parse_overrides(args)
     except HydraException as error:
-        return fail(f"cannot parse the overrides: {one_line(error)}")
+        return fail(parse_failure(args, error))
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps and not flags.multirun:
         return fail(f"{sweeps[0]} sweeps over several values; add -m to run one job per value")
     message = unknown_choice(parsed) or missing_launcher(parsed) or bad_shard(parsed) or (
         composition_error(parsed) if not (flags.help or flags.hydra_help) else None)
+    if not (message or flags.cfg or flags.help or flags.hydra_help or flags.info):
+        message = output_dir_error(parsed, flags.multirun)
     if message:
         return fail(message)
     from sanity_cli.sharding import SWEEP_FAILURES  # filled when a sweep ends, whichever launcher ran it
 
     sys.argv = ["sanity run", *args]
     SWEEP_FAILURES.clear()
-    _hydra_entry()
+    try:
+        with _sigterm_raises():
+            _hydra_entry()
+    except (KeyboardInterrupt, Terminated) as stop:  # before a job started: nothing to continue
+        print("sanity: interrupted before the run started", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     if SWEEP_FAILURES:
         return fail(f"{len(SWEEP_FAILURES)} of the sweep's jobs failed: {'; '.join(SWEEP_FAILURES)}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the run goes (in the main thread: where signals arrive)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _hydra_record(run_dir: Path, cfg) -> Callable[[], None]:
+    """What writes Hydra's record of the job into run_dir/.hydra (config.yaml, hydra.yaml,
+    overrides.yaml). Hydra would write it before the job starts (conf/config.yaml turns
+    that off with hydra.output_subdir: null); written once the run owns its directory,
+    a refused run leaves the record of the run already there alone."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from sanity_cli.rundir import replace_atomically, writing
+
+    hydra_cfg = HydraConfig.instance().cfg  # {"hydra": ...}, as Hydra saves it
+
+    def write() -> None:
+        record = run_dir / ".hydra"
+        with writing(record):
+            record.mkdir(exist_ok=True)
+        for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                           ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+            replace_atomically(record / name, OmegaConf.to_yaml(node).encode())
+
+    return write
 
 
 def _hydra_entry() -> None:
@@ -293,19 +409,27 @@ def run_task(cfg) -> None:
     on, each failed job leaves its message in its directory (it may run in another
     process or on another node), and the sweep reports the failures at its end.
     The job runs within its share of the machine (threads, GPU: `job_resources`).
+    The directory is the job's from its start (another run in it stops the job, and a
+    sweep); Ctrl-C and SIGTERM end it in one line that says how to continue.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf.errors import MissingMandatoryValue
 
     from sanity_cli.pipeline import run as run_pipeline
+    from sanity_cli.rundir import lock_run_dir
     from sanity_cli.sharding import clear_job_error, job_resources, record_job_error
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    try:
+        lock = lock_run_dir(run_dir)
+    except SanityError as error:
+        sys.exit(fail(str(error)))
+    lock.when_accepted(_hydra_record(run_dir, cfg))
     if multirun:
-        clear_job_error(run_dir)
+        lock.when_accepted(lambda: clear_job_error(run_dir))
     try:
         with job_resources(cfg):
             result = run_pipeline(cfg, run_dir)
@@ -317,6 +441,16 @@ def run_task(cfg) -> None:
         print(f"sanity: job {hydra_cfg.job.num} failed: {message}", file=sys.stderr)
         record_job_error(run_dir, message)
         return
+    except (KeyboardInterrupt, Terminated) as stop:
+        print(f"sanity: {interrupted(run_dir, list(hydra_cfg.overrides.task))}", file=sys.stderr)
+        sys.exit(143 if isinstance(stop, Terminated) else 130)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(fail(f"cannot write {error.filename or run_dir} ({error.strerror}); free some space, then "
+                      f"continue with: {continue_command(run_dir, list(hydra_cfg.overrides.task))}"))
+    finally:
+        lock.release()
     print(f"results: {run_dir / 'results.csv'}")
     print(f"summary: {run_dir / 'summary.csv'}")
     for figure in result.figures:

@@ -8,7 +8,11 @@ train split; pretrained models only need test images, so the folder-based loader
 from __future__ import annotations
 
 import gzip
+import logging
+import os
 import shutil
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,9 +24,20 @@ from torch import Tensor
 
 from sanity_cli.errors import SanityError
 
+log = logging.getLogger(__name__)
+
 UNLABELLED = -1
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp", ".jpe"}
 SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+class DatasetUnavailable(SanityError):
+    """The dataset's files are neither here nor downloadable: a missing input, not a bad setting."""
+
+
+class UnreadableImage(Exception):
+    """Why one image file cannot be read; the folder loader skips the file and says so."""
 
 
 @dataclass
@@ -86,6 +101,10 @@ def load_digits(image_size: int, test_fraction: float, seed: int) -> ImageData:
     y = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(len(y) * test_fraction))
+    if not 0 < n_test < len(y):
+        empty = "test" if n_test == 0 else "training"
+        raise SanityError(f"dataset.test_fraction={test_fraction} leaves the {empty} split of the {len(y)} digits "
+                          f"empty; choose a fraction between {1 / len(y):.4f} and {1 - 1 / len(y):.4f}, e.g. 0.2")
     test, train = order[:n_test], order[n_test:]
     return ImageData("digits", x[test].clamp(0, 1), y[test], [str(i) for i in range(10)],
                      x[train].clamp(0, 1), y[train])
@@ -108,7 +127,7 @@ def load_torchvision(kind: str, data_dir: str | Path, system_dir: str | None = N
         train = dataset_cls(str(root), train=True, download=True)
         test = dataset_cls(str(root), train=False, download=True)
     except Exception as error:  # noqa: BLE001 - any download failure means the same to the user
-        raise SanityError(
+        raise DatasetUnavailable(
             f"cannot load {kind} from {root} and cannot download it ({type(error).__name__}); "
             f"put the dataset's files in {root / kind / 'raw'} (torchvision's layout) or set data_dir=PATH"
         ) from None
@@ -152,10 +171,35 @@ def load_image_folder(path: str, image_size: int, n_images: int, seed: int, use_
         use = sorted(rng.choice(len(classes), size=min(use_classes, len(classes)), replace=False).tolist())
     else:
         use = range(len(classes)) if use_classes is None else [_class_index(classes, c) for c in use_classes]
-    chosen = _balanced([[(f, i) for f in rng.permutation(files[classes[i]])] for i in use], n_images)
-    images = torch.stack([_read_image(f, image_size) for f, _ in chosen])
-    labels = torch.tensor([label for _, label in chosen], dtype=torch.long)
+    order = _balanced([[(f, i) for f in rng.permutation(files[classes[i]])] for i in use],
+                      sum(len(files[classes[i]]) for i in use))
+    images, labels = _read_images(order, n_images, image_size, root)
     return ImageData("imagefolder", images, labels, classes)
+
+
+def _read_images(candidates: list[tuple[Path, int]], n: int, image_size: int,
+                 root: Path) -> tuple[Tensor, Tensor]:
+    """The first `n` readable images of `candidates` (path, label) as (n, 3, S, S), and
+    their labels (n,). A file that is no readable image is skipped with a warning that
+    names it, and the next candidate taken in its place."""
+    images, labels, skipped = [], [], 0
+    for path, label in candidates:
+        if len(images) == n:
+            break
+        try:
+            images.append(read_image(path, image_size))
+        except UnreadableImage as why:
+            log.warning("skipping %s: %s", path, why)
+            skipped += 1
+            continue
+        labels.append(label)
+    if skipped:
+        log.warning("skipped %d unreadable image file%s in %s (named above)", skipped, "" if skipped == 1 else "s",
+                    root)
+    if not images:
+        raise SanityError(f"dataset folder '{root}' has no readable image (all {skipped} tried were not); "
+                          "see the warnings above for why")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
 
 
 def _class_index(classes: list[str], name) -> int:
@@ -183,11 +227,60 @@ def _balanced(per_class: list[list], n: int) -> list:
     return chosen[:n]
 
 
-def _read_image(path: Path, image_size: int) -> Tensor:
-    from PIL import Image
+def read_image(path: Path, image_size: int) -> Tensor:
+    """One image file as (3, S, S) in [0, 1], S = image_size; UnreadableImage saying why
+    when the file is not a whole image (empty, truncated, another kind of file, too many
+    pixels to be safe to decode)."""
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as image:
-        return _fit(_hwc_to_tensor(np.asarray(image.convert("RGB"))), image_size)
+    try:
+        with _open_regular_file(path) as handle, warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                image.load()
+                pixels = _unit_pixels(image, path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise UnreadableImage(f"too many pixels to decode safely ({error})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImage("not an image file (empty, or of a kind PIL cannot read)") from None
+    except FileNotFoundError:
+        raise UnreadableImage("it does not exist (a symbolic link to nowhere?)") from None
+    except (OSError, SyntaxError, ValueError) as error:  # truncated or damaged image data
+        raise UnreadableImage(f"damaged image data ({error})") from None
+    return _fit(torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), image_size)
+
+
+def _open_regular_file(path: Path):
+    """`path` opened for reading; UnreadableImage unless it is a regular file. Opened
+    without blocking, so a FIFO with an image's name cannot hang the run."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+        raise UnreadableImage(f"{kind}, not an image file")
+    return os.fdopen(descriptor, "rb")
+
+
+def _unit_pixels(image, path: Path) -> np.ndarray:
+    """A PIL image's pixels as float32 (H, W, 3) in [0, 1]: 8-bit modes over 255, 16-bit
+    ones over 65535, float ones as they are (stretched from their min..max when they
+    leave [0, 1]), so that no bit depth is clipped to white or rounded to black."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        full = 65535.0 if values.max(initial=0) <= 65535 else float(2**31 - 1)  # "I": 16-bit PNGs, or 32-bit
+        gray = np.clip(values / full, 0.0, 1.0)
+    elif image.mode == "F":
+        gray = np.asarray(image).astype(np.float64)
+        if not np.isfinite(gray).all():
+            raise UnreadableImage("float pixels that are NaN or infinite")
+        low, high = gray.min(), gray.max()
+        if low < 0 or high > 1:
+            log.warning("%s: float pixels in [%.4g, %.4g], outside [0, 1]: stretched to [0, 1]", path, low, high)
+            gray = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
+    else:
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.repeat(gray[..., None], 3, axis=2).astype(np.float32)
 
 
 def _hwc_to_tensor(array: np.ndarray) -> Tensor:
@@ -216,7 +309,11 @@ def adapt_images(x: Tensor, channels: int, size: int) -> Tensor:
 
 
 def select_images(labels: Tensor, n: int, seed: int) -> Tensor:
-    """Indices of `n` test images, seeded and balanced across classes."""
+    """Indices of `n` test images, seeded and balanced across classes; all of them, with
+    a warning, when the test split holds fewer than `n`."""
+    if n > len(labels):
+        log.warning("n_images=%d, but the test split holds %d images: explaining those %d", n, len(labels),
+                    len(labels))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     per_class = [order[labels[order] == c].tolist() for c in labels.unique().tolist()]
     return torch.tensor(_balanced(per_class, min(n, len(labels))), dtype=torch.long)

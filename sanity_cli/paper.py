@@ -2,7 +2,8 @@
 
 `sanity paper FIG [overrides]` runs every experiment of a figure (or of all of them)
 into OUT/EXPERIMENT/, skipping, with a message that names what is missing and how to
-supply it, those whose pretrained weights, images or dataset files are not here.
+supply it, those whose pretrained weights, images or dataset files are not here. Any
+other problem, a bad override above all, stops the rerun before the first experiment.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from sanity_cli.configs import config_dir
+from sanity_cli.data import DatasetUnavailable
 from sanity_cli.errors import SanityError
 from sanity_cli.metrics import compare
+from sanity_cli.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,6 @@ def experiments(figure: str) -> list[str]:
 
 
 def compose_experiment(name: str, overrides: list[str]) -> DictConfig:
-    from sanity_cli.cli import config_dir
-
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=[f"+experiment={name}", *overrides])
 
@@ -87,12 +89,15 @@ def _weights_cached(name: str) -> bool:
 
 
 def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
-    """Run the experiments of `figure` into `out`; a finished experiment is not rerun."""
+    """Run the experiments of `figure` into `out`; a finished experiment is not rerun.
+    Every experiment's settings are checked first: SanityError for a bad one."""
     from sanity_cli.pipeline import run
 
+    configs = {name: compose_experiment(name, overrides) for name in experiments(figure)}
+    for cfg in configs.values():
+        validate(cfg)
     outcomes = []
-    for name in experiments(figure):
-        cfg = compose_experiment(name, overrides)
+    for name, cfg in configs.items():
         missing = missing_inputs(cfg)
         if missing:
             outcomes.append(Outcome(name, "skipped", missing))
@@ -103,7 +108,7 @@ def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
         started = time.perf_counter()
         try:
             run(cfg, run_dir)
-        except SanityError as error:  # e.g. MNIST neither present nor downloadable
+        except DatasetUnavailable as error:  # e.g. MNIST neither present nor downloadable
             outcomes.append(Outcome(name, "skipped", str(error)))
             log.warning("%s skipped: %s", name, error)
             continue

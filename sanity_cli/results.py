@@ -1,40 +1,62 @@
-"""What a run keeps on disk, written so that nothing finished is ever lost.
+"""What a run keeps on disk, written so that nothing finished is ever lost or mixed.
 
 run_dir/
+  run.lock      held by the one process that writes the run (see sanity_cli.rundir)
   results.csv   one row per (seed, step, method, image, metric); a state's rows are
-                appended and flushed as soon as the state is scored
-  states.csv    one line per finished state, written after its rows: the resume log
+                appended and synced to disk as soon as the state is scored
+  states.csv    one line per finished state with its receipt, written after its rows: the resume log
   run.json      the settings that determine the results, the models' accuracies, timing
   maps/         each finished state's maps of the example images (.npz), merged into
   maps.npz      at the end of the run (maps/ is then removed), with the example images and a description;
                 maps are float16 over their max |value|, with the scales beside them
                 (read_maps gives them back as float32)
   summary.csv   mean, std, n and n_nan per (method, step, block, metric)
+
+A row counts only once its state's line is in states.csv. Reading a run back
+(`read_results`, a resume) trusts nothing else: lines cut off or garbled, and rows of
+states that never finished, are left out with a warning that says what is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
+import io
 import json
+import logging
 import math
 import shutil
-from collections.abc import Iterable, Mapping
+import weakref
+import zipfile
+import zlib
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sanity_cli.errors import SanityError
+from sanity_cli.rundir import (Scan, append_rows, csv_text, lock_run_dir, replace_atomically, scan_csv,
+                               writing)
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["test", "model", "dataset", "method", "seed", "step", "block", "image", "label", "target", "metric",
            "value", "init", "reset_bn_stats", "normalization"]
 GROUP = ["test", "model", "dataset", "method", "seed", "step", "block", "metric"]
 STATE_COLUMNS = ["seed", "step", "block"]
+# The receipt of each state: the explained model's accuracy on the chosen images, a
+# fingerprint of its weights, and how much of it was re-initialized.
+RECEIPT_COLUMNS = ["accuracy", "weights", "params_randomized", "tensors_left_trained"]
 SCALE = "/scale"  # maps.npz: "{state}/{method}/scale" holds the (E,) scales of "{state}/{method}"
+# Settings that do not change a run's numbers: where things are kept, how they are batched,
+# and the device of the run (a resumed run may change those; see settings_for_fingerprint).
+NOT_RESULTS = ("resume", "device", "max_batch", "data_dir", "cache_dir", "hydra")
+NEW_DIRECTORY = "rerun into a new directory with hydra.run.dir=PATH"
 
 
 def compact(maps: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -55,68 +77,131 @@ def read_maps(npz, key: str) -> np.ndarray:
     return npz[key].astype(np.float32) * scale.reshape(-1, 1, 1, 1)
 
 
-class RunStore:
-    """The files of one run directory; `resume=True` continues an interrupted run."""
+def settings_for_fingerprint(cfg: DictConfig, device: torch.device) -> dict:
+    """What determines a run's numbers, for `RunStore` to tell the same experiment from another.
 
-    def __init__(self, run_dir: Path, settings: dict, resume: bool = False):
-        self.run_dir = run_dir
-        self.results, self.states, self.info = run_dir / "results.csv", run_dir / "states.csv", run_dir / "run.json"
-        self.parts = run_dir / "maps"
+    The config but NOT_RESULTS, plus what the config names without holding: the SHA-256
+    of the contents of model.checkpoint (a file rewritten in place gives other weights),
+    and, where the models are trained here, the device they are trained on (GPU and CPU
+    training give other weights). Explaining pretrained weights on another device changes
+    the numbers only within float error, so a run may be resumed there.
+    """
+    from sanity_cli.models import TRAINABLE_KINDS
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    settings = {key: value for key, value in values.items() if key not in NOT_RESULTS}
+    checkpoint = OmegaConf.select(cfg, "model.checkpoint")
+    if checkpoint:
+        settings["model"]["checkpoint_sha256"] = file_sha256(Path(str(checkpoint)).expanduser())
+    elif OmegaConf.select(cfg, "model.kind") in TRAINABLE_KINDS:
+        settings["training_device"] = device.type
+    return settings
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's contents, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for piece in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(piece)
+    except OSError as error:
+        raise SanityError(f"cannot read model.checkpoint {path} ({error.strerror or error}); "
+                          "pass model.checkpoint=PATH to a weights file") from None
+    return digest.hexdigest()
+
+
+class RunStore:
+    """The files of one run directory; `resume=True` continues an interrupted run.
+
+    The directory is this process's from construction to `close()` (a second run or
+    resume of it is refused); a refused run writes nothing into it.
+    """
+
+    def __init__(self, run_dir: str | Path, settings: dict, resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.results, self.states, self.info = (self.run_dir / name for name in ("results.csv", "states.csv",
+                                                                                 "run.json"))
+        self.parts = self.run_dir / "maps"
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
-        if self.results.exists() and not resume:
-            raise SanityError(f"{run_dir} already holds a run; add resume=true to continue it, "
-                              "or choose another directory with hydra.run.dir=PATH")
-        self.finished: set[tuple[int, int]] = set()
         self.info_values = {"fingerprint": fingerprint, "settings": settings}
-        self.started = resume and self.results.exists()
-        if self.started:
-            self._reopen()
-        # else: the files appear with the first finished state, not for a run that fails before it
+        self.finished: set[tuple[int, int]] = set()
+        self.lock = lock_run_dir(self.run_dir)
+        self.close = weakref.finalize(self, self.lock.release)  # also when the store is dropped
+        try:
+            self.started = self._open(resume)
+        except BaseException:
+            self.close()
+            raise
+        self.lock.accepted()
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self, resume: bool) -> bool:
+        """Whether the run goes on from finished states; refuses what must not be overwritten."""
+        if not self.results.exists():
+            return False  # the files appear with the first finished state, not for a run that fails before it
+        if not resume:
+            raise SanityError(f"{self.run_dir} already holds a run; add resume=true to continue it, "
+                              "or choose another directory with hydra.run.dir=PATH")
+        self._reopen()
+        return True
 
     def _start(self) -> None:
+        """Create the files; results.csv, which marks a started run, comes last."""
         if not self.started:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_rows(self.results, COLUMNS, [], mode="w")
-            _write_rows(self.states, STATE_COLUMNS, [], mode="w")
             self._write_info()
+            replace_atomically(self.states, csv_text(STATE_COLUMNS + RECEIPT_COLUMNS, [], header=True).encode())
+            replace_atomically(self.results, csv_text(COLUMNS, [], header=True).encode())
             self.started = True
 
     def _reopen(self) -> None:
-        """Keep the finished states and drop rows of a state that was cut off mid-way."""
-        info = json.loads(self.info.read_text()) if self.info.exists() else {}
+        """Keep the finished states; drop the rows of a state that was cut off and any damage."""
+        try:
+            info = _read_info(self.info)
+        except SanityError as error:
+            raise SanityError(f"{error}, so the run's settings cannot be checked; {NEW_DIRECTORY} "
+                              "(its results.csv stays readable by `sanity figures`)") from None
         if info.get("fingerprint") != self.info_values["fingerprint"]:
             changed = _differences(info.get("settings", {}), self.info_values["settings"])
             raise SanityError(f"{self.run_dir} holds a run with other settings ({', '.join(changed) or 'unknown'});"
                               " resume it with the same overrides, or choose another directory with hydra.run.dir=PATH")
         self.info_values = {**info, **self.info_values}
-        states = pd.read_csv(self.states)
-        self.finished = set(zip(states["seed"].astype(int), states["step"].astype(int)))
-        with open(self.results, newline="") as handle:
-            rows = [row for row in csv.DictReader(handle) if self._finished_row(row)]
-        _write_rows(self.results, COLUMNS, rows, mode="w")
-
-    def _finished_row(self, row: dict) -> bool:
-        """A complete row (every field present) of a finished state; cut-off lines are not."""
-        if None in row or any(row.get(column) is None for column in COLUMNS):
-            return False
-        try:
-            return (int(row["seed"]), int(row["step"])) in self.finished
-        except ValueError:
-            return False
+        states, rows = _state_fields(read_states(self.states)), _scan_results(self.results)
+        if rows.columns != COLUMNS:
+            raise SanityError(f"{self.results} has other columns than this version of sanity writes; "
+                              f"{NEW_DIRECTORY}")
+        kept, incomplete = _rows_of(rows, set(states), repair=True)
+        self.finished = set(states) - incomplete
+        kept = [line for line in kept if _state_key(line[1]) in self.finished]
+        columns = STATE_COLUMNS + RECEIPT_COLUMNS
+        replace_atomically(self.states, csv_text(columns, [{c: states[s].get(c, "") for c in columns}
+                                                           for s in sorted(self.finished)], header=True).encode())
+        replace_atomically(self.results, rows.text(raw for _, _, raw in kept))
 
     def done(self, seed: int, step: int) -> bool:
         return (seed, step) in self.finished
 
-    def add_state(self, seed: int, step: int, block: str, rows: list[dict], examples: Mapping[str, Tensor]) -> None:
-        """Append one finished state: its rows, its example maps, then the resume log line."""
+    def add_state(self, seed: int, step: int, block: str, rows: list[dict], examples: Mapping[str, Tensor],
+                  receipt: Mapping | None = None) -> None:
+        """Append one finished state: its rows, its example maps, then the resume log line
+        with the state's receipt (RECEIPT_COLUMNS). Each is on disk before the next is written."""
         self._start()
-        _write_rows(self.results, COLUMNS, rows)
-        self.parts.mkdir(exist_ok=True)
+        append_rows(self.results, COLUMNS, rows)
         arrays = {}
         for name, maps in examples.items():
             arrays[name], arrays[f"{name}{SCALE}"] = compact(maps)
-        np.savez_compressed(self.parts / f"seed{seed}_step{step}.npz", **arrays)
-        _write_rows(self.states, STATE_COLUMNS, [{"seed": seed, "step": step, "block": block}])
+        part = self.parts / f"seed{seed}_step{step}.npz"
+        with writing(part):
+            self.parts.mkdir(exist_ok=True)
+            np.savez_compressed(part.with_suffix(".partial.npz"), **arrays)
+            part.with_suffix(".partial.npz").replace(part)
+        append_rows(self.states, STATE_COLUMNS + RECEIPT_COLUMNS,
+                    [{"seed": seed, "step": step, "block": block, **(receipt or {})}])
         self.finished.add((seed, step))
 
     def write_examples(self, images: Tensor, meta: dict) -> Path:
@@ -124,25 +209,29 @@ class RunStore:
         one (E, C, H, W) array per "{state key}/{method}" and its (E,) scales (see `compact`).
 
         The per-state files are removed once merged; a state merged by an earlier
-        (resumed) pass is read back from the previous maps.npz.
+        (resumed) pass is read back from the previous maps.npz. Maps that a damaged file
+        lost are named in a warning, and the states without maps are left out of "meta".
         """
         path = self.run_dir / "maps.npz"
-        states = pd.read_csv(self.states).drop_duplicates(["seed", "step"])
-        arrays, described = {}, []
-        with (np.load(path) if path.exists() else contextlib.nullcontext({})) as merged:
-            for seed, step, block in states[STATE_COLUMNS].itertuples(index=False):
-                key = f"seed{seed}_step{step}"
-                part = self.parts / f"{key}.npz"
-                if part.exists():
-                    with np.load(part) as arrays_of_state:
-                        arrays.update({f"{key}/{name}": arrays_of_state[name] for name in arrays_of_state.files})
-                else:
-                    arrays.update({name: merged[name] for name in merged if name.startswith(f"{key}/")})
-                described.append({"key": key, "seed": int(seed), "step": int(step), "block": block})
-            partial = path.with_suffix(".partial.npz")
+        scan = read_states(self.states)
+        arrays, described, lost = {}, [], []
+        with _open_maps(path) as merged:
+            for state, fields in _state_fields(scan).items():
+                key = f"seed{state[0]}_step{state[1]}"
+                found = _part_arrays(self.parts / f"{key}.npz") or _merged_arrays(merged, key)
+                if found is None:
+                    lost.append(key)
+                    continue
+                arrays.update({f"{key}/{name}": value for name, value in found.items()})
+                described.append({"key": key, "seed": state[0], "step": state[1], "block": fields["block"]})
+        if lost:
+            log.warning("the example maps of %s are lost (damaged files); the figures of maps leave them out",
+                        ", ".join(lost))
+        partial = path.with_suffix(".partial.npz")
+        with writing(path):
             np.savez_compressed(partial, meta=np.array(json.dumps({**meta, "states": described})),
                                 images=images.float().cpu().numpy(), **arrays)
-        partial.replace(path)
+            partial.replace(path)
         shutil.rmtree(self.parts, ignore_errors=True)
         return path
 
@@ -155,8 +244,12 @@ class RunStore:
 
     @staticmethod
     def models_of(run_dir: Path) -> dict:
-        info = run_dir / "run.json"
-        return json.loads(info.read_text()).get("models", {}) if info.exists() else {}
+        """The models' accuracies that run.json holds; {} (with a warning) when it is damaged."""
+        try:
+            return _read_info(Path(run_dir) / "run.json").get("models", {})
+        except SanityError as error:
+            log.warning("%s; the models' accuracies are left out of summary.csv", error)
+            return {}
 
     def _update_info(self, values: dict) -> None:
         self.info_values.update(values)
@@ -164,9 +257,185 @@ class RunStore:
             self._write_info()
 
     def _write_info(self) -> None:
-        partial = self.info.with_suffix(".partial")
-        partial.write_text(json.dumps(self.info_values, indent=2, default=str))
-        partial.replace(self.info)
+        replace_atomically(self.info, json.dumps(self.info_values, indent=2, default=str).encode())
+
+
+def _read_info(path: Path) -> dict:
+    """run.json as a dict; SanityError saying how it is missing or damaged."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SanityError(f"{path} is missing") from None
+    except (OSError, ValueError) as error:
+        raise SanityError(f"{path} is damaged ({type(error).__name__})") from None
+    if not isinstance(info, dict):
+        raise SanityError(f"{path} is damaged (not a run's record)")
+    return info
+
+
+def _whole_number(text: str) -> bool:
+    return text.strip().lstrip("-").isdigit()
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text or "nan")
+    except ValueError:
+        return False
+    return True
+
+
+def _state_line(fields: dict[str, str]) -> bool:
+    return _whole_number(fields["seed"]) and _whole_number(fields["step"])
+
+
+def _result_line(fields: dict[str, str]) -> bool:
+    return _state_line(fields) and _whole_number(fields["image"]) and _number(fields["value"])
+
+
+def _scan_results(path: Path) -> Scan:
+    return scan_csv(path, ["method", "seed", "step", "image", "metric", "value"], _result_line)
+
+
+def read_states(path: Path) -> Scan | None:
+    """states.csv scanned line by line (see rundir.Scan); None when there is no such file."""
+    if not path.exists():
+        return None
+    scan = scan_csv(path, STATE_COLUMNS, _state_line)
+    if scan.damaged or scan.cut_off:
+        bad = [*scan.damaged, *([scan.cut_off] if scan.cut_off else [])]
+        log.warning("%s: line %s %s damaged; %s state%s counted as unfinished", path,
+                    ", ".join(map(str, bad)), "is" if len(bad) == 1 else "are",
+                    "that" if len(bad) == 1 else "those", "" if len(bad) == 1 else "s")
+    return scan
+
+
+def _state_key(fields: Mapping[str, str]) -> tuple[int, int]:
+    return int(fields["seed"]), int(fields["step"])
+
+
+def _state_fields(scan: Scan | None) -> dict[tuple[int, int], dict[str, str]]:
+    """Each finished state's fields, the first line of a state repeated by an older run kept."""
+    fields: dict[tuple[int, int], dict[str, str]] = {}
+    for _, values, _ in scan.good if scan is not None else []:
+        fields.setdefault(_state_key(values), values)
+    return fields
+
+
+def _rows_of(rows: Scan, finished: set[tuple[int, int]] | None, repair: bool) -> tuple[list, set]:
+    """The rows of finished states (all whole rows when `finished` is None), each once, and
+    the finished states that damage left incomplete (to be computed again by a resume).
+
+    Logs what is left out: garbled lines, a line cut off mid-write, rows of states that
+    never finished, repeated rows.
+    """
+    name = "results.csv"
+    if rows.cut_off:
+        log.warning("%s: its last line (%d) was cut off mid-write; left out", name, rows.cut_off)
+    seen, kept, unfinished = set(), [], Counter()
+    for line in rows.good:
+        state = _state_key(line[1])
+        if finished is not None and state not in finished:
+            unfinished[state] += 1
+        elif line[2] not in seen:
+            seen.add(line[2])
+            kept.append(line)
+    if unfinished:
+        log.warning("%s: %d rows of unfinished states (%s) left out%s", name, sum(unfinished.values()),
+                    ", ".join(f"seed {s} step {t}" for s, t in sorted(unfinished)),
+                    "; the resume computes them again" if repair else "; continue the run with resume=true")
+    repeated = len(rows.good) - len(kept) - sum(unfinished.values())
+    if repeated:
+        log.warning("%s: %d rows repeat another row exactly; each is counted once", name, repeated)
+    return kept, _incomplete(rows, kept, finished, repair)
+
+
+def _incomplete(rows: Scan, kept: list, finished: set | None, repair: bool) -> set[tuple[int, int]]:
+    """Where garbled lines cost rows: the states with fewer rows than the fullest state."""
+    if not rows.damaged:
+        return set()
+    counts = Counter({state: 0 for state in finished or ()})
+    counts.update(_state_key(fields) for _, fields, _ in kept)
+    short = {state for state, count in counts.items() if count < max(counts.values())}
+    lines = ", ".join(map(str, rows.damaged[:5])) + (" ..." if len(rows.damaged) > 5 else "")
+    log.warning("results.csv: %d garbled line%s (%s) left out, lost from %s%s", len(rows.damaged),
+                "" if len(rows.damaged) == 1 else "s", lines,
+                ", ".join(f"seed {s} step {t}" for s, t in sorted(short)) or "states that cannot be told",
+                "; the resume computes those states again" if repair and short else "")
+    return short if repair else set()
+
+
+def count_finished(run_dir: str | Path) -> int:
+    """How many states the run in `run_dir` has finished (0 before its first)."""
+    return len(_state_fields(read_states(Path(run_dir) / "states.csv")))
+
+
+def read_results(run_dir: str | Path) -> pd.DataFrame:
+    """results.csv as a table of the rows of finished states (those states.csv lists; all
+    whole rows when a run has no states.csv), each row once.
+
+    A damaged file is read as far as it can be: what is left out is named in a warning.
+    SanityError when results.csv is missing or is not a results table at all.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.csv").is_file():
+        raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
+    rows = _scan_results(run_dir / "results.csv")
+    states = read_states(run_dir / "states.csv")
+    kept, _ = _rows_of(rows, set(_state_fields(states)) if states is not None else None, repair=False)
+    return pd.read_csv(io.BytesIO(rows.text(raw for _, _, raw in kept)))
+
+
+def check_maps(run_dir: str | Path) -> None:
+    """SanityError naming maps.npz and the way on when the file is damaged."""
+    path = Path(run_dir) / "maps.npz"
+    if not path.exists():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            meta = "meta.npy" in archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+        bad, meta = str(error), True
+    if bad or not meta:
+        raise SanityError(f"{path} is damaged ({bad or 'no description'}): the example maps are lost; move it "
+                          f"away (mv {path} {path}.damaged) to draw the other figures, or rerun the run to keep "
+                          "them again")
+
+
+@contextlib.contextmanager
+def _open_maps(path: Path):
+    """The previous maps.npz, open, or {} when there is none or it cannot be read."""
+    try:
+        merged = np.load(path) if path.exists() else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        log.warning("%s is damaged (%s); the maps it kept are lost", path, error)
+        merged = None
+    with merged if merged is not None else contextlib.nullcontext({}) as opened:
+        yield opened
+
+
+def _part_arrays(part: Path) -> dict[str, np.ndarray] | None:
+    """The arrays of one state's part file, None when there is none or it is damaged."""
+    if not part.exists():
+        return None
+    try:
+        with np.load(part) as arrays:
+            return {name: arrays[name] for name in arrays.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        log.warning("%s is damaged (%s)", part, error)
+        return None
+
+
+def _merged_arrays(merged, key: str) -> dict[str, np.ndarray] | None:
+    """A state's arrays from the previous maps.npz, None when it has none or they are damaged."""
+    names = [name for name in merged if name.startswith(f"{key}/")]
+    try:
+        found = {name[len(key) + 1:]: merged[name] for name in names}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as error:
+        log.warning("maps.npz: the maps of %s are damaged (%s)", key, error)
+        return None
+    return found or None
 
 
 def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
@@ -179,15 +448,6 @@ def _differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
         elif a != b:
             changed.append(f"{prefix}{key}")
     return changed
-
-
-def _write_rows(path: Path, columns: list[str], rows: Iterable[Mapping], mode: str = "a") -> None:
-    with open(path, mode, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        if mode == "w":
-            writer.writeheader()
-        writer.writerows(rows)
-        handle.flush()
 
 
 def state_rows(context: Mapping, step: int, block: str, scores: Mapping[str, Mapping[str, Tensor]],
@@ -211,8 +471,10 @@ def summarize(results: pd.DataFrame, models: Mapping[str, Mapping] | None = None
     mean and std and counted in `n_nan`. Step 0, the reference compared with itself,
     is its own row and never part of another step's average. The accuracies of the
     models (step 0: the trained model; step 1 of the data test: the shuffled-label
-    one) are added as columns.
+    one) are added as columns. An image scored twice in one group is counted once when
+    both rows agree, and refused when they do not (two runs' rows mixed in one table).
     """
+    results = _once_each(results)
     grouped = results.groupby(GROUP, sort=False, dropna=False)["value"]
     summary = grouped.agg(mean="mean", std="std", n="count").reset_index()
     summary["n_nan"] = grouped.apply(lambda v: int(v.isna().sum())).to_numpy()
@@ -223,3 +485,20 @@ def summarize(results: pd.DataFrame, models: Mapping[str, Mapping] | None = None
             by_step[1] = models.get("shuffled", {}).get(column)
         summary[column] = summary["step"].map(lambda step: by_step.get(step))
     return summary.sort_values(["test", "method", "metric", "seed", "step"], kind="stable").reset_index(drop=True)
+
+
+def _once_each(results: pd.DataFrame) -> pd.DataFrame:
+    """`results` with each (group, image) once; SanityError when repeats disagree in value."""
+    key = [*GROUP, "image"]
+    repeated = results.duplicated(key, keep=False)
+    if not repeated.any():
+        return results
+    values = results[repeated].groupby(key, dropna=False)["value"].nunique(dropna=False)
+    if (values > 1).any():
+        first = values[values > 1].index[0]
+        raise SanityError(f"the results hold {int((values > 1).sum())} images scored twice with different values "
+                          f"(e.g. method {first[3]}, seed {first[4]}, step {first[5]}, image {first[8]}): rows of "
+                          f"two runs are mixed; {NEW_DIRECTORY}")
+    extra = int(results.duplicated(key).sum())
+    log.warning("the results repeat %d rows; each is counted once", extra)
+    return results.drop_duplicates(key).reset_index(drop=True)

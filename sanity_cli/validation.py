@@ -9,6 +9,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sanity_cli import checks
+from sanity_cli.configs import top_level_keys
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import METHODS, resolve_call
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
@@ -21,20 +22,24 @@ TARGETS = ("predicted", "label", "original")
 # (or at least it, for the settings in INCLUSIVE); None: any value. Settings that a
 # config group does not have are skipped.
 NUMBERS = [
-    ("seed", int, None), ("n_images", int, 1), ("n_examples", int, 1), ("max_batch", int, 1),
+    ("seed", int, 0), ("n_images", int, 1), ("n_examples", int, 1), ("max_batch", int, 1),
     ("train.epochs", int, 1), ("train.batch_size", int, 1), ("train.lr", float, 0.0),
     ("metrics.ssim.data_range", float, 0.0), ("metrics.ssim.sigma", float, 0.0),
     ("metrics.hog.pixels_per_cell", int, 1), ("metrics.hog.cells_per_block", int, 1),
     ("metrics.hog.orientations", int, 1),
     ("test.bins", int, 1), ("test.samples", int, 1), ("test.noise", float, 0.0),
-    ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0),
+    ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0), ("test.shuffled_subset", int, 1),
     ("dataset.image_size", int, 8), ("dataset.test_fraction", float, 0.0),
 ]
 INCLUSIVE = {"test.noise", "test.memorization_threshold"}
+# Upper bounds (inclusive): seeds fit the 32 bits that every random generator used here takes.
+SEED_LIMIT = 2**32 - 1
+MAXIMA = {"seed": SEED_LIMIT}
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise SanityError for the first unknown name or bad value in `cfg`."""
+    _check_keys(cfg)
     _check_names(cfg)
     _check_methods(cfg)
     for key, kind, bound in NUMBERS:
@@ -51,6 +56,14 @@ def validate(cfg: DictConfig) -> None:
         raise SanityError("dataset.test_fraction must be between 0 and 1, e.g. 0.2")
 
 
+def _check_keys(cfg: DictConfig) -> None:
+    """A setting added with `+` that no part of the program reads would be ignored: refuse it."""
+    unknown = sorted(set(cfg) - top_level_keys())
+    if unknown:
+        raise SanityError(f"unknown setting '{unknown[0]}'; the settings are {', '.join(sorted(top_level_keys()))} "
+                          "(`sanity run --cfg job` shows them all)")
+
+
 def _check_names(cfg: DictConfig) -> None:
     names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
              ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
@@ -63,7 +76,7 @@ def _check_names(cfg: DictConfig) -> None:
 
 
 def _check_methods(cfg: DictConfig) -> None:
-    if not cfg.method:
+    if not cfg.get("method"):
         raise SanityError("no method selected; pick one with method=NAME (see `sanity list`)")
     for name, options in (OmegaConf.to_container(cfg.method, resolve=True) or {}).items():
         options = dict(options or {})
@@ -87,6 +100,8 @@ def _check_number(cfg: DictConfig, key: str, kind: type, bound: float | None) ->
             raise SanityError(f"{key} must be at least {bound}, not {value}")
     elif value <= bound:
         raise SanityError(f"{key} must be above {bound}, not {value}")
+    if key in MAXIMA and value > MAXIMA[key]:
+        raise SanityError(f"{key} must be at most {MAXIMA[key]}, not {value}")
 
 
 def _check_shard(cfg: DictConfig) -> None:
@@ -109,6 +124,8 @@ def _check_lists(cfg: DictConfig) -> None:
     if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds
                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise SanityError(f"test.seeds must be a list of whole numbers, e.g. test.seeds=[0,1,2]; got '{seeds}'")
+    if seeds is not None and not all(0 <= s <= SEED_LIMIT for s in seeds):
+        raise SanityError(f"test.seeds must lie between 0 and {SEED_LIMIT}; got '{seeds}'")
     classes = OmegaConf.select(cfg, "dataset.classes")
     if isinstance(classes, int) and classes < 1:
         raise SanityError(f"dataset.classes must be at least 1, or a list of class folder names; got {classes}")

@@ -1,0 +1,535 @@
+"""What each setting of conf/ does to a run: the table that test_settings_reach.py and
+test_cache_key.py walk.
+
+Keys are dotted settings (`metrics.ssim.sigma`), group options (`model=mlp`) and
+experiment entries (`+experiment=NAME`). Every key of the composed configs must have
+an entry, so a setting added without one fails a test. An entry is one of:
+
+* `Effect`: a run with `flip` reports something else than a run without it; `check`
+  says what, in the direction or by the amount it should where that is cheap to know.
+* `Inert`: the setting cannot change results (where things are kept, batching,
+  progress); with a `flip`, a run with it reports the same values.
+* `Refused`: every other value is refused with one line (a setting with one choice today).
+* `Elsewhere`: too slow or needs what a test machine lacks here; the reason names
+  where it is tested.
+
+`weights`: whether a flip changes the weights of a model trained here, so that it must
+train anew (True) or must reuse the cached model (False); None where either is right.
+Flips may name {checkpoint} (a trained CNN state_dict), {other_checkpoint} (another
+one), {folder} and {other_folder} (image folders of class sub-folders), {root}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from small_runs import CNN_BLOCKS, Run
+
+KEY = ["seed", "step", "method", "image", "metric"]
+
+
+@dataclass(frozen=True)
+class Effect:
+    flip: tuple[str, ...]
+    check: Callable[[Run, Run], None]
+    base: tuple[str, ...] = ()
+    weights: bool | None = False
+
+
+@dataclass(frozen=True)
+class Inert:
+    reason: str
+    flip: tuple[str, ...] = ()
+    base: tuple[str, ...] = ()
+    weights: bool | None = False
+
+
+@dataclass(frozen=True)
+class Refused:
+    flip: tuple[str, ...]
+    match: str
+    base: tuple[str, ...] = ()
+    weights: bool | None = None
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    reason: str
+    weights: bool | None = None
+
+
+# --- what a run reports, and how two runs differ ------------------------------------------
+
+
+def rows(run: Run) -> pd.DataFrame:
+    return run.results.sort_values(KEY).reset_index(drop=True)
+
+
+def same_values(a: Run, b: Run, atol: float = 1e-6) -> bool:
+    x, y = rows(a), rows(b)
+    return x[KEY].equals(y[KEY]) and np.allclose(x["value"], y["value"], rtol=0, atol=atol, equal_nan=True)
+
+
+def values_differ(a: Run, b: Run) -> None:
+    assert not same_values(a, b, atol=1e-9), "the run reports the same values"
+
+
+def metric_differs(metric: str) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        x, y = (run.results[run.results["metric"] == metric].sort_values(KEY)["value"].to_numpy() for run in (a, b))
+        assert len(x) and (len(x) != len(y) or not np.allclose(x, y, rtol=0, atol=1e-9, equal_nan=True)), metric
+
+    return check
+
+
+def maps_differ(method: str) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        states = sorted({(s, k) for s, k, m in a.examples if m == method})
+        assert states, f"no maps of {method}"
+        assert any(a.examples[(*state, method)].shape != b.examples[(*state, method)].shape
+                   or not np.allclose(a.examples[(*state, method)], b.examples[(*state, method)], rtol=0, atol=1e-6)
+                   for state in states), f"{method}'s maps are the same"
+
+    return check
+
+
+def blocks(run: Run) -> list[str]:
+    return list(run.states.drop_duplicates("step")["block"])
+
+
+def blocks_are(expected: list[str]) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert blocks(b) == ["original", *expected], blocks(b)
+        assert blocks(a) != blocks(b), blocks(a)
+
+    return check
+
+
+def summary_value(run: Run, column: str, step: int = 0) -> float:
+    return float(run.summary.loc[run.summary["step"] == step, column].iloc[0])
+
+
+def trained(model: str = "trained") -> Callable[[Run], float]:
+    return lambda run: run.info["models"][model]["train_accuracy"]
+
+
+def lower(measure: Callable[[Run], float]) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert measure(b) < measure(a), (measure(a), measure(b))
+
+    return check
+
+
+def differs(measure: Callable[[Run], float]) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert measure(b) != measure(a), measure(a)
+
+    return check
+
+
+def higher(measure: Callable[[Run], float]) -> Callable[[Run, Run], None]:
+    return lambda a, b: lower(measure)(b, a)
+
+
+def all_of(*checks: Callable[[Run, Run], None]) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        for one in checks:
+            one(a, b)
+
+    return check
+
+
+def verdicts(run: Run) -> pd.DataFrame:
+    path = run.dir / "verdict.csv"
+    assert path.is_file(), "the run wrote no verdict.csv"
+    return pd.read_csv(path)
+
+
+def verdict_column(column: str, value) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert (verdicts(b)[column] == value).all() and not (verdicts(a)[column] == value).all()
+
+    return check
+
+
+# --- checks with a direction or an amount --------------------------------------------------
+
+
+def images_per_state(run: Run) -> int:
+    return int(run.results.groupby(["seed", "step", "method", "metric"]).size().iloc[0])
+
+
+def other_images(a: Run, b: Run) -> None:
+    assert set(a.results["image"]) != set(b.results["image"])
+    values_differ(a, b)
+
+
+def six_images(a: Run, b: Run) -> None:
+    assert (images_per_state(a), images_per_state(b)) == (8, 6)
+
+
+def three_examples(a: Run, b: Run) -> None:
+    assert {len(m) for m in a.examples.values()} == {8} and {len(m) for m in b.examples.values()} == {3}
+
+
+def explains_the_labels(a: Run, b: Run) -> None:
+    assert (b.results["target"] == b.results["label"]).all()
+    assert not (a.results["target"] == a.results["label"]).all()
+
+
+def learns_no_classes(a: Run, b: Run) -> None:
+    accuracy = [summary_value(run, "test_accuracy") for run in (a, b)]
+    assert accuracy[0] > 0.6 and accuracy[1] < 0.3, accuracy
+
+
+def half_of_the_images(a: Run, b: Run) -> None:
+    """The shard's rows are the full run's rows of its images, and it has half of them."""
+    mine = set(b.results["image"])
+    assert len(mine) == 4 and mine < set(a.results["image"]), sorted(mine)
+    pd.testing.assert_frame_equal(rows(b)[[*KEY, "target", "value"]],
+                                  rows(a)[rows(a)["image"].isin(mine)].reset_index(drop=True)[[*KEY, "target",
+                                                                                                "value"]])
+
+
+def only_spearman_abs(a: Run, b: Run) -> None:
+    assert set(b.results["metric"]) == {"spearman_abs"} and len(set(a.results["metric"])) > 1
+
+
+def ssim_nearer_1(a: Run, b: Run) -> None:
+    """SSIM's constants grow with data_range**2: every score moves towards 1."""
+    distance = [(1 - run.rows(metric="ssim").query("step > 0")["value"]).abs().mean() for run in (a, b)]
+    assert distance[1] < distance[0], distance
+
+
+def hog_defined(a: Run, b: Run) -> None:
+    """12x12 maps hold no 16x16 HOG cell: NaN; 4x4 cells: finite scores."""
+    assert a.rows(metric="hog")["value"].isna().all() and b.rows(metric="hog")["value"].notna().all()
+
+
+def only_gradcam_changes(a: Run, b: Run) -> None:
+    maps_differ("gradcam")(a, b)
+
+
+def not_trained_here(a: Run, b: Run) -> None:
+    assert trained()(a) is not None and trained()(b) is None
+    values_differ(a, b)
+
+
+def sixteen_pixels(a: Run, b: Run) -> None:
+    assert {m.shape[-1] for m in a.examples.values()} == {12} and {m.shape[-1] for m in b.examples.values()} == {16}
+
+
+def named(column: str, value: str) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert set(b.results[column]) == {value} and set(a.results[column]) != {value}
+
+    return check
+
+
+def two_seeds(a: Run, b: Run) -> None:
+    assert set(a.results["seed"]) == {0} and set(b.results["seed"]) == {0, 1}
+
+
+def entropy_at_most_log_10(a: Run, b: Run) -> None:
+    entropy = [run.rows(metric="entropy")["value"] for run in (a, b)]
+    assert (entropy[1] <= np.log(10) + 1e-9).all() and entropy[0].max() > np.log(10)
+
+
+def as_without_noise(a: Run, b: Run) -> None:
+    """Noise 0: every noisy copy is the image itself, so the maps are the plain ones."""
+    assert not same_values(a, b) and (b.results["value"].notna().any())
+
+
+def smoothgrad_is_the_gradient(a: Run, b: Run) -> None:
+    for state in {(s, k) for s, k, _ in b.examples}:
+        np.testing.assert_allclose(b.examples[(*state, "smoothgrad")], b.examples[(*state, "gradient")], atol=1e-6)
+    maps_differ("smoothgrad")(a, b)
+
+
+def vargrad_is_zero(a: Run, b: Run) -> None:
+    assert all(not m.any() for (_, _, method), m in b.examples.items() if method == "vargrad")
+    maps_differ("vargrad")(a, b)
+
+
+def smoothgrad_squared(a: Run, b: Run) -> None:
+    assert all((m >= 0).all() for (_, _, method), m in b.examples.items() if method == "smoothgrad")
+    maps_differ("smoothgrad")(a, b)
+
+
+def memorization_warning(a: Run, b: Run) -> None:
+    said = [any("not memorized" in line for line in run.warnings) for run in (a, b)]
+    assert said == [True, False], said
+
+
+def batch_norm_statistics(a: Run, b: Run) -> None:
+    """Only the randomized states change: step 0 is the trained model either way."""
+    values_differ(a, b)
+    first = [rows(run)[rows(run)["step"] == 0][[*KEY, "value"]].reset_index(drop=True) for run in (a, b)]
+    pd.testing.assert_frame_equal(*first)
+
+
+def narrower_interval(a: Run, b: Run) -> None:
+    width = [(verdicts(run)["ci_high"] - verdicts(run)["ci_low"]).mean() for run in (a, b)]
+    assert width[1] < width[0], width
+
+
+def other_interval(a: Run, b: Run) -> None:
+    assert (verdicts(b)["resamples"] == 200).all()
+    assert not np.allclose(verdicts(a)["ci_low"], verdicts(b)["ci_low"])
+
+
+def one_class(a: Run, b: Run) -> None:
+    assert len(set(b.results["label"])) == 1 < len(set(a.results["label"]))
+
+
+def methods_are(expected: set[str]) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert set(b.results["method"]) == expected and {m for _, _, m in b.examples} == expected
+
+    return check
+
+
+def test_named(name: str) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert set(b.results["test"]) == {name}
+
+    return check
+
+
+# --- the table -------------------------------------------------------------------------
+
+HOG = ("metrics.names=[spearman_abs,hog]",)  # the verdict's metric stays among the names
+HOG4 = (*HOG, "metrics.hog.pixels_per_cell=4")
+SMOOTH = ("method=[gradient,smoothgrad]", "method.smoothgrad.samples=2")
+VAR = ("method=[vargrad]", "method.vargrad.samples=2")
+DATA = ("test=data", "test.shuffled_epochs=1", "test.shuffled_subset=100")
+ENTROPY = ("test=entropy",)
+SMOOTH_CASCADE = ("test=smooth_cascade", "test.samples=2")
+# A small CNN with batch norm of the tests' own, as a user's model (model=custom); at
+# Adam 1e-3 one epoch leaves it near chance, and such a model is never cached
+CUSTOM = ("model=custom", "model._target_=small_runs.BatchNormNet", "train.lr=0.01")
+# A timm ViT of random weights on scikit-image's photos: two images, one block randomized
+TIMM = ("model=timm", "model.name=test_vit", "model.pretrained=false", "dataset=samples", "n_images=2",
+        "n_examples=2", "test.granularity=[head]")
+FOLDER = ("dataset=imagefolder", "dataset.path={folder}", "model=custom", "model._target_=small_runs.GreyBatchNormNet",
+          "model.checkpoint={batch_norm_checkpoint}", "model.channels=1", "model.input_size=12", "n_images=4",
+          "n_examples=4")
+CAPTUM = ("method=[captum]", "method.captum.attribution=Saliency", "+method.captum.attribute_kwargs.abs=false")
+LRP = ("method=[lrp]",)
+CALLABLE = ("method=[callable]", "method.callable._target_=small_runs.input_map")
+
+TOP = {
+    "seed": Effect(("seed=1",), other_images, weights=True),
+    "device": Inert("where the run computes: results agree to float precision; a model trained on a GPU is "
+                    "cached apart (test_cache_key.py, on a machine with a GPU)", weights=True),
+    "n_images": Effect(("n_images=6",), six_images),
+    "n_examples": Effect(("n_examples=3",), three_examples),
+    "target": Effect(("target=label",), explains_the_labels),
+    "labels": Effect(("labels=shuffled",), learns_no_classes, weights=True),
+    "max_batch": Inert("how many inputs share one forward pass", ("max_batch=3",)),
+    "resume": Inert("continues an interrupted run in its directory (test_pipeline.py); a new one runs as usual",
+                    ("resume=true",)),
+    "shard": Effect(("shard=1/2",), half_of_the_images),
+    "data_dir": Inert("where datasets are downloaded and unpacked", ("data_dir={root}/other_data",)),
+    "cache_dir": Inert("where trained models are kept: one trained again elsewhere is the same",
+                       ("cache_dir={root}/other_cache",), weights=None),
+}
+
+METRICS = {
+    "metrics.names": Effect(("metrics.names=[spearman_abs]",), only_spearman_abs),
+    "metrics.normalization": Effect(("metrics.normalization=max_abs",), metric_differs("ssim")),
+    "metrics.ssim.data_range": Effect(("metrics.ssim.data_range=20",), ssim_nearer_1),
+    "metrics.ssim.sigma": Effect(("metrics.ssim.sigma=0.8",), metric_differs("ssim")),
+    "metrics.ssim.sample_covariance": Effect(("metrics.ssim.sample_covariance=false",), metric_differs("ssim")),
+    "metrics.hog.pixels_per_cell": Effect(("metrics.hog.pixels_per_cell=4",), hog_defined,
+                                          base=HOG),
+    "metrics.hog.cells_per_block": Effect(("metrics.hog.cells_per_block=2",), metric_differs("hog"), base=HOG4),
+    "metrics.hog.orientations": Effect(("metrics.hog.orientations=4",), metric_differs("hog"), base=HOG4),
+}
+
+TRAIN = {
+    "train.epochs": Effect(("train.epochs=3",), higher(trained()), weights=True),
+    "train.batch_size": Effect(("train.batch_size=100",), all_of(values_differ, lower(trained())), weights=True),
+    "train.lr": Effect(("train.lr=0.0002",), lower(trained()), weights=True),
+    "train.optimizer": Refused(("train.optimizer=sgd",), "optimizer"),
+}
+
+MODEL = {
+    "model.kind": Effect(("model.kind=mlp",), blocks_are(["fc4", "fc3", "fc2", "fc1"]), weights=True),
+    "model.name": Effect(("model.name=small_cnn",), named("model", "small_cnn"), weights=None),
+    "model.init": Effect(("model.init=paper",), values_differ, weights=True),
+    "model.pretrained": Refused(("model.pretrained=true",), "pretrained weights", base=TIMM),
+    "model.checkpoint": Effect(("model.checkpoint={other_checkpoint}",), not_trained_here, weights=None),
+    "model.gradcam_layer": Effect(("model.gradcam_layer=relu1",), only_gradcam_changes, base=("method=[gradcam]",)),
+    "model._target_": Effect(("model._target_=small_runs.WideBatchNormNet",), values_differ, base=CUSTOM,
+                             weights=True),
+    "model.channels": Effect(("model.channels=3",), values_differ, base=CUSTOM, weights=True),
+    "model.input_size": Effect(("model.input_size=16",), sixteen_pixels, base=CUSTOM, weights=True),
+    "model.mean": Effect(("model.mean=0.5",), values_differ, base=CUSTOM, weights=True),
+    "model.std": Effect(("model.std=0.5",), values_differ, base=CUSTOM, weights=True),
+}
+
+DATASET = {
+    "dataset.name": Inert("the dataset's name in the results; which data is loaded is its group option "
+                          "(dataset=...) or `kind`"),
+    "dataset.kind": Inert("which loader reads a dataset=custom: only `custom` is valid there"),
+    "dataset.image_size": Effect(("dataset.image_size=16",), sixteen_pixels, weights=True),
+    "dataset.test_fraction": Effect(("dataset.test_fraction=0.3",), all_of(other_images, higher(trained())),
+                                    weights=True),
+    "dataset.path": Effect(("dataset.path={other_folder}",), values_differ, base=FOLDER),
+    "dataset.classes": Effect(("dataset.classes=1",), one_class, base=FOLDER),
+    "dataset.system_dir": Inert("where a system copy of Fashion-MNIST lies: the same files give the same data"),
+    "dataset._target_": Elsewhere("dataset=custom: tests/test_plugins.py and test_example.py"),
+    "dataset.train_split": Elsewhere("dataset=custom: tests/test_plugins.py and test_example.py"),
+}
+
+
+METHOD = {
+    "method.gradient": Effect(("method=[gradient]",), methods_are({"gradient"}), base=("method=[random]",)),
+    "method.input_x_gradient": Effect(("method=[input_x_gradient]",), methods_are({"input_x_gradient"})),
+    "method.guided_backprop": Effect(("method=[guided_backprop]",), methods_are({"guided_backprop"})),
+    "method.edge.detector": Effect(("method.edge.detector=canny",), maps_differ("edge"), base=("method=[edge]",)),
+    "method.edge.sigma": Effect(("method.edge.sigma=2.0",), maps_differ("edge"),
+                                base=("method=[edge]", "method.edge.detector=canny")),
+    "method.gradcam.layer": Effect(("method.gradcam.layer=relu1",), maps_differ("gradcam"), base=("method=[gradcam]",)),
+    "method.gradcam.interpolation": Effect(("method.gradcam.interpolation=nearest",), maps_differ("gradcam"),
+                                           base=("method=[gradcam]",)),
+    "method.guided_gradcam.layer": Effect(("method.guided_gradcam.layer=relu1",), maps_differ("guided_gradcam"),
+                                          base=("method=[guided_gradcam]",)),
+    "method.guided_gradcam.interpolation": Effect(("method.guided_gradcam.interpolation=nearest",),
+                                                  maps_differ("guided_gradcam"), base=("method=[guided_gradcam]",)),
+    "method.integrated_gradients.steps": Effect(("method.integrated_gradients.steps=2",),
+                                                maps_differ("integrated_gradients"),
+                                                base=("method=[integrated_gradients]",)),
+    "method.integrated_gradients.baseline": Effect(("method.integrated_gradients.baseline=0.5",),
+                                                   maps_differ("integrated_gradients"),
+                                                   base=("method=[integrated_gradients]",)),
+    "method.integrated_gradients.rule": Effect(("method.integrated_gradients.rule=riemann_trapezoid",),
+                                               maps_differ("integrated_gradients"),
+                                               base=("method=[integrated_gradients]",)),
+    "method.random.seed": Effect(("method.random.seed=3",), maps_differ("random"), base=("method=[random]",)),
+    "method.smoothgrad.base": Effect(("method.smoothgrad.base=input_x_gradient",), maps_differ("smoothgrad"),
+                                     base=SMOOTH),
+    "method.smoothgrad.base_options": Effect(("+method.smoothgrad.base_options.layer=relu1",),
+                                             maps_differ("smoothgrad"), base=(*SMOOTH, "method.smoothgrad.base=gradcam")),
+    "method.smoothgrad.noise": Effect(("method.smoothgrad.noise=0",), smoothgrad_is_the_gradient, base=SMOOTH),
+    "method.smoothgrad.samples": Effect(("method.smoothgrad.samples=3",), maps_differ("smoothgrad"), base=SMOOTH),
+    "method.smoothgrad.square": Effect(("method.smoothgrad.square=true",), smoothgrad_squared, base=SMOOTH),
+    "method.smoothgrad.seed": Effect(("method.smoothgrad.seed=4",), maps_differ("smoothgrad"), base=SMOOTH),
+    "method.vargrad.base": Effect(("method.vargrad.base=input_x_gradient",), maps_differ("vargrad"), base=VAR),
+    "method.vargrad.base_options": Effect(("+method.vargrad.base_options.layer=relu1",), maps_differ("vargrad"),
+                                          base=(*VAR, "method.vargrad.base=gradcam")),
+    "method.vargrad.noise": Effect(("method.vargrad.noise=0",), vargrad_is_zero, base=VAR),
+    "method.vargrad.samples": Effect(("method.vargrad.samples=3",), maps_differ("vargrad"), base=VAR),
+    "method.vargrad.seed": Effect(("method.vargrad.seed=4",), maps_differ("vargrad"), base=VAR),
+    "method.captum.method": Inert("names the plug-in kind of the entry (captum)"),
+    "method.captum.attribution": Effect(("method.captum.attribution=InputXGradient",), maps_differ("captum"),
+                                        base=CAPTUM),
+    "method.captum.kwargs": Effect(("+method.captum.kwargs.multiply_by_inputs=false",), maps_differ("captum"),
+                                   base=(*CAPTUM, "method.captum.attribution=IntegratedGradients")),
+    "method.captum.attribute_kwargs": Effect(("+method.captum.attribute_kwargs.abs=true",), maps_differ("captum"),
+                                             base=("method=[captum]", "method.captum.attribution=Saliency")),
+    "method.captum.layer": Effect(("method.captum.layer=relu1",), maps_differ("captum"),
+                                  base=("method=[captum]", "method.captum.attribution=LayerGradCam")),
+    "method.captum.baselines": Effect(("method.captum.baselines=0.5",), maps_differ("captum"),
+                                      base=("method=[captum]", "method.captum.attribution=IntegratedGradients")),
+    "method.captum.base": Effect(("method.captum.base=InputXGradient",), maps_differ("captum"),
+                                 base=("method=[captum]", "method.captum.attribution=NoiseTunnel",
+                                       "method.captum.base=Saliency", "+method.captum.attribute_kwargs.nt_samples=2")),
+    "method.captum.base_kwargs": Elsewhere("the arguments of NoiseTunnel's wrapped class: no class that NoiseTunnel "
+                                           "wraps here takes any; tests/test_external_methods.py"),
+    "method.captum.interpolation": Effect(("method.captum.interpolation=nearest",), maps_differ("captum"),
+                                          base=("method=[captum]", "method.captum.attribution=LayerGradCam")),
+    "method.captum.seed": Effect(("method.captum.seed=4",), maps_differ("captum"),
+                                 base=("method=[captum]", "method.captum.attribution=NoiseTunnel",
+                                       "method.captum.base=Saliency", "+method.captum.attribute_kwargs.nt_samples=2")),
+    "method.lrp.method": Inert("names the plug-in kind of the entry (lrp)"),
+    "method.lrp.composite": Effect(("method.lrp.composite=EpsilonAlpha2Beta1Flat",), maps_differ("lrp"), base=LRP),
+    "method.lrp.composite_kwargs": Effect(("+method.lrp.composite_kwargs.epsilon=10.0",), maps_differ("lrp"),
+                                          base=LRP),
+    "method.lrp.canonizers": Effect(("method.lrp.canonizers=[SequentialMergeBatchNorm]",), maps_differ("lrp"),
+                                    base=(*LRP, *CUSTOM)),
+    "method.callable.method": Inert("names the plug-in kind of the entry (callable)"),
+    "method.callable._target_": Effect(("method.callable._target_=small_runs.squared_input_map",),
+                                       maps_differ("callable"), base=CALLABLE),
+    "method.attention_rollout.head_fusion": Effect(("method.attention_rollout.head_fusion=max",),
+                                                   maps_differ("attention_rollout"),
+                                                   base=(*TIMM, "method=[attention_rollout]")),
+    "method.attention_rollout.interpolation": Effect(("method.attention_rollout.interpolation=nearest",),
+                                                     maps_differ("attention_rollout"),
+                                                     base=(*TIMM, "method=[attention_rollout]")),
+    "method.chefer.interpolation": Effect(("method.chefer.interpolation=nearest",), maps_differ("chefer"),
+                                          base=(*TIMM, "method=[chefer]")),
+}
+
+# Settings of the checks: flipped under every test option that has them (see `under`).
+TEST = {
+    "test.name": Effect(("test.name=independent",), all_of(test_named("independent"), maps_differ("gradient"))),
+    "test.granularity": Effect(("test.granularity=[fc2]",), blocks_are(["fc2"])),
+    "test.order": Effect(("test.order=bottom_up",), blocks_are(list(reversed(CNN_BLOCKS)))),
+    "test.init": Effect(("test.init=default",), values_differ),
+    "test.reset_bn_stats": Effect(("test.reset_bn_stats=true",), batch_norm_statistics, base=CUSTOM),
+    "test.seeds": Effect(("test.seeds=[0,1]",), two_seeds),
+    "test.shuffled_epochs": Effect(("test.shuffled_epochs=40",), higher(trained("shuffled")), base=DATA,
+                                   weights=True),
+    "test.shuffled_subset": Effect(("test.shuffled_subset=300",), all_of(values_differ, differs(trained("shuffled"))),
+                                   base=DATA, weights=True),
+    "test.memorization_threshold": Effect(("test.memorization_threshold=0.0",), memorization_warning, base=DATA),
+    "test.bins": Effect(("test.bins=10",), entropy_at_most_log_10, base=ENTROPY),
+    "test.samples": Effect(("test.samples=3",), values_differ, base=SMOOTH_CASCADE),
+    "test.noise": Effect(("test.noise=0",), values_differ, base=SMOOTH_CASCADE),
+}
+
+VERDICT = {
+    "verdict.metric": Effect(("verdict.metric=spearman",), verdict_column("metric", "spearman")),
+    "verdict.threshold": Effect(("verdict.threshold=0.9",), verdict_column("threshold", 0.9)),
+    "verdict.rise_threshold": Effect(("verdict.rise_threshold=0.5",), verdict_column("threshold", 0.5),
+                                     base=ENTROPY),
+    "verdict.level": Effect(("verdict.level=0.5",), narrower_interval),
+    "verdict.resamples": Effect(("verdict.resamples=200",), other_interval),
+}
+
+GROUPS = {
+    "model=cnn": Effect(("model=cnn",), values_differ, base=("model=mlp",), weights=True),
+    "model=mlp": Effect(("model=mlp",), blocks_are(["fc4", "fc3", "fc2", "fc1"]), weights=True),
+    "model=timm": Effect(TIMM, named("model", "test_vit"), weights=None),
+    "model=custom": Effect(CUSTOM, named("model", "custom"), weights=True),
+    "model=inception_v3": Elsewhere("needs the ImageNet weights and 299x299 images; its 17 blocks: "
+                                    "tests/test_architectures.py; the paper rerun: tests/test_paper.py"),
+    "dataset=digits": Inert("the default dataset of every run here"),
+    "dataset=samples": Effect(TIMM, named("dataset", "samples"), weights=None),
+    "dataset=imagefolder": Effect(FOLDER, named("dataset", "imagefolder"), weights=None),
+    "dataset=fashion_mnist": Elsewhere("60,000 images: a minute of training; `sanity paper fig3` reruns it"),
+    "dataset=mnist": Elsewhere("downloaded at run time: tests/test_data.py reads a local copy"),
+    "dataset=cifar10": Elsewhere("downloaded at run time: tests/test_data.py reads a local copy"),
+    "dataset=custom": Elsewhere("tests/test_plugins.py and tests/test_example.py"),
+    "method=paper": Effect(("method=paper",), methods_are({"gradient", "input_x_gradient", "integrated_gradients",
+                                                           "guided_backprop", "gradcam", "guided_gradcam",
+                                                           "smoothgrad", "vargrad", "edge", "random"})),
+    "test=cascade": Effect(("test=cascade",), test_named("cascade"), base=("test=independent",)),
+    "test=independent": Effect(("test=independent",), test_named("independent")),
+    "test=data": Effect(DATA, test_named("data"), weights=None),
+    "test=random_logit": Effect(("test=random_logit",), test_named("random_logit")),
+    "test=smooth_cascade": Effect(SMOOTH_CASCADE, test_named("smooth_cascade")),
+    "test=entropy": Effect(ENTROPY, test_named("entropy")),
+}
+for _method in ("gradient", "input_x_gradient", "guided_backprop", "integrated_gradients", "gradcam",
+                "guided_gradcam", "smoothgrad", "vargrad", "edge", "random"):
+    GROUPS[f"method={_method}"] = Effect((f"method=[{_method}]",), methods_are({_method}),
+                                         base=("method=[random]",) if _method == "gradient" else ())
+GROUPS["method=captum"] = Effect(CAPTUM, methods_are({"captum"}))
+GROUPS["method=lrp"] = Effect(LRP, methods_are({"lrp"}))
+GROUPS["method=callable"] = Effect(CALLABLE, methods_are({"callable"}))
+GROUPS["method=attention_rollout"] = Effect((*TIMM, "method=[attention_rollout]"), methods_are({"attention_rollout"}),
+                                           weights=None)
+GROUPS["method=chefer"] = Effect((*TIMM, "method=[chefer]"), methods_are({"chefer"}), weights=None)
+
+EXPERIMENTS = Elsewhere("an entry of `sanity paper`: each sets existing settings to a figure's; "
+                        "tests/test_paper.py composes every one")
+
+TABLE: dict[str, Effect | Inert | Refused | Elsewhere] = {**TOP, **METRICS, **TRAIN, **MODEL, **DATASET, **METHOD,
+                                                         **TEST, **VERDICT, **GROUPS}

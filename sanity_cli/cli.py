@@ -26,7 +26,10 @@ USAGE = """usage: sanity VERB [ARGS]
 verbs:
   run [OVERRIDES]   run an experiment (Hydra overrides, e.g. model=cnn test=cascade; -m sweeps)
   list              the models, datasets, methods and tests the configs offer
-  figures RUN_DIR   redraw the figures and summary of a run from its results.csv
+  figures RUN_DIR [verdict.KEY=VALUE ...]
+                    redraw the figures, summary and verdicts of a run from its results.csv
+  report RUN_DIR [verdict.KEY=VALUE ...]
+                    judge each method again and write the run's report.html (opens in a browser)
   paper FIG [OVERRIDES] [--out DIR]
                     rerun a figure of the paper (fig1 .. fig6, or all) into DIR (outputs/paper)
   collect DIR [DIR ...] [--out DIR]
@@ -58,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return list_configs()
     if verb == "figures":
         return redraw(args)
+    if verb == "report":
+        return report(args)
     if verb == "paper":
         return paper(args)
     if verb == "collect":
         return collect(args)
-    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, paper, collect (sanity --help)")
+    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, report, paper, collect (sanity --help)")
 
 
 def list_configs() -> int:
@@ -72,22 +77,55 @@ def list_configs() -> int:
 
 
 def redraw(args: list[str]) -> int:
-    if len(args) != 1:
-        return fail("figures takes one argument, the run directory: sanity figures RUN_DIR")
+    """sanity figures RUN_DIR [verdict.KEY=VALUE ...]: figures, summary and verdicts again;
+    the report too when the run has one, so that it never disagrees with verdict.csv."""
+    if not args:
+        return fail("figures takes the run directory: sanity figures RUN_DIR [verdict.KEY=VALUE ...]")
     run_dir = Path(args[0])
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
+    from sanity_cli.figures import draw_verdict_figure
     from sanity_cli.pipeline import finish
+    from sanity_cli.report import interval_settings, write_report
     from sanity_cli.results import check_maps
+    from sanity_cli.verdict import parse_overrides, write_verdicts
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        overrides = parse_overrides(args[1:])
         check_maps(run_dir)
         figures = finish(run_dir).figures
+        verdicts = write_verdicts(run_dir, overrides)
+        figures.append(draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts)))
+        if (run_dir / "report.html").is_file():  # keep it in step with verdict.csv
+            figures.append(write_report(run_dir))
     except SanityError as error:
         return fail(str(error))
-    for path in figures:
+    for path in filter(None, figures):
         print(path)
+    print(run_dir / "verdict.csv")
+    return 0
+
+
+def report(args: list[str]) -> int:
+    """sanity report RUN_DIR [verdict.KEY=VALUE ...]: verdict.csv and report.html from the run's files."""
+    if not args:
+        return fail("report takes the run directory: sanity report RUN_DIR [verdict.KEY=VALUE ...]")
+    run_dir = Path(args[0])
+    if not (run_dir / "results.csv").is_file():
+        return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
+    from sanity_cli.report import verdict_lines, write_report
+    from sanity_cli.verdict import parse_overrides, write_verdicts
+
+    try:
+        verdicts = write_verdicts(run_dir, parse_overrides(args[1:]))
+        path = write_report(run_dir)
+    except SanityError as error:
+        return fail(str(error))
+    for line in verdict_lines(verdicts):
+        print(line)
+    print(f"verdict: {run_dir / 'verdict.csv'}")
+    print(f"report:  {path}")
     return 0
 
 
@@ -453,6 +491,9 @@ def run_task(cfg) -> None:
         lock.release()
     print(f"results: {run_dir / 'results.csv'}")
     print(f"summary: {run_dir / 'summary.csv'}")
+    for name in ("verdict.csv", "report.html"):  # written at the end of the run
+        if (run_dir / name).is_file():
+            print(f"{name.split('.')[0] + ':':9}{run_dir / name}")
     for figure in result.figures:
         print(f"figure:  {figure}")
 

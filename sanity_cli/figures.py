@@ -34,9 +34,11 @@ METRIC_TITLES = {
     "hog": "HOG similarity",
 }
 SPEARMAN = ("spearman_abs", "spearman")
+UNBOUNDED = ("entropy", "entropy_rise")  # scores of the entropy test: nats, and a relative rise
 STEP_XLABELS = {
     "cascade": "blocks re-initialized, cumulative from the top (logits) down",
     "smooth_cascade": "blocks re-initialized, cumulative from the top (logits) down",
+    "entropy": "blocks re-initialized, cumulative from the top (logits) down",
     "independent": "block re-initialized alone (the rest trained)",
 }
 # Tests that compare two maps once (two models, or two target classes): bars, not curves.
@@ -175,6 +177,12 @@ def y_limits(metric: str, lows: Iterable[float]) -> tuple[float, float]:
     return max(-1.05, min(floor, lowest)), 1.05
 
 
+def limit_y(ax: Axes, metric: str, lows: Iterable[float]) -> None:
+    """Similarities on their scale (at most 1); entropies and their rise are not bounded so: matplotlib's limits."""
+    if metric not in UNBOUNDED:
+        ax.set_ylim(*y_limits(metric, lows))
+
+
 def curves_figure(summary: pd.DataFrame, run: Run, metrics: list[str] | None = None) -> Figure:
     """Similarity to the trained model's maps against the block reached (paper Figs. 3 and 4).
 
@@ -192,7 +200,7 @@ def curves_figure(summary: pd.DataFrame, run: Run, metrics: list[str] | None = N
         draw_curves(ax, rows, run.explainers, colors)
         draw_controls(ax, rows[rows["step"] >= 1], run.controls)
         ax.set_xticks(blocks["step"], blocks["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
-        ax.set_ylim(*y_limits(metric, rows["mean"] - rows["std"].fillna(0)))
+        limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0))
         style_panel(ax, metric)
     fig.supxlabel(STEP_XLABELS.get(run.test, "model state"), fontsize=10)
     fig.suptitle(run.title, fontsize=12)
@@ -268,7 +276,7 @@ def bars_figure(summary: pd.DataFrame, run: Run) -> Figure:
                color=[colors[m] for m in methods], error_kw={"elinewidth": 1})
         draw_controls(ax, table[table["metric"] == metric], run.controls)
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
-        ax.set_ylim(*y_limits(metric, rows["mean"] - rows["std"].fillna(0)))
+        limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0))
         style_panel(ax, metric)
     fig.suptitle(run.title, fontsize=12)
     figure_legend(fig, axes)
@@ -444,3 +452,103 @@ def grid_layout(row_labels: list[str], column_labels: list[str], title: str
     height = top + grid_height + 0.1
     pad = (width - left - grid_width - 0.15) / 2
     return (width, height), [(left + pad) / width, 0.1 / height, grid_width / width, grid_height / height], rotate
+
+
+# ---------------------------------------------------------------- verdict figure
+
+VERDICT_YLABELS = {"entropy_rise": "entropy rise over the trained model's map"}
+CHANGE_WORDS = {"below": "pass below", "above": "pass above"}
+
+
+def draw_verdict_figure(run_dir: Path, verdicts: pd.DataFrame, *, level: float = 0.95, resamples: int = 1000,
+                        seed: int = 0) -> Path | None:
+    """The deciding metric of `verdicts` at every state, with its bootstrap interval and the
+    threshold: run_dir/figures/{test}_verdict.png (and .pdf). None when nothing decides."""
+    from sanity_cli.verdict import interval_table  # the verdict module draws nothing; only this figure needs it
+
+    deciding = verdicts[verdicts["decides"].astype(bool)]
+    if deciding.empty:
+        return None
+    run_dir = Path(run_dir)
+    results = pd.read_csv(run_dir / "results.csv")
+    first = deciding.iloc[0]
+    intervals = interval_table(results, str(first["metric"]), level=level, resamples=resamples, seed=seed)
+    run = describe_run(results, read_meta(run_dir / "maps.npz"))
+    fig = verdict_figure(intervals, deciding, run, level)
+    return save(fig, run_dir / "figures" / f"{run.test}_verdict.png")
+
+
+def read_meta(maps_path: Path) -> dict | None:
+    """maps.npz's description (see the module docstring), None without the file."""
+    if not maps_path.is_file():
+        return None
+    with np.load(maps_path) as npz:
+        return json.loads(str(npz["meta"][()]))
+
+
+def verdict_figure(intervals: pd.DataFrame, deciding: pd.DataFrame, run: Run, level: float) -> Figure:
+    """Mean and interval per method (curves over the states, or bars for the pair tests),
+    the threshold as a red line; each method's verdict in the legend when it has one verdict.
+
+    intervals: interval_table's rows (method, step, block, mean, ci_low, ci_high);
+    deciding: the verdict rows that decide (threshold, change, verdict per method and block).
+    """
+    metric, threshold, change = deciding.iloc[0][["metric", "threshold", "change"]]
+    verdict_of = (deciding.groupby("method")["verdict"].agg(lambda v: v.iloc[0] if len(v) == 1 else None)
+                  .to_dict())
+    methods = [m for m in [*run.explainers, *run.controls] if m in set(intervals["method"])]
+    colors = method_colors(run.methods)
+    label = {m: f"{m}{' (control)' if m in run.controls else ''}"
+                f"{': ' + verdict_of[m] if verdict_of.get(m) else ''}" for m in methods}
+    pair = run.test in PAIR_YLABELS
+    steps = intervals.drop_duplicates("step").sort_values("step")
+    width = max(5.5, 0.55 * len(methods) + 1.5) if pair else max(6.0, 0.35 * len(steps) + 1.6)
+    fig, (ax,) = panels(1, (width, 5.0), VERDICT_YLABELS.get(metric, "similarity to the trained model's map"))
+    rows = intervals[intervals["step"] >= 1] if pair else intervals
+    if pair:
+        draw_interval_bars(ax, rows, methods, colors, run.controls)
+        ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    else:
+        for method in methods:
+            draw_interval_curve(ax, rows[rows["method"] == method].sort_values("step"), colors[method],
+                                method in run.controls, label[method])
+        ax.set_xticks(steps["step"], steps["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor",
+                      fontsize=9)
+        fig.supxlabel(STEP_XLABELS.get(run.test, "model state"), fontsize=10)
+    ax.axhline(threshold, color="crimson", linestyle="--", linewidth=1.5,
+               label=f"threshold {threshold:g} ({CHANGE_WORDS.get(change, change)})")
+    limit_y(ax, metric, [*rows["ci_low"], threshold])
+    style_panel(ax, metric)
+    ax.set_title(f"{METRIC_TITLES.get(metric, metric)}\nmean over images and {level:.0%} bootstrap interval",
+                 fontsize=10)
+    fig.suptitle(run.title, fontsize=12)
+    if pair:
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods]
+        fig.legend([*handles, *ax.get_legend_handles_labels()[0]], [*(label[m] for m in methods),
+                   *ax.get_legend_handles_labels()[1]], loc="outside right upper", fontsize=9)
+    else:
+        figure_legend(fig, [ax])
+    return fig
+
+
+def draw_interval_curve(ax: Axes, line: pd.DataFrame, color, is_control: bool, label: str) -> None:
+    """A method's mean over the states with its interval as a band; controls dashed and grey-banded."""
+    if line.empty:
+        return
+    ax.plot(line["step"], line["mean"], marker="o", markersize=3, color=color, label=label,
+            linestyle="--" if is_control else "-", linewidth=1.2 if is_control else 1.6)
+    ax.fill_between(line["step"], line["ci_low"], line["ci_high"], color=color, alpha=0.1 if is_control else 0.2,
+                    linewidth=0)
+
+
+def draw_interval_bars(ax: Axes, rows: pd.DataFrame, methods: Sequence[str], colors: dict, controls: Sequence[str]
+                       ) -> None:
+    """One bar per method at its mean, the interval as an error bar; controls hatched."""
+    table = rows.groupby("method")[["mean", "ci_low", "ci_high"]].mean().reindex(methods)
+    errors = np.vstack([table["mean"] - table["ci_low"], table["ci_high"] - table["mean"]])
+    bars = ax.bar(range(len(methods)), table["mean"], width=0.65, color=[colors[m] for m in methods],
+                  yerr=np.nan_to_num(errors), capsize=3, error_kw={"elinewidth": 1})
+    for bar, method in zip(bars, methods):
+        if method in controls:
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)

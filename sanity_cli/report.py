@@ -1,0 +1,300 @@
+"""report.html: one self-contained page per run that a person opens in a browser.
+
+It opens with the verdict per method (colour and words), then the curves with their
+confidence bands, the map grids, the signal table, the robustness of each verdict
+to the normalization and the absolute value, the models' accuracies, the receipt of
+the states, the time taken, the settings and the command that reproduces the run.
+Figures are inlined as data URIs: the file needs no server and no network.
+
+Everything is read from the run directory, so a finished run can be reported again
+(`sanity report RUN_DIR`).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sanity_cli.configs import config_dir
+from sanity_cli.errors import SanityError
+from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
+from sanity_cli.verdict import run_info, variant_outcomes, write_verdicts
+
+VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "undefined")
+# The settings a rerun does not need on its command line (where files go, how work is batched).
+MACHINE_SETTINGS = ("resume", "device", "max_batch", "data_dir", "cache_dir", "hydra")
+FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
+    ("curves", "The deciding metric at every state, with its bootstrap interval and the threshold", "_verdict.png"),
+    ("curves", "Every metric, mean and one standard deviation over images", "_curves.png"),
+    ("curves", "Rank correlation with and without absolute value", "_spearman.png"),
+    ("curves", "Similarity of the two compared maps, mean and one standard deviation", "_similarity.png"),
+    ("maps", "Each method's map of the trained model, beside the controls", "methods.png"),
+    ("maps", "Maps at every state, |map|", "_grid_abs_"),
+    ("maps", "Maps at every state, signed", "_grid_diverging_"),
+    ("maps", "Maps of the two compared conditions", "_maps_"),
+)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Render run_dir/report.html from the run's files and return its path.
+
+    Uses verdict.csv (written by `write_verdicts` when absent) and whatever else the
+    run holds: figures/*.png, signal.csv, robustness.csv, run.json, states.csv,
+    .hydra/overrides.yaml.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.csv").is_file():
+        raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
+    verdict_path = run_dir / "verdict.csv"
+    verdicts = pd.read_csv(verdict_path) if verdict_path.is_file() else write_verdicts(run_dir)
+    draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts))
+    html = _environment().get_template("report.html.j2").render(**report_context(run_dir, verdicts))
+    path = run_dir / "report.html"
+    partial = path.with_suffix(".partial")
+    partial.write_text(html, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def interval_settings(verdicts: pd.DataFrame) -> dict:
+    """The level and resamples verdict.csv was computed with, so the figure's bands match its intervals."""
+    if verdicts.empty:
+        return {}
+    return {"level": float(verdicts["level"].iloc[0]), "resamples": int(verdicts["resamples"].iloc[0])}
+
+
+def _environment() -> Environment:
+    env = Environment(loader=PackageLoader("sanity_cli", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["number"] = number
+    return env
+
+
+def report_context(run_dir: Path, verdicts: pd.DataFrame) -> dict:
+    """What the template shows, as plain values (strings, lists of dicts)."""
+    info = run_info(run_dir)
+    settings = info.get("settings", {})
+    meta = read_meta(run_dir / "maps.npz") or {}
+    deciding = verdicts[verdicts["decides"].astype(bool)]
+    others = verdicts[~verdicts["decides"].astype(bool)]
+    per_block = deciding.groupby("method")["block"].nunique().max() > 1 if len(deciding) else False
+    return {
+        "title": meta.get("title") or _title(verdicts, settings),
+        "rule": _rule(deciding),
+        "counts": _counts(deciding),
+        "per_block": bool(per_block),
+        "verdicts": _records(deciding),
+        "shared_notes": shared_notes(deciding),
+        "other_metrics": _records(others),
+        "robustness": _robustness(run_dir, deciding),
+        "figures": _figures(run_dir),
+        "signal": _table(run_dir / "signal.csv"),
+        "models": [{"model": name, **{k: number(v) for k, v in values.items()}}
+                   for name, values in (info.get("models") or {}).items()],
+        "states": _table(run_dir / "states.csv"),
+        "timing": [{"part": part, "seconds": number(seconds, 1)} for part, seconds in
+                   (info.get("timing_s") or {}).items()],
+        "command": reproduce_command(run_dir, settings),
+        "settings": yaml.safe_dump(settings, sort_keys=False, default_flow_style=None, width=100) if settings
+        else "",
+    }
+
+
+def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
+    """One line per deciding row, for the terminal: method (block), verdict, mean and interval."""
+    deciding = verdicts[verdicts["decides"].astype(bool)]
+    per_block = deciding.groupby("method")["block"].nunique().max() > 1 if len(deciding) else False
+    names = [f"{row.method} ({row.block})" if per_block else str(row.method) for row in deciding.itertuples()]
+    width = max(map(len, names), default=0)
+    lines = []
+    for name, row in zip(names, deciding.itertuples()):
+        holds = f"  holds in {row.holds_in}" if isinstance(row.holds_in, str) and row.holds_in else ""
+        lines.append(f"{name:{width}}  {row.verdict:13} {row.metric} {number(row.mean)} "
+                     f"[{number(row.ci_low)}, {number(row.ci_high)}]{holds}")
+    return lines
+
+
+def number(value, digits: int = 3) -> str:
+    """A table cell: numbers rounded, NaN and missing as an en dash, the rest as text."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _title(verdicts: pd.DataFrame, settings: Mapping) -> str:
+    if len(verdicts):
+        first = verdicts.iloc[0]
+        return f"{first['test']}: {first['model']} on {first['dataset']}"
+    return str(settings.get("test", {}).get("name", "run"))
+
+
+def _rule(deciding: pd.DataFrame) -> dict:
+    """The rule in words, with the numbers of this table."""
+    if deciding.empty:
+        return {}
+    first = deciding.iloc[0]
+    metric = str(first["metric"])
+    return {"metric": metric, "metric_title": METRIC_TITLES.get(metric, metric), "threshold": first["threshold"],
+            "side": first["change"], "other_side": "above" if first["change"] == "below" else "below",
+            "level": f"{first['level']:.0%}", "resamples": int(first["resamples"]), "block": first["block"]}
+
+
+def _counts(deciding: pd.DataFrame) -> list[dict]:
+    """How many verdicts of each kind, controls aside, in the order of VERDICT_ORDER."""
+    counted = deciding[~deciding["is_control"].astype(bool)]["verdict"].value_counts()
+    return [{"verdict": v, "n": int(counted[v])} for v in VERDICT_ORDER if v in counted]
+
+
+def shared_notes(table: pd.DataFrame) -> list[str]:
+    """The parts of the notes that every row has (e.g. too few images): said once above the table."""
+    parts = [set(_note_parts(note)) for note in table["note"]] if len(table) > 1 else []
+    return sorted(set.intersection(*parts)) if parts else []
+
+
+def _note_parts(note) -> list[str]:
+    return [] if pd.isna(note) or not str(note) else str(note).split("; ")
+
+
+def _records(table: pd.DataFrame) -> list[dict]:
+    """Verdict rows as display strings; notes without the parts every row shares."""
+    rows = []
+    shared = set(shared_notes(table))
+    for row in table.to_dict("records"):
+        interval = (f"[{number(row['ci_low'])}, {number(row['ci_high'])}]"
+                    if not math.isnan(row["ci_low"]) else "–")
+        spread = f"{int(row['n_seeds'])} (spread {number(row['seed_std'])})" if row["n_seeds"] > 1 else \
+            str(int(row["n_seeds"]))
+        rows.append({**row, "mean_text": number(row["mean"]), "interval": interval, "seeds": spread,
+                     "values": f"{int(row['n'])}" + (f" (+{int(row['n_nan'])} NaN)" if row["n_nan"] else ""),
+                     "holds_in": "" if pd.isna(row["holds_in"]) else str(row["holds_in"]),
+                     "note": "; ".join(p for p in _note_parts(row["note"]) if p not in shared),
+                     "is_control": bool(row["is_control"])})
+    return rows
+
+
+def _robustness(run_dir: Path, deciding: pd.DataFrame) -> dict:
+    """Each method's outcome under every normalization, with and without absolute value."""
+    path = run_dir / "robustness.csv"
+    if deciding.empty or not path.is_file():
+        return {}
+    first = deciding.iloc[0]
+    variants = variant_outcomes(pd.read_csv(path), threshold=float(first["threshold"]), level=float(first["level"]),
+                                resamples=int(first["resamples"]))
+    if variants.empty:
+        return {}
+    schemes, metrics = list(dict.fromkeys(variants["normalization"])), list(dict.fromkeys(variants["metric"]))
+    rows = []
+    for (method, block), part in variants.groupby(["method", "block"], sort=False):
+        cells = {(row.normalization, row.metric): {"outcome": row.outcome, "mean": number(row.mean)}
+                 for row in part.itertuples()}
+        rows.append({"method": method, "block": block,
+                     "cells": [cells.get((scheme, metric)) for scheme in schemes for metric in metrics]})
+    return {"schemes": schemes, "metrics": metrics, "rows": rows, "threshold": first["threshold"]}
+
+
+def _figures(run_dir: Path) -> dict[str, list[dict]]:
+    """The run's PNGs as data URIs, by section ("curves", "maps"), in FIGURE_SECTIONS' order."""
+    found = sorted((run_dir / "figures").glob("*.png"))
+    sections: dict[str, list[dict]] = {"curves": [], "maps": []}
+    for section, caption, ending in FIGURE_SECTIONS:
+        for path in [p for p in found if p.name.endswith(ending) or (ending.endswith("_") and ending in p.name)]:
+            found.remove(path)
+            sections[section].append({"caption": caption, "name": path.name, "uri": data_uri(path)})
+    sections["maps"] += [{"caption": "", "name": p.name, "uri": data_uri(p)} for p in found]
+    return sections
+
+
+def data_uri(path: Path) -> str:
+    """A PNG file as a data: URI, so the page carries its images."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _table(path: Path) -> dict:
+    """A CSV file as {"columns": [...], "rows": [[cell, ...]]} of display strings; {} when absent."""
+    if not path.is_file():
+        return {}
+    table = pd.read_csv(path)
+    return {"columns": list(table.columns),
+            "rows": [[number(v) for v in row] for row in table.itertuples(index=False)]}
+
+
+# ---------------------------------------------------------------- the command that reproduces the run
+
+
+def reproduce_command(run_dir: Path, settings: Mapping) -> str:
+    """`sanity run ...` with the overrides Hydra recorded (.hydra/overrides.yaml), or,
+    for a run started from Python, overrides reconstructed from run.json's settings."""
+    recorded = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if recorded.is_file():
+        overrides = [o for o in (yaml.safe_load(recorded.read_text()) or []) if not o.startswith("hydra.")]
+    elif settings:
+        overrides = overrides_of(settings)
+    else:
+        return ""
+    return " ".join(["sanity run", *(shlex.quote(o) for o in overrides)])
+
+
+def overrides_of(settings: Mapping) -> list[str]:
+    """The overrides that compose `settings` from the packaged configs: the group choices,
+    then every setting that differs from what those choices give."""
+    choices = [f"{group}={settings[group]['name']}" for group in ("model", "dataset", "test")
+               if isinstance(settings.get(group), Mapping) and settings[group].get("name")]
+    methods = list(settings.get("method") or {})
+    if methods:
+        choices.append(f"method=[{','.join(methods)}]")
+    defaults = _composed(choices)
+    if defaults is None:  # a group choice that is not a packaged config (a plug-in): the choices say the most
+        return choices
+    return choices + [f"{key}={_value(value)}" for key, value in _differences(defaults, settings)]
+
+
+def _composed(overrides: list[str]) -> dict | None:
+    """The packaged config composed with `overrides`, as a dict without the machine settings; None if it fails."""
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException):
+        return None
+    values = OmegaConf.to_container(cfg, resolve=False)
+    return {key: value for key, value in values.items() if key not in MACHINE_SETTINGS}
+
+
+def _differences(defaults: Mapping, settings: Mapping, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) for every leaf of `settings` that `defaults` does not have the same."""
+    found = []
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping):
+            found += _differences(defaults[key], value, f"{prefix}{key}.")
+        elif key not in defaults:
+            found.append((f"+{prefix}{key}", value))
+        elif defaults[key] != value:
+            found.append((f"{prefix}{key}", value))
+    return found
+
+
+def _value(value) -> str:
+    """A value as Hydra's override grammar writes it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(_value(v) for v in value)}]"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{key}:{_value(v)}" for key, v in value.items()) + "}"
+    return str(value)

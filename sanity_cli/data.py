@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sanity_cli import plugins
 from sanity_cli.errors import SanityError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ class ImageData:
 
 def geometry(cfg) -> tuple[int, int]:
     """Channels and size of the images of the dataset that `cfg` names, known without
-    loading it (folder datasets take the model's size; 224 stands in)."""
+    loading it (folder datasets take the model's size; 224 stands in), but for a
+    custom dataset, whose first image says."""
+    if cfg.get("kind") == "custom":
+        return custom_geometry(cfg)
     return {"digits": (1, cfg.get("image_size", 28)), "mnist": (1, 28), "fashion_mnist": (1, 28),
             "cifar10": (3, 32)}.get(cfg.name, (3, 224))
 
@@ -85,10 +89,12 @@ def load_dataset(cfg, *, data_dir: str | Path, seed: int, n_images: int,
         "cifar10": lambda: load_torchvision("CIFAR10", data_dir),
         "imagefolder": lambda: load_image_folder(cfg.path, image_size or 224, n_images, seed, cfg.get("classes")),
         "samples": lambda: load_samples(image_size or 224),
+        "custom": lambda: load_custom(cfg, n_images, seed, image_size),
     }
-    if cfg.name not in loaders:
-        raise SanityError(f"unknown dataset '{cfg.name}'; choose one of: {', '.join(loaders)}")
-    return loaders[cfg.name]()
+    kind = cfg.get("kind") or cfg.name
+    if kind not in loaders:
+        raise SanityError(f"unknown dataset '{kind}'; choose one of: {', '.join(loaders)}")
+    return loaders[kind]()
 
 
 def load_digits(image_size: int, test_fraction: float, seed: int) -> ImageData:
@@ -317,3 +323,128 @@ def select_images(labels: Tensor, n: int, seed: int) -> Tensor:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     per_class = [order[labels[order] == c].tolist() for c in labels.unique().tolist()]
     return torch.tensor(_balanced(per_class, min(n, len(labels))), dtype=torch.long)
+
+
+def load_custom(cfg, n_images: int, seed: int, image_size: int | None) -> ImageData:
+    """A user's own dataset (`dataset=custom`): the map-style torch Dataset of (image,
+    label) pairs that `dataset._target_` returns, and the optional training split that
+    `dataset.train_split._target_` returns.
+
+    Of the test split only `n_images` items are read: balanced across classes where
+    the dataset lists its labels in `targets` (as torchvision's do), else a seeded
+    random choice. The training split is read whole. Images may be tensors (C, H, W)
+    or (H, W) in [0, 1] (or uint8), PIL images, or arrays (H, W[, C]); images of other
+    sizes than `image_size` x `image_size` are resized and center-cropped to it.
+    """
+    test = plugins.build_dataset(cfg, "dataset")
+    test_x, test_y = _read_items(test, _test_indices(test, n_images, seed), image_size, "dataset")
+    train_x = train_y = None
+    if cfg.get("train_split"):
+        train = plugins.build_dataset(cfg.train_split, "dataset.train_split")
+        train_x, train_y = _read_items(train, range(len(train)), image_size, "dataset.train_split")
+    return ImageData(cfg.name, test_x, test_y, _class_names(test, test_y, train_y), train_x, train_y)
+
+
+def custom_geometry(cfg) -> tuple[int, int]:
+    """Channels and (shorter) side of the first image of a custom dataset."""
+    dataset = plugins.build_dataset(cfg, "dataset")
+    if len(dataset) == 0:
+        raise SanityError(f"dataset._target_ '{cfg._target_}' returned an empty dataset; give one with images")
+    image = _item_image(_item(dataset, 0, "dataset")[0], 0, "dataset")
+    return image.shape[0], min(image.shape[1:])
+
+
+def _test_indices(dataset, n: int, seed: int) -> list[int]:
+    if len(dataset) == 0:
+        raise SanityError("dataset._target_ returned an empty dataset; give one with images")
+    targets = getattr(dataset, "targets", None)
+    try:
+        labels = torch.as_tensor(np.asarray(targets), dtype=torch.long) if targets is not None else None
+    except (TypeError, ValueError):  # targets that are not class numbers say nothing about balance
+        labels = None
+    if labels is not None and labels.dim() == 1 and len(labels) == len(dataset):
+        chosen = select_images(labels, n, seed)
+    else:
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return sorted(chosen.tolist())
+
+
+def _item(dataset, index: int, setting: str) -> tuple:
+    try:
+        item = dataset[index]
+    except Exception as error:  # noqa: BLE001 - the user's dataset code may fail in any way
+        raise SanityError(f"{setting}: reading item {index} failed ({type(error).__name__}: "
+                          f"{' '.join(str(error).split())[:160]})") from None
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise SanityError(f"{setting}: item {index} is a {type(item).__name__}, not an (image, label) pair; "
+                          "make the dataset return (image, label)")
+    return item
+
+
+def _read_items(dataset, indices, image_size: int | None, setting: str) -> tuple[Tensor, Tensor]:
+    """The images (N, C, S, S) in [0, 1] and labels (N,) of the items at `indices`."""
+    images, labels = [], []
+    for index in indices:
+        image, label = _item(dataset, index, setting)[:2]
+        images.append(_item_image(image, index, setting))
+        labels.append(_item_label(label, index, setting))
+    return _same_size(images, image_size), torch.tensor(labels, dtype=torch.long)
+
+
+def _item_image(image, index: int, setting: str) -> Tensor:
+    """One image as float (C, H, W) in [0, 1], C = 1 or 3."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"))
+    if isinstance(image, np.ndarray):  # arrays and PIL images are (H, W[, C])
+        image = torch.from_numpy(image.copy())
+        image = image.permute(2, 0, 1) if image.dim() == 3 else image
+    if not isinstance(image, Tensor):
+        raise SanityError(f"{setting}: the image of item {index} is a {type(image).__name__}; give a tensor "
+                          "(C, H, W), a PIL image or an array (e.g. add transform=ToTensor())")
+    image = image[None] if image.dim() == 2 else image
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise SanityError(f"{setting}: the image of item {index} has shape {tuple(image.shape)}; "
+                          "give (C, H, W) with 1 or 3 channels")
+    if image.dtype == torch.uint8:
+        return image.float().div(255.0)
+    if not image.is_floating_point():
+        raise SanityError(f"{setting}: the image of item {index} is {image.dtype}; give float in [0, 1] or uint8")
+    low, high = image.min().item(), image.max().item()
+    if low < -1e-4 or high > 1 + 1e-4:  # e.g. a Normalize transform: the model's settings normalize
+        raise SanityError(f"{setting}: the image of item {index} has values in [{low:.3g}, {high:.3g}], not in "
+                          "[0, 1]; drop a Normalize transform and set model.mean and model.std instead")
+    return image.float().clamp(0, 1)
+
+
+def _item_label(label, index: int, setting: str) -> int:
+    if label is None:
+        return UNLABELLED
+    if isinstance(label, Tensor) and label.numel() == 1:
+        label = label.item()
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and label >= UNLABELLED:
+        return int(label)
+    raise SanityError(f"{setting}: the label of item {index} is {label!r}; give a class number (0, 1, ...)")
+
+
+def _same_size(images: list[Tensor], size: int | None) -> Tensor:
+    """Stack (C, H, W) images; unequal or non-square ones are resized and center-cropped
+    to `size` (default: the first image's shorter side), gray ones repeated to RGB
+    where the others are in colour."""
+    channels = max(image.shape[0] for image in images)
+    images = [image.expand(channels, -1, -1) for image in images]
+    first = images[0].shape
+    if first[1] == first[2] and all(image.shape == first for image in images) and size in (None, first[1]):
+        return torch.stack(images)
+    size = size or min(first[1:])
+    return torch.stack([_fit(image, size) for image in images])
+
+
+def _class_names(dataset, *labels: Tensor | None) -> list[str]:
+    """The dataset's own `classes` where it has them for every label, else '0', '1', ..."""
+    count = max([int(y.max()) + 1 for y in labels if y is not None and len(y)] + [0])
+    names = getattr(dataset, "classes", None)
+    if isinstance(names, (list, tuple)) and len(names) >= count:
+        return [str(name) for name in names]
+    return [str(i) for i in range(count)]

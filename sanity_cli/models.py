@@ -1,23 +1,42 @@
-"""Model construction: the paper's MNIST architectures and any timm model.
+"""Model construction: the paper's MNIST architectures, any timm model, and a user's
+own model (`model=custom model._target_=pkg.Net`, or a TorchScript file); safe
+loading of weight files.
 
 Inputs to every model are normalized images: `InputSpec` says how (channels, size,
 mean, std). Saliency maps are taken with respect to these normalized inputs, as in
 the paper (Inception v3 sees x / 127.5 - 1, i.e. mean = std = 0.5).
+
+Weight files are read with `torch.load(weights_only=True)` (or safetensors), so a
+file can hold tensors but no code; a TorchScript file (`model=custom`) runs the code
+it carries, so load only TorchScript files you trust.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from sanity_cli import plugins
 from sanity_cli.errors import SanityError
 
-TRAINABLE_KINDS = ("cnn", "mlp")
+TRAINABLE_KINDS = ("cnn", "mlp", "custom")
 MODEL_KINDS = (*TRAINABLE_KINDS, "timm")
+# Built-in methods that need no hooks on the model's modules (a TorchScript model takes none).
+HOOK_FREE_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad", "edge",
+                     "random")
+# Entries of a training checkpoint's dict that hold the model's state_dict, first found wins.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
 
 @dataclass(frozen=True)
@@ -87,36 +106,118 @@ class PaperMLP(nn.Module):
 
 
 def input_spec(model_cfg, channels: int, size: int) -> InputSpec:
-    """The input a model expects. Models trained here take the dataset's own images
-    in [0, 1]; timm models take what their pretrained configuration says."""
-    if model_cfg.kind in TRAINABLE_KINDS:
-        return InputSpec(channels, size, (0.0,) * channels, (1.0,) * channels)
-    from timm.models import get_pretrained_cfg
+    """The input a model expects.
 
-    pretrained = get_pretrained_cfg(model_cfg.name)
-    if pretrained is None:
-        raise SanityError(f"unknown timm model '{model_cfg.name}'; see timm.list_models() for the names")
-    c, h, _ = pretrained.input_size
-    return InputSpec(c, h, tuple(pretrained.mean), tuple(pretrained.std))
+    Defaults: models built here (cnn, mlp, custom) take the dataset's own images
+    (`channels`, `size`) in [0, 1]; timm models take what their pretrained
+    configuration says. The model settings `channels`, `input_size`, `mean` and `std`
+    (a number, or one per channel) override those defaults.
+    """
+    if model_cfg.kind == "timm":
+        from timm.models import get_pretrained_cfg
+
+        pretrained = get_pretrained_cfg(model_cfg.name)
+        if pretrained is None:
+            raise SanityError(f"unknown timm model '{model_cfg.name}'; see timm.list_models() for the names")
+        channels, size, _ = pretrained.input_size
+        mean, std = tuple(pretrained.mean), tuple(pretrained.std)
+    else:
+        mean, std = (0.0,), (1.0,)
+    channels = _whole(model_cfg, "channels", channels)
+    size = _whole(model_cfg, "input_size", size)
+    mean = _per_channel(model_cfg, "mean", mean, channels)
+    std = _per_channel(model_cfg, "std", std, channels)
+    if min(std) <= 0:
+        raise SanityError(f"model.std must be above 0, not {list(std)}")
+    return InputSpec(channels, size, mean, std)
+
+
+def _whole(model_cfg, key: str, default: int) -> int:
+    value = model_cfg.get(key)
+    if value is None:
+        return int(default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SanityError(f"model.{key} must be a whole number of at least 1, not '{value}'")
+    return value
+
+
+def _per_channel(model_cfg, key: str, default: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """A number or a list of one number per channel, as a tuple of `channels` floats."""
+    value = model_cfg.get(key)
+    values = list(default) if value is None else list(value) if OmegaConf.is_list(value) else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        raise SanityError(f"model.{key} must be a number or a list of numbers, one per channel; got '{value}'")
+    if len(values) == 1:
+        values = values * channels
+    if len(values) != channels:
+        raise SanityError(f"model.{key} has {len(values)} values for {channels} input channels; "
+                          "give one per channel, or one for all")
+    return tuple(float(v) for v in values)
 
 
 def build_model(model_cfg, num_classes: int, spec: InputSpec) -> nn.Module:
     """Build the model that `model_cfg` describes, with weights loaded when it names any.
 
-    cnn and mlp come back freshly initialized (training is the caller's business)
-    unless `checkpoint` is set; timm models load pretrained weights or a checkpoint.
+    cnn, mlp and custom come back freshly initialized (training is the caller's
+    business) unless `checkpoint` is set; timm models load pretrained weights or a
+    checkpoint. A custom model is tried once on a (2, C, H, W) input, and one that
+    will be trained must have `num_classes` outputs.
     """
+    checkpoint = model_cfg.get("checkpoint")
+    if model_cfg.kind == "custom":
+        return _build_custom(model_cfg, num_classes, spec)
+    if model_cfg.kind == "timm":
+        return _build_timm(model_cfg, num_classes)
     if model_cfg.kind == "cnn":
         model = PaperCNN(spec.channels, num_classes, spec.size)
     elif model_cfg.kind == "mlp":
         model = PaperMLP(spec.channels * spec.size**2, num_classes)
-    elif model_cfg.kind == "timm":
-        return _build_timm(model_cfg, num_classes)
     else:
         raise SanityError(f"unknown model kind '{model_cfg.kind}'; choose one of: {', '.join(MODEL_KINDS)}")
-    if model_cfg.get("checkpoint"):
-        _load(model, model_cfg.checkpoint, lambda: model.load_state_dict(_read_checkpoint(model_cfg.checkpoint)))
+    if checkpoint:
+        load_weights(model, checkpoint)
     return model
+
+
+def _build_custom(model_cfg, num_classes: int, spec: InputSpec) -> nn.Module:
+    checkpoint, target = model_cfg.get("checkpoint"), model_cfg.get("_target_")
+    if checkpoint and is_torchscript(checkpoint):
+        if target:
+            raise SanityError(f"checkpoint '{checkpoint}' is a TorchScript model, which brings its own "
+                              f"architecture; drop model._target_ (now '{target}')")
+        model = torch.jit.load(str(checkpoint), map_location="cpu")
+    elif not target:
+        raise SanityError("model=custom needs model._target_=module.ClassName (a class or function returning an "
+                          "nn.Module), or model.checkpoint=PATH of a TorchScript model")
+    else:
+        model = plugins.build_module(model_cfg)
+        if checkpoint:
+            load_weights(model, checkpoint)
+    _try_input(model, spec, None if checkpoint else num_classes, model_cfg.get("name", "custom"))
+    return model
+
+
+@torch.no_grad()
+def _try_input(model: nn.Module, spec: InputSpec, num_classes: int | None, name: str) -> None:
+    """Run the model once on zeros of the configured input, so that a wrong geometry is
+    one line now rather than a traceback mid-run."""
+    shape = (2, spec.channels, spec.size, spec.size)
+    was_training = model.training
+    try:
+        model.eval()
+        logits = model(torch.zeros(shape))
+    except Exception as error:  # noqa: BLE001 - any failure of user code on this input means the same
+        detail = " ".join(str(error).split())[:160]
+        raise SanityError(f"model {name} fails on a {shape} input ({type(error).__name__}: {detail}); set "
+                          "model.channels and model.input_size to the input it expects") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or len(logits) != 2:
+        raise SanityError(f"model {name} returns {type(logits).__name__} {tuple(getattr(logits, 'shape', ()))} "
+                          "for 2 inputs; it must return (B, K) logits")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise SanityError(f"model {name} has {logits.shape[1]} outputs but the dataset has {num_classes} classes; "
+                          f"build it with {num_classes} outputs (e.g. +model.num_classes={num_classes})")
 
 
 def _build_timm(model_cfg, num_classes: int) -> nn.Module:
@@ -126,9 +227,10 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
     if not timm.is_model(name):
         raise SanityError(f"unknown timm model '{name}'; see timm.list_models() for the names")
     if checkpoint:
+        weights = read_weights(checkpoint)  # an unfit file fails before the (slower) model is built
         model = timm.create_model(name, pretrained=False)
-        path = str(_existing(checkpoint))
-        _load(model, checkpoint, lambda: timm.models.load_checkpoint(model, path))
+        _match_classifier(model, weights)
+        _load_into(model, weights, checkpoint)
         return model
     if not model_cfg.pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
@@ -141,23 +243,200 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
         ) from None
 
 
-def _load(model: nn.Module, path: str, load) -> None:
-    """Run `load`; a checkpoint of another architecture becomes a one-line error."""
-    try:
-        load()
-    except (RuntimeError, KeyError, ValueError) as error:
-        detail = " ".join(str(error).split())[:160] or type(error).__name__
-        raise SanityError(f"checkpoint '{path}' does not fit {type(model).__name__} ({detail}); "
-                          "give the weights of the configured model and input size") from None
+def _match_classifier(model: nn.Module, weights: dict[str, Tensor]) -> None:
+    """A fine-tuned timm checkpoint may have another number of classes than the
+    ImageNet default: give the model a head of the checkpoint's size."""
+    head = getattr(model, "pretrained_cfg", {}).get("classifier")
+    names = [head] if isinstance(head, str) else list(head or [])
+    for name in names:
+        weight = weights.get(f"{name}.weight")
+        if weight is not None and weight.dim() >= 1 and weight.shape[0] != model.num_classes:
+            model.reset_classifier(weight.shape[0])
+            return
 
 
-def _existing(path: str) -> Path:
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load the state_dict in the file at `path` into `model`; every way the file can
+    be unfit (see `read_weights`), or not fit the model, is a one-line SanityError."""
+    _load_into(model, read_weights(path), path)
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """The weights in a .pt / .pth (read with weights_only=True) or .safetensors file.
+
+    A training checkpoint's dict is unwrapped (`state_dict`, `model_state_dict` or
+    `model` entry), DataParallel / torch.compile prefixes are dropped, and every
+    floating-point tensor must be finite.
+    """
+    file = _existing(path)
+    if file.suffix == ".safetensors":
+        state: Any = _read_safetensors(file)
+    elif is_torchscript(file):
+        raise SanityError(f"checkpoint '{file}' is a TorchScript model, not a state_dict; load it with "
+                          f"model=custom model.checkpoint={file}")
+    else:
+        state = _torch_load(file)
+    weights = _weights_of(state, file)
+    _check_finite(weights, file)
+    return weights
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """Whether the file is a TorchScript archive (torch.jit.save): a zip with a code/ folder."""
     file = Path(path).expanduser()
+    if not file.is_file() or not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return any(part == "code" for name in archive.namelist() for part in name.split("/")[1:2])
+
+
+def _existing(path: str | Path) -> Path:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise SanityError(f"checkpoint '{file}' is a directory; set model.checkpoint to a weights file in it "
+                          "(.pt, .pth or .safetensors)")
     if not file.is_file():
         raise SanityError(f"checkpoint '{file}' does not exist; set model.checkpoint to a saved weights file")
+    if file.stat().st_size == 0:
+        raise SanityError(f"checkpoint '{file}' is empty; save the weights again with "
+                          "torch.save(model.state_dict(), PATH)")
     return file
 
 
-def _read_checkpoint(path: str) -> dict[str, Tensor]:
-    state = torch.load(_existing(path), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+def _torch_load(file: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain containers, no code.
+    argparse.Namespace is allowed too: timm's training checkpoints keep their args in one."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # torch refused a class or function in the pickle
+        if not found:
+            raise _not_weights(file, error) from None
+        raise SanityError(f"checkpoint '{file}' holds pickled Python objects ({found.group(1)}), not just weights, "
+                          "and is not loaded (pickles can run code); save a state_dict instead: "
+                          "torch.save(model.state_dict(), PATH)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise _not_weights(file, error) from None
+
+
+def _not_weights(file: Path, error: Exception) -> SanityError:
+    detail = " ".join(str(error).split())[:120]
+    return SanityError(f"checkpoint '{file}' is not a PyTorch weights file ({type(error).__name__}: {detail}); "
+                       "give a file saved with torch.save(model.state_dict(), PATH), or a .safetensors file")
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file  # installed with timm
+
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        detail = " ".join(str(error).split())[:120]
+        raise SanityError(f"checkpoint '{file}' is not a readable safetensors file ({detail})") from None
+
+
+def _weights_of(state: Any, file: Path) -> dict[str, Tensor]:
+    """The parameter tensors of a loaded checkpoint; anything else is a one-line error."""
+    fix = "save the weights with torch.save(model.state_dict(), PATH)"
+    if isinstance(state, Tensor):
+        raise SanityError(f"checkpoint '{file}' holds a single tensor {tuple(state.shape)}, not a state_dict "
+                          f"(a dict of parameter names to tensors); {fix}")
+    if not isinstance(state, Mapping):
+        raise SanityError(f"checkpoint '{file}' holds a {type(state).__name__}, not a state_dict "
+                          f"(a dict of parameter names to tensors); {fix}")
+    for key in WRAPPER_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    weights = {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
+    if not weights:
+        keys = ", ".join(map(str, list(state)[:6])) or "none"
+        raise SanityError(f"checkpoint '{file}' holds a dict without weights (keys: {keys}); {fix}")
+    for prefix in ("module.", "_orig_mod."):  # DataParallel and torch.compile wrappers
+        if all(k.startswith(prefix) for k in weights):
+            weights = {k[len(prefix):]: v for k, v in weights.items()}
+    return weights
+
+
+def _check_finite(weights: dict[str, Tensor], file: Path) -> None:
+    bad = [name for name, value in weights.items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise SanityError(f"checkpoint '{file}' has NaN or infinite values in {bad[0]}{more}; the training "
+                          "diverged or the file is damaged: give a checkpoint with finite weights")
+
+
+def _load_into(model: nn.Module, weights: dict[str, Tensor], path: str | Path) -> None:
+    """load_state_dict, after naming what does not fit: missing and unexpected keys, other shapes."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k}: {tuple(weights[k].shape)} in the file, {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    problems = [f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes))
+                if items]
+    if problems:
+        raise SanityError(f"checkpoint '{path}' does not fit {type(model).__name__}: {'; '.join(problems)}; "
+                          "give the weights of the configured model, input size and number of classes")
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, ValueError) as error:
+        detail = " ".join(str(error).split())[:160]
+        raise SanityError(f"checkpoint '{path}' does not load into {type(model).__name__} ({detail})") from None
+
+
+@torch.no_grad()
+def default_gradcam_layer(model: nn.Module, example: Tensor) -> str | None:
+    """The name of the last module, in forward order, that outputs a (B, K, h, w) tensor
+    with h * w > 1 and runs once per forward: GradCAM's layer for a model whose config
+    names none. None where there is no such module (or the model takes no hooks, as a
+    TorchScript model). `example` is one input batch (1, C, H, W) on the model's device.
+    """
+    finished: list[str] = []
+    calls: dict[str, int] = {}
+
+    def keep(name: str):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+                finished.append(name)
+        return hook
+
+    if isinstance(model, torch.jit.ScriptModule):
+        return None
+    handles = [module.register_forward_hook(keep(name)) for name, module in model.named_modules() if name]
+    was_training = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    once = [name for name in finished if calls[name] == 1]
+    return once[-1] if once else None
+
+
+def check_torchscript(model: nn.Module, test: str, randomizes: bool, methods: Mapping[str, Any]) -> None:
+    """A TorchScript model takes no hooks on its modules: refuse, in one line before any
+    work, a check that randomizes blocks (finding them needs hooks) and a built-in
+    method that hooks (GradCAM, guided backprop, ...). `methods` is {key: options}
+    of the run; plugged methods check their own needs. Nothing to do for other models."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        return
+    hooking = [key for key, options in methods.items() if _hooks(key, dict(options or {}))]
+    needs = f"test={test}" if randomizes else f"method {hooking[0]}" if hooking else None
+    if needs:
+        raise SanityError(f"{needs} needs hooks on the model's modules, which a TorchScript model does not take; "
+                          f"use test=random_logit with methods among {', '.join(HOOK_FREE_METHODS)}, or load a "
+                          "state_dict into model._target_ instead")
+
+
+def _hooks(key: str, options: dict) -> bool:
+    kind = options.get("method") or key
+    if kind in ("smoothgrad", "vargrad"):  # as their base method does
+        return _hooks(str(options.get("base", "gradient")), {})
+    return kind not in (*HOOK_FREE_METHODS, "captum", "lrp", "callable")

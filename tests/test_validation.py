@@ -72,5 +72,6 @@ def test_gradcam_without_a_convolution(make_cfg):
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):
     torch.save(PaperCNN(1, 10, 32).state_dict(), tmp_path / "cnn32.pt")
     cfg = OmegaConf.create({"kind": "cnn", "name": "cnn", "checkpoint": str(tmp_path / "cnn32.pt")})
-    with pytest.raises(SanityError, match="does not fit PaperCNN .*size mismatch"):
+    with pytest.raises(SanityError, match=r"does not fit PaperCNN: 1 of another shape \(fc1.weight: \(1024, 4096\) "
+                                          r"in the file, \(1024, 3136\) in the model\)"):
         build_model(cfg, 10, InputSpec(1, 28, (0.0,), (1.0,)))

@@ -16,6 +16,7 @@ from sanity_cli.methods.external import EXTERNAL_KINDS, check_options, is_extern
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
 from sanity_cli.randomization import INIT_POLICIES, ORDERS
 from sanity_cli.sharding import parse_shard
+from sanity_cli.verdict import VerdictSettings
 
 TARGETS = ("predicted", "label", "original")
 
@@ -47,6 +48,7 @@ def validate(cfg: DictConfig) -> None:
         _check_number(cfg, key, kind, bound)
     _check_lists(cfg)
     _check_shard(cfg)
+    _check_verdict(cfg)
     if cfg.labels not in (True, "true", "shuffled"):
         raise SanityError(f"unknown labels '{cfg.labels}'; choose true or shuffled")
     if cfg.labels == "shuffled" and cfg.test.name == "data":
@@ -114,6 +116,12 @@ def _check_shard(cfg: DictConfig) -> None:
     if shard is not None and isinstance(cfg.n_images, int) and shard.count > cfg.n_images:
         raise SanityError(f"shard={shard} splits n_images={cfg.n_images} images {shard.count} ways, so some "
                           f"shards are empty; use at most {cfg.n_images} shards or raise n_images")
+
+
+def _check_verdict(cfg: DictConfig) -> None:
+    """The verdict settings, and a deciding metric that the run computes."""
+    values = OmegaConf.to_container(cfg.verdict, resolve=True) if cfg.get("verdict") is not None else None
+    VerdictSettings.from_mapping(values).check_run(list(cfg.metrics.names), cfg.test.name)
 
 
 def _check_lists(cfg: DictConfig) -> None:

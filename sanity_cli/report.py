@@ -32,8 +32,6 @@ from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
 from sanity_cli.verdict import run_info, variant_outcomes, write_verdicts
 
 VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "undefined")
-# The settings a rerun does not need on its command line (where files go, how work is batched).
-MACHINE_SETTINGS = ("resume", "device", "max_batch", "data_dir", "cache_dir", "hydra")
 FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
     ("curves", "The deciding metric at every state, with its bootstrap interval and the threshold", "_verdict.png"),
     ("curves", "Every metric, mean and one standard deviation over images", "_curves.png"),
@@ -264,18 +262,18 @@ def overrides_of(settings: Mapping) -> list[str]:
 
 
 def _composed(overrides: list[str]) -> dict | None:
-    """The packaged config composed with `overrides`, as a dict without the machine settings; None if it fails."""
+    """The packaged config composed with `overrides` and resolved, as run.json records settings;
+    None when it cannot be composed."""
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
+            return OmegaConf.to_container(compose(config_name="config", overrides=overrides), resolve=True)
     except (HydraException, OmegaConfBaseException):
         return None
-    values = OmegaConf.to_container(cfg, resolve=False)
-    return {key: value for key, value in values.items() if key not in MACHINE_SETTINGS}
 
 
 def _differences(defaults: Mapping, settings: Mapping, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, value) for every leaf of `settings` that `defaults` does not have the same."""
+    """(dotted key, value) for every leaf of `settings` that `defaults` does not have the same
+    (run.json leaves out where files go and how work is batched: those never show up)."""
     found = []
     for key, value in settings.items():
         if isinstance(value, Mapping) and isinstance(defaults.get(key), Mapping):

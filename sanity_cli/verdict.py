@@ -301,7 +301,6 @@ def variant_outcomes(robustness: pd.DataFrame, *, threshold: float = 0.5, level:
     """The similarity rule applied to each variant of robustness.csv at the decisive state:
     one row per (test, model, dataset, method, block, normalization, metric)
     with n, mean, ci_low, ci_high and outcome."""
-    settings = VerdictSettings(threshold=threshold, level=level, resamples=resamples)
     rows = []
     for decisive in _decisive_parts(robustness):
         for (test, model, dataset, method, block, scheme, metric), part in decisive.groupby(
@@ -309,8 +308,7 @@ def variant_outcomes(robustness: pd.DataFrame, *, threshold: float = 0.5, level:
             summary = summarize_scores(part, level=level, resamples=resamples, seed=seed)
             rows.append({"test": test, "model": model, "dataset": dataset, "method": method, "block": block,
                          "normalization": scheme, "metric": metric, **summary,
-                         "outcome": judge(summary["ci_low"], summary["ci_high"], settings.threshold, False,
-                                          summary["n"])})
+                         "outcome": judge(summary["ci_low"], summary["ci_high"], threshold, False, summary["n"])})
     return pd.DataFrame(rows)
 
 

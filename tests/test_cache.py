@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -25,10 +26,10 @@ from sanity_cli.training import TrainedModel, train_or_load
 
 
 class Slow(nn.Module):
-    """20 ms per training batch, so that a training outlasts the start of another job."""
+    """SLOW_BATCH_S seconds per training batch: a job that trains long enough to be caught at it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(0.02 if self.training else 0)
+        time.sleep(float(os.environ.get("SLOW_BATCH_S", "0")) if self.training else 0)
         return x
 
 
@@ -46,8 +47,8 @@ def weight_sum(trained: TrainedModel) -> float:
 
 
 def job_process(cache: Path) -> None:
-    """The other job, run as `python tests/test_cache.py CACHE [GO]`: waits for the file GO if given;
-    with HANG_IN_SAVE its save writes half a file and hangs there (a job about to be killed)."""
+    """The other job, run as `python tests/test_cache.py CACHE`; with HANG_IN_SAVE its save
+    writes half a file and hangs there (a job about to be killed)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if os.environ.get("HANG_IN_SAVE"):
         def hang(payload, path):
@@ -55,24 +56,28 @@ def job_process(cache: Path) -> None:
             time.sleep(600)
 
         training.torch.save = hang
-    print("ready", flush=True)
-    while len(sys.argv) > 2 and not Path(sys.argv[2]).exists():
-        time.sleep(0.01)
     trained = train_job(cache)
     print("source", trained.source, weight_sum(trained), flush=True)
 
 
-def _start(cache: Path, *go: Path, **env) -> subprocess.Popen:
+def _start(cache: Path, **env) -> subprocess.Popen:
     environ = {**os.environ, "OMP_NUM_THREADS": "1", "SANITY_PROGRESS": "0", **env}
-    return subprocess.Popen([sys.executable, __file__, str(cache), *map(str, go)], env=environ,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, __file__, str(cache)], env=environ, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_for_line(job: subprocess.Popen, text: str) -> None:
-    for line in job.stdout:
-        if line.startswith(text):
-            return
-    raise AssertionError(f"the job ended without printing {text!r}")
+def _wait_until_training(job: subprocess.Popen, cache: Path) -> None:
+    """Until `job` holds the lock of a cache entry (it is training that model)."""
+    deadline = time.time() + 240
+    while True:
+        assert job.poll() is None and time.time() < deadline, "the job never started training"
+        for lock in map(FileLock, cache.glob("*.lock")):
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                return
+            lock.release()
+        time.sleep(0.05)
 
 
 def _result(job: subprocess.Popen) -> tuple[str, float, str]:
@@ -84,17 +89,15 @@ def _result(job: subprocess.Popen) -> tuple[str, float, str]:
 
 def test_two_jobs_that_need_one_model_train_it_once(tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    cache, go = tmp_path / "cache", tmp_path / "go"
-    other = _start(cache, go)
-    _wait_for_line(other, "ready")
-    go.touch()  # both jobs ask for the model now: the other one and this process
-    here = train_job(cache)
-    there, there_sum, there_log = _result(other)
-    assert sorted([here.source, there]) == ["cache", "trained"]
+    cache = tmp_path / "cache"
+    other = _start(cache, SLOW_BATCH_S="0.2")  # about 6 s of training
+    _wait_until_training(other, cache)
+    here = train_job(cache)  # needs the same model meanwhile
+    there, there_sum, _ = _result(other)
+    assert (here.source, there) == ("cache", "trained")
     assert weight_sum(here) == there_sum  # the waiting job loaded the very weights the other trained
-    waiting_log = caplog.text if here.source == "cache" else there_log
-    assert "another job is training this model" in waiting_log
-    assert "training linear on digits" not in waiting_log
+    assert "another job is training this model" in caplog.text
+    assert "training linear on digits" not in caplog.text
     assert len(list(cache.glob("*.pt"))) == 1
     assert not list(cache.glob("*.partial"))
 

@@ -22,8 +22,8 @@ from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
 from sanity_cli.methods.gradients import logits_of
 from sanity_cli.models import InputSpec
-from sanity_cli.pipeline import Prepared, RunResult, execute, resolve_device, settings
-from sanity_cli.results import RunStore
+from sanity_cli.pipeline import Prepared, RunResult, execute, resolve_device
+from sanity_cli.results import RunStore, settings_for_fingerprint
 from sanity_cli.training import TrainedModel
 from sanity_cli.validation import validate
 
@@ -80,11 +80,10 @@ def _run(cfg: DictConfig, model: nn.Module, images: Tensor, labels: Tensor | Non
         raise SanityError(f"test={cfg.test.name} compares with a model trained on shuffled labels; "
                           "pass it as check(..., shuffled_model=MODEL)")
     prepared = given(model, images, labels, shuffled_model, device, cfg.max_batch)
-    store = RunStore(run_dir, settings(cfg), resume=False)
-    result = execute(cfg, prepared, store)
+    with RunStore(run_dir, settings_for_fingerprint(cfg, device), resume=False) as store:
+        result = execute(cfg, prepared, store)
     if not keep:
-        result.run_dir = None
-        result.figures = []
+        result.run_dir, result.figures, result.report = None, [], None
     return result
 
 

@@ -17,16 +17,21 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from sanity_cli import checks
+from sanity_cli import checks, plugins
 from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import explain_all
+from sanity_cli.methods.external import explain_external, is_external, preflight_external
 from sanity_cli.methods.gradients import logits_of, predict
 from sanity_cli.metrics import compare
-from sanity_cli.models import TRAINABLE_KINDS, InputSpec, build_model, input_spec
+from sanity_cli.models import (TRAINABLE_KINDS, InputSpec, build_model, check_torchscript, default_gradcam_layer,
+                               input_spec)
 from sanity_cli.methods.preflight import preflight
 from sanity_cli.randomization import TrainedWeights, plan_blocks
-from sanity_cli.results import RunStore, state_rows
+from sanity_cli.metrics import NORMALIZATIONS
+from sanity_cli.report import write_report
+from sanity_cli.results import RunStore, read_results, settings_for_fingerprint, state_rows
+from sanity_cli.verdict import robustness_scores, write_verdicts
 from sanity_cli.rundir import replace_atomically
 from sanity_cli.signal import signal_table, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
@@ -63,6 +68,8 @@ class RunResult:
     summary: pd.DataFrame
     figures: list[Path]
     timing: dict[str, float] = field(default_factory=dict)
+    verdict: pd.DataFrame | None = None   # verdict.csv: one row per check, method and metric
+    report: Path | None = None            # report.html
 
 
 def resolve_device(name: str) -> torch.device:
@@ -81,10 +88,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     started = time.perf_counter()
     validate(cfg)
     device = resolve_device(cfg.device)
-    store = RunStore(Path(run_dir), settings(cfg), resume=cfg.resume)
-    torch.manual_seed(cfg.seed)
-    prepared = prepare(cfg, device)
-    return execute(cfg, prepared, store, started)
+    with RunStore(Path(run_dir), settings_for_fingerprint(cfg, device), resume=cfg.resume) as store:
+        torch.manual_seed(cfg.seed)
+        prepared = prepare(cfg, device)
+        return execute(cfg, prepared, store, started)
 
 
 def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float | None = None) -> RunResult:
@@ -92,9 +99,17 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     started = time.perf_counter() if started is None else started
     check = checks.get(cfg.test.name)
     model = prepared.models["trained"].model
+    check_torchscript(model, cfg.test.name, check.randomizes_model, method_options(cfg))
     blocks = plan_blocks(model, prepared.images[:1], cfg.test.granularity) if check.randomizes_model else []
+    if cfg.model.kind == "custom" and not cfg.model.get("gradcam_layer"):
+        with open_dict(cfg):
+            cfg.model.gradcam_layer = default_gradcam_layer(model, prepared.images[:1])
     check_model_fit(cfg, prepared)
-    preflight(model, method_options(cfg), prepared.images[:1])
+    if not isinstance(model, torch.jit.ScriptModule):  # its census needs hooks; check_torchscript did its part
+        preflight(model, method_options(cfg), prepared.images[:1])
+    for key, options in method_options(cfg).items():  # plugged methods: tried once before any work
+        if is_external(options.get("method") or key):
+            preflight_external(model, key, options, prepared.images, prepared.original)
     trained = TrainedWeights(model)
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
                              prepared.num_outputs, blocks, trained)
@@ -111,7 +126,10 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     store.write_examples(prepared.display[: cfg.n_examples], _meta(cfg, prepared))
     log.info("time: %.1fs in all, %.1fs explaining, %.1fs comparing", clock["total"], clock["explain"],
              clock["compare"])
-    return finish(store.run_dir, clock)
+    result = finish(store.run_dir, clock)
+    result.verdict = write_verdicts(store.run_dir)
+    result.report = write_report(store.run_dir)
+    return result
 
 
 def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, conditions, seed: int,
@@ -142,10 +160,17 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
         tick = _now(prepared.images.device)
         compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
         scores = {name: check.score(reference[name], value, compare_fn, cfg.test) for name, value in maps.items()}
+        variants = {name: robustness_scores(reference[name], value, single_channel=compare_options["single_channel"])
+                    for name, value in maps.items()}
         clock["compare"] += _now(prepared.images.device) - tick
-        rows = state_rows(context, step, condition.state.block, scores, prepared.image_ids, prepared.labels, targets)
+        state = (step, condition.state.block)
+        rows = state_rows(context, *state, scores, prepared.image_ids, prepared.labels, targets)
+        robust = [row for scheme in NORMALIZATIONS
+                  for row in state_rows({**context, "normalization": scheme}, *state,
+                                        {name: value[scheme] for name, value in variants.items()},
+                                        prepared.image_ids, prepared.labels, targets)]
         store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples),
-                        receipt(condition, predicted, prepared.labels))
+                        receipt(condition, predicted, prepared.labels), robust)
 
 
 def receipt(condition: checks.Condition, predicted: Tensor, labels: Tensor) -> dict:
@@ -184,7 +209,16 @@ def explainer(cfg: DictConfig, seed: int):
 
     def for_step(step: int):
         methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
-        return lambda model, images, targets: explain_all(model, images, targets, methods, max_batch=cfg.max_batch)
+        external = {key: o for key, o in methods.items() if is_external(o.get("method") or key)}
+        built_in = {key: o for key, o in methods.items() if key not in external}
+
+        def explain(model, images, targets):
+            maps = explain_all(model, images, targets, built_in, max_batch=cfg.max_batch) if built_in else {}
+            for key, options in external.items():
+                maps[key] = explain_external(model, images, targets, options, max_batch=cfg.max_batch, name=key)
+            return {key: maps[key] for key in methods}
+
+        return explain
 
     return for_step
 
@@ -194,14 +228,6 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def settings(cfg: DictConfig) -> dict:
-    """What determines the results: the config but where things are kept, how they
-    are batched and on which device (a resumed run may change those)."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    ignored = ("resume", "device", "max_batch", "data_dir", "cache_dir", "hydra")
-    return {key: value for key, value in values.items() if key not in ignored}
 
 
 def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
@@ -273,7 +299,8 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     num_classes = dataset.num_classes
     if cfg.model.kind not in TRAINABLE_KINDS or cfg.model.get("checkpoint"):
         if shuffled:
-            raise SanityError(f"shuffled labels need a model trained here (cnn or mlp), not model={cfg.model.name}")
+            raise SanityError(f"shuffled labels need a model trained here (cnn, mlp or custom without a checkpoint), "
+                              f"not model={cfg.model.name}")
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes, spec).to(device).eval()
         source = "checkpoint" if cfg.model.get("checkpoint") else "pretrained" if cfg.model.pretrained else "random"
@@ -283,7 +310,8 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
         return TrainedModel(model, None, None, source)
     if dataset.train_x is None:
         raise SanityError(f"model={cfg.model.name} is trained here but dataset={cfg.dataset.name} has no "
-                          "training split; use digits, mnist, fashion_mnist or cifar10")
+                          "training split; use digits, mnist, fashion_mnist or cifar10, or give a custom dataset "
+                          "its dataset.train_split")
     train_x, train_y, train_cfg = dataset.train_x, dataset.train_y, cfg.train
     if shuffled:
         train_y = shuffled_labels(train_y, cfg.seed)
@@ -300,6 +328,8 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     key = {"model": cfg.model.name, "kind": cfg.model.kind, "architecture": model_settings, "dataset": dataset_settings,
            "input": [spec.channels, spec.size], "classes": num_classes, "labels": "shuffled" if shuffled else "true",
            "train_size": len(train_y), "device": device.type}
+    if cfg.model.kind == "custom":  # editing the model's code trains anew
+        key["source"] = plugins.source_fingerprint(cfg.model._target_)
     return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_x(train_x), train_y,
                          prepare_x(dataset.test_x), dataset.test_y, train_cfg, cfg.seed, cfg.cache_dir, device)
 
@@ -311,7 +341,7 @@ def method_options(cfg: DictConfig, seed: int = 0, step: int = 0) -> dict[str, d
     selected = OmegaConf.to_container(cfg.method, resolve=True) or {}
     for name, options in selected.items():
         kind = options.get("method") or name
-        if kind in ("gradcam", "guided_gradcam") and not options.get("layer"):
+        if kind in ("gradcam", "guided_gradcam", "captum") and not options.get("layer"):
             options["layer"] = cfg.model.get("gradcam_layer")
         if kind in ("smoothgrad", "vargrad"):
             options["seed"] = int(options.get("seed", 0)) + int(cfg.seed)
@@ -357,7 +387,7 @@ def finish(run_dir: Path, timing: dict[str, float] | None = None) -> RunResult:
     from sanity_cli.figures import draw_all
     from sanity_cli.results import summarize
 
-    results = pd.read_csv(run_dir / "results.csv")
+    results = read_results(run_dir)
     if results.empty:
         raise SanityError(f"{run_dir} has no finished state yet; continue the run with resume=true")
     summary = summarize(results, RunStore.models_of(run_dir))

@@ -4,6 +4,7 @@ run_dir/
   run.lock      held by the one process that writes the run (see sanity_cli.rundir)
   results.csv   one row per (seed, step, method, image, metric); a state's rows are
                 appended and synced to disk as soon as the state is scored
+  robustness.csv  the rows of results.csv's Spearman metrics again under every normalization, for the verdict
   states.csv    one line per finished state with its receipt, written after its rows: the resume log
   run.json      the settings that determine the results, the models' accuracies, timing
   maps/         each finished state's maps of the example images (.npz), merged into
@@ -122,6 +123,7 @@ class RunStore:
         self.run_dir = Path(run_dir)
         self.results, self.states, self.info = (self.run_dir / name for name in ("results.csv", "states.csv",
                                                                                  "run.json"))
+        self.robustness = self.run_dir / "robustness.csv"
         self.parts = self.run_dir / "maps"
         fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
         self.info_values = {"fingerprint": fingerprint, "settings": settings}
@@ -156,6 +158,7 @@ class RunStore:
         if not self.started:
             self._write_info()
             replace_atomically(self.states, csv_text(STATE_COLUMNS + RECEIPT_COLUMNS, [], header=True).encode())
+            replace_atomically(self.robustness, csv_text(COLUMNS, [], header=True).encode())
             replace_atomically(self.results, csv_text(COLUMNS, [], header=True).encode())
             self.started = True
 
@@ -182,16 +185,31 @@ class RunStore:
         replace_atomically(self.states, csv_text(columns, [{c: states[s].get(c, "") for c in columns}
                                                            for s in sorted(self.finished)], header=True).encode())
         replace_atomically(self.results, rows.text(raw for _, _, raw in kept))
+        self._keep_finished_robustness()
+
+    def _keep_finished_robustness(self) -> None:
+        """robustness.csv keeps the whole rows of finished states (a resume adds the others)."""
+        if not self.robustness.exists():
+            replace_atomically(self.robustness, csv_text(COLUMNS, [], header=True).encode())
+            return
+        rows = _scan_results(self.robustness)
+        if rows.columns != COLUMNS:
+            raise SanityError(f"{self.robustness} has other columns than this version of sanity writes; "
+                              f"{NEW_DIRECTORY}")
+        kept = {raw: None for _, values, raw in rows.good if _state_key(values) in self.finished}
+        replace_atomically(self.robustness, rows.text(kept))
 
     def done(self, seed: int, step: int) -> bool:
         return (seed, step) in self.finished
 
     def add_state(self, seed: int, step: int, block: str, rows: list[dict], examples: Mapping[str, Tensor],
-                  receipt: Mapping | None = None) -> None:
-        """Append one finished state: its rows, its example maps, then the resume log line
-        with the state's receipt (RECEIPT_COLUMNS). Each is on disk before the next is written."""
+                  receipt: Mapping | None = None, robustness: list[dict] = ()) -> None:
+        """Append one finished state: its rows (and the verdict's robustness rows, scored under
+        every normalization), its example maps, then the resume log line with the state's
+        receipt (RECEIPT_COLUMNS). Each is on disk before the next is written."""
         self._start()
         append_rows(self.results, COLUMNS, rows)
+        append_rows(self.robustness, COLUMNS, robustness)
         arrays = {}
         for name, maps in examples.items():
             arrays[name], arrays[f"{name}{SCALE}"] = compact(maps)

@@ -4,6 +4,7 @@ real browser (Chromium, driven by Playwright) that renders it."""
 
 from __future__ import annotations
 
+import torch
 import base64
 import json
 import os
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -24,9 +26,8 @@ from sanity_cli.cli import main
 from sanity_cli.configs import config_dir
 from sanity_cli.figures import Run, draw_all, verdict_figure
 from sanity_cli.metrics import NORMALIZATIONS
-from sanity_cli.pipeline import settings as settings_of_cfg
 from sanity_cli.report import overrides_of, reproduce_command, write_report
-from sanity_cli.results import COLUMNS, summarize
+from sanity_cli.results import COLUMNS, settings_for_fingerprint, summarize
 from sanity_cli.verdict import interval_table, verdict_table
 
 BLOCKS = ["original", "fc2", "fc1", "conv1"]
@@ -311,3 +312,8 @@ def test_a_run_with_only_its_results_still_gets_a_report(tmp_path):
     assert "only 3 values: the interval is optimistic" in text  # said once, above the table
     assert len(Page(html).images) == 1  # the verdict figure, drawn from results.csv
     assert (tmp_path / "verdict.csv").is_file()
+
+
+def settings_of_cfg(cfg) -> dict:
+    """What run.json records of a run on the CPU."""
+    return settings_for_fingerprint(cfg, torch.device("cpu"))

@@ -30,7 +30,7 @@ from filelock import FileLock, Timeout
 
 from sanity_cli.errors import SanityError
 from sanity_cli.results import COLUMNS, summarize
-from sanity_cli.sharding import ERROR_FILE, Shard, parse_shard
+from sanity_cli.sharding import ERROR_FILE, Shard, parse_shard, sweep_size
 
 log = logging.getLogger(__name__)
 SKIPPED_DIRS = (".hydra", ".submitit", ".gpus", "figures", "maps")
@@ -101,6 +101,11 @@ def find_runs(dirs: Iterable[Path]) -> list[Path]:
             (p for p in top.rglob("*") if p.is_dir() and _is_job(p) and not _skipped(p, top)), key=_natural)
         if not candidates:
             raise SanityError(f"'{top}' holds no run (no run.json below it); give the directory of a run or sweep")
+        expected = sweep_size(top) if (top / "multirun.yaml").is_file() else None
+        if expected and len(candidates) < expected:
+            raise SanityError(f"the sweep {top} has {expected} jobs but only {len(candidates)} have started: the rest "
+                              "are queued or were never run; collect once all are done, or name the finished jobs' "
+                              "directories")
         found += [p for p in candidates if p.resolve() not in {f.resolve() for f in found}]
     return found
 

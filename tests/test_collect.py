@@ -30,6 +30,7 @@ def sweep(tmp_path_factory) -> Path:
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_collect_merges_a_joblib_sweep_with_the_swept_setting_as_a_column(sweep, tmp_path):
     done = sanity("collect", str(sweep), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -127,6 +128,13 @@ def test_unfinished_and_failed_runs_are_refused(sweep, tmp_path, capsys):
     started = _copy_job(sweep, tmp_path, "0", "started")
     (started / "run.json").unlink()
     assert f"{started} has no run.json" in _refusal([started], capsys)
+
+
+def test_a_sweep_with_jobs_not_yet_started_is_refused(sweep, tmp_path, capsys):
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    shutil.rmtree(copy / "1")  # a job still queued has no directory yet
+    assert f"the sweep {copy} has 2 jobs but only 1 have started" in _refusal([copy], capsys)
 
 
 def test_a_directory_without_runs_is_refused(tmp_path, capsys):

@@ -198,6 +198,7 @@ def sharded_and_whole(tmp_path_factory):
     return pd.read_csv(root / "sweep/0/results.csv"), pd.read_csv(root / "merged/results.csv")
 
 
+@pytest.mark.slow
 def test_three_shards_explain_the_images_of_the_whole_run_once_each(sharded_and_whole):
     """Same rows in the same order: images, their labels and the classes explained."""
     whole, merged = sharded_and_whole
@@ -206,12 +207,14 @@ def test_three_shards_explain_the_images_of_the_whole_run_once_each(sharded_and_
     pd.testing.assert_frame_equal(merged[KEY + ["label", "target"]], whole[KEY + ["label", "target"]])
 
 
+@pytest.mark.slow
 def test_sharded_gradient_scores_equal_the_whole_runs(sharded_and_whole):
     whole, merged = sharded_and_whole
     pick = lambda table: table[table["method"] == "gradient"]["value"].to_numpy()  # noqa: E731
     assert pick(merged) == pytest.approx(pick(whole), abs=1e-6, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_sharded_noise_scores_equal_the_whole_runs(sharded_and_whole):
     """SmoothGrad's noise and the random control's maps must follow the image, not its place in the batch."""
     whole, merged = sharded_and_whole

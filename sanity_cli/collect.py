@@ -18,21 +18,19 @@ into one run: all N shards must be there, each once, on disjoint images.
 
 from __future__ import annotations
 
+import fcntl
 import json
-import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from filelock import FileLock, Timeout
 
 from sanity_cli.errors import SanityError
 from sanity_cli.results import COLUMNS, summarize
 from sanity_cli.sharding import ERROR_FILE, Shard, parse_shard, sweep_size
 
-log = logging.getLogger(__name__)
 SKIPPED_DIRS = (".hydra", ".submitit", ".gpus", "figures", "maps")
 GLOBAL_GROUPS = ("experiment",)  # groups that may set any setting (`# @package _global_`)
 
@@ -145,10 +143,7 @@ def unfinished(path: Path) -> str | None:
         return (f"{path} has no run.json: the job failed before its first state or has not started "
                 f"(see its log there); rerun it, or leave it out")
     for lock in sorted(path.glob("*.lock")):
-        try:
-            with FileLock(lock, timeout=0):
-                pass
-        except Timeout:
+        if _held(lock):
             return f"{path} is still running (its lock {lock.name} is held); collect once it is done"
     info = _read_info(path)
     expected, done = info.get("states_expected"), _states_done(path)
@@ -158,6 +153,19 @@ def unfinished(path: Path) -> str | None:
         return (f"{path} is unfinished (no summary yet): still running or interrupted; "
                 "continue it with resume=true")
     return None
+
+
+def _held(lock: Path) -> bool:
+    """Whether another process holds the flock on `lock`; probed without changing the file."""
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing to learn from it
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def _read_info(path: Path) -> dict:

@@ -23,6 +23,8 @@ SWEEP = ["-m", "hydra/launcher=joblib", "target=predicted,original", "method=gra
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A finished two-job sweep run by joblib workers (read-only: tests copy what they change)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher",
+                        reason="the joblib launcher is not installed: pip install 'sanity-cli[joblib]'")
     root = tmp_path_factory.mktemp("collect")
     env = {"SANITY_CACHE_DIR": str(root / "cache"), "SANITY_DATA_DIR": str(root / "data")}
     done = sanity("run", *SWEEP, cwd=root, env=env)

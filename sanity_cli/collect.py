@@ -57,7 +57,7 @@ class Collected:
     swept: list[str]
     results: pd.DataFrame
     summary: pd.DataFrame
-    verdict: pd.DataFrame | None
+    verdict: pd.DataFrame
     figures: list[Path]
     notes: list[str]
 
@@ -79,8 +79,7 @@ def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collec
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / "results.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
-    if verdict is not None:
-        verdict.to_csv(out / "verdict.csv", index=False)
+    verdict.to_csv(out / "verdict.csv", index=False)
     run_table(combos, swept).to_csv(out / "runs.csv", index=False)
     figures = comparison_figures(results, swept, out / "figures")
     return Collected(out, runs, swept, results, summary, verdict, figures, notes)
@@ -345,13 +344,11 @@ def run_table(combos: Sequence[Sequence[FoundRun]], swept: Sequence[str]) -> pd.
 
 
 def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame],
-             swept: Sequence[str]) -> tuple[pd.DataFrame | None, list[str]]:
+             swept: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
     """verdict_table of each combination's rows under its runs' verdict settings, with the
-    swept columns; None and a note while the verdict module is not available."""
-    try:
-        from sanity_cli import verdict
-    except ImportError:
-        return None, ["verdicts skipped: this version of sanity has no verdict module"]
+    swept columns; and notes on what the verdicts of shards lack."""
+    from sanity_cli import verdict
+
     parts, notes = [], []
     for combo, table in zip(combos, tables):
         first = combo[0]

@@ -33,6 +33,7 @@ from sanity_cli.report import write_report
 from sanity_cli.results import RunStore, read_results, settings_for_fingerprint, state_rows
 from sanity_cli.verdict import robustness_scores, write_verdicts
 from sanity_cli.rundir import replace_atomically
+from sanity_cli.sharding import parse_shard, shard_images
 from sanity_cli.signal import signal_table, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
 from sanity_cli.validation import validate
@@ -112,9 +113,10 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
             preflight_external(model, key, options, prepared.images, prepared.original)
     trained = TrainedWeights(model)
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
-                             prepared.num_outputs, blocks, trained)
+                             prepared.num_outputs, prepared.image_ids, blocks, trained)
     check.check_fit(subject)
     store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
+    store.record_states_expected(check.n_states(subject) * len(_seeds(cfg)))
     clock = {"explain": 0.0, "compare": 0.0}
     for seed in _seeds(cfg):
         conditions = tqdm(check.conditions(subject, seed), total=check.n_states(subject),
@@ -140,7 +142,8 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
     context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
                "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
                "normalization": cfg.metrics.normalization}
-    explain = explainer(cfg, seed)
+    ids = prepared.image_ids.to(prepared.images.device)
+    explain = explainer(cfg, seed, ids)
     compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1)
     reference: dict[str, Tensor] = {}
     for condition in conditions:
@@ -150,7 +153,7 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
         predicted = predict(condition.model, prepared.images, cfg.max_batch)
         targets = _targets(cfg.target, condition, prepared, predicted)
         tick = _now(prepared.images.device)
-        maps = check.maps(explain(step), condition.model, prepared.images, targets, seed, cfg.test)
+        maps = check.maps(explain(step), condition.model, prepared.images, targets, seed, cfg.test, ids)
         reference = maps if step == 0 else reference
         clock["explain"] += _now(prepared.images.device) - tick
         if step == 0 and seed == _seeds(cfg)[0]:
@@ -203,9 +206,10 @@ def _kind(cfg: DictConfig, name: str) -> str:
     return cfg.method[name].get("method") or name
 
 
-def explainer(cfg: DictConfig, seed: int):
+def explainer(cfg: DictConfig, seed: int, ids: Tensor):
     """explain(step) -> a function (model, images, targets) -> {method: (B, C, H, W) maps}
-    that computes every selected method in one state of the run."""
+    that computes every selected method in one state of the run; `ids` (B,) name the
+    images, whose noise (SmoothGrad, VarGrad, the random control) follows them."""
 
     def for_step(step: int):
         methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
@@ -213,7 +217,7 @@ def explainer(cfg: DictConfig, seed: int):
         built_in = {key: o for key, o in methods.items() if key not in external}
 
         def explain(model, images, targets):
-            maps = explain_all(model, images, targets, built_in, max_batch=cfg.max_batch) if built_in else {}
+            maps = explain_all(model, images, targets, built_in, max_batch=cfg.max_batch, ids=ids) if built_in else {}
             for key, options in external.items():
                 maps[key] = explain_external(model, images, targets, options, max_batch=cfg.max_batch, name=key)
             return {key: maps[key] for key in methods}
@@ -278,7 +282,7 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     if checks.get(cfg.test.name).needs_shuffled_model:
         models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
-    chosen = datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed)
+    chosen = shard_images(datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed), parse_shard(cfg.shard))
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
     images = spec.normalize(display).to(device)
     with torch.no_grad():  # one pass gives both the number of classes and the trained model's predictions

@@ -257,6 +257,10 @@ class RunStore:
         self._update_info({"models": {name: {"train_accuracy": train, "test_accuracy": test}
                                       for name, (train, test) in accuracies.items()}})
 
+    def record_states_expected(self, count: int) -> None:
+        """How many states the finished run holds (for `sanity collect` to tell a finished run)."""
+        self._update_info({"states_expected": int(count)})
+
     def record_timing(self, seconds: Mapping[str, float]) -> None:
         self._update_info({"timing_s": dict(seconds)})
 

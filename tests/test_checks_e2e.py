@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sanity_cli.methods import explain
+from sanity_cli.methods.noise import image_seed
 from sanity_cli.metrics import NORMALIZATIONS, compare, histogram_entropy
 from sanity_cli.randomization import block_seed, reinitialize
 from small_runs import CNN_BLOCKS, Runs, load_checkpoint, trained_checkpoint
@@ -113,7 +114,7 @@ def test_data_check_explains_the_shuffled_label_model_second(runs):
 
 def test_shuffled_label_model_trains_the_epochs_and_subset_of_the_data_check(runs):
     quick = runs("test=data", "test.shuffled_epochs=1", "test.shuffled_subset=100")
-    longer = runs("test=data", "test.shuffled_epochs=40", "test.shuffled_subset=100")
+    longer = runs("test=data", "test.shuffled_epochs=80", "test.shuffled_subset=100")
     assert quick.info["models"]["trained"] == longer.info["models"]["trained"]  # the true-label model is the same
     memorized = [run.info["models"]["shuffled"]["train_accuracy"] for run in (quick, longer)]
     assert memorized[0] < 0.5 < 0.9 < memorized[1]  # 100 random labels: learnt only with more epochs
@@ -142,22 +143,26 @@ def test_random_logit_explains_another_class_drawn_with_the_seed(runs, checkpoin
 # --- sMPRT and eMPRT ----------------------------------------------------------------------
 
 
-def smoothed(model, images: np.ndarray, targets: np.ndarray, samples: int, noise: float, seed: int) -> np.ndarray:
+def smoothed(model, images: np.ndarray, targets: np.ndarray, samples: int, noise: float, seed: int,
+             ids: np.ndarray) -> np.ndarray:
     """The map averaged over `samples` noisy copies, noise std = noise x each image's range,
-    drawn in turn from one generator seeded with the randomization seed."""
+    each image's noise drawn in turn from a generator seeded with the randomization seed
+    and the image's id."""
     x = torch.from_numpy(np.array(images))
     sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
-    generator = torch.Generator().manual_seed(seed)
-    copies = [x + sigma * torch.randn(x.shape, generator=generator) for _ in range(samples)]
+    generators = [torch.Generator().manual_seed(image_seed(seed, int(i))) for i in ids]
+    draw = lambda: torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])  # noqa: E731
+    copies = [x + sigma * draw() for _ in range(samples)]
     return np.mean([gradient(model, c.numpy(), targets) for c in copies], axis=0)
 
 
 def test_smooth_cascade_averages_noisy_copies(runs, checkpoint, model):
-    run = runs(checkpoint, "test=smooth_cascade", "test.samples=3", "test.noise=0.2")
+    run = runs(checkpoint, "test=smooth_cascade", "test.samples=3", "test.noise=0.2", "seed=3")
     for step in (0, 1, len(CNN_BLOCKS)):
-        state_model = cascade_model(model, step)
+        state_model = cascade_model(model, step, seed=3)
         targets = run.column("target", step)
-        assert_maps(run.maps("gradient", step), smoothed(state_model, run.images, targets, 3, 0.2, seed=0))
+        assert_maps(run.maps("gradient", step), smoothed(state_model, run.images, targets, 3, 0.2, seed=3,
+                                                         ids=run.image_ids))
     # noise 0: every copy is the image, so the maps and scores are the cascade's
     plain, noiseless = runs(checkpoint), runs(checkpoint, "test=smooth_cascade", "test.samples=2", "test.noise=0")
     for step in STEPS:
@@ -216,7 +221,8 @@ def test_smoothgrad_and_vargrad_draw_the_same_noise_in_every_state(runs, checkpo
         state_model = cascade_model(model, step, seed=2)
         targets = run.column("target", step)
         for method in ("smoothgrad", "vargrad"):  # noise seed: the method's plus the run's, in every state
-            assert_maps(run.maps(method, step), gradient(state_model, run.images, targets, method, samples=4, seed=7))
+            assert_maps(run.maps(method, step), gradient(state_model, run.images, targets, method, samples=4, seed=7,
+                                                         ids=torch.as_tensor(run.image_ids)))
     # the same model at step 0 of two randomization seeds: the same noisy maps; a new random map
     seeds = runs(checkpoint, "seed=2", "test.seeds=[0,1]", *methods)
     for method in ("smoothgrad", "vargrad"):

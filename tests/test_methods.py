@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import METHODS, count_passes, explain, explain_all
-from sanity_cli.methods.noise import noise_scale
+from sanity_cli.methods.noise import image_seed, noise_scale
 
 PASS_METHODS = ("gradient", "input_x_gradient", "gradcam", "guided_backprop", "guided_gradcam")
 # Every method, with options small enough for a quick test.
@@ -206,25 +206,20 @@ def test_smoothgrad_and_vargrad_without_noise() -> None:
 
 
 def test_smoothgrad_and_vargrad_match_an_explicit_loop() -> None:
-    """Same seeded draws, sample by sample: mean and population variance."""
+    """Same seeded draws, sample by sample: mean and population variance. Each image
+    draws from its own generator, seeded from the seed and the image's position."""
     model, x = _model(), _images(2)
     x[1] *= 10  # a wider range: more noise for that image only
     target = torch.tensor([3, 1])
     samples, noise, seed = 6, 0.2, 7
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(len(x))]
     sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
-    grads = torch.stack(
-        [
-            _plain_gradient(
-                model,
-                x
-                + sigma.view(-1, 1, 1, 1)
-                * torch.randn(x.shape, generator=generator, dtype=x.dtype),
-                target,
-            )
-            for _ in range(samples)
-        ]
-    )
+
+    def noisy() -> Tensor:
+        draws = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generators])
+        return x + sigma.view(-1, 1, 1, 1) * draws
+
+    grads = torch.stack([_plain_gradient(model, noisy(), target) for _ in range(samples)])
     options = {"samples": samples, "noise": noise, "seed": seed}
     maps = explain_all(model, x, target, {"smoothgrad": options, "vargrad": options}, max_batch=5)
     torch.testing.assert_close(maps["smoothgrad"], grads.mean(0))
@@ -490,6 +485,20 @@ def test_canny_edge_finds_a_square() -> None:
     edges = explain(_model(Exploding), x, "predicted", "edge", detector="canny")
     assert set(edges.unique().tolist()) == {0.0, 1.0}
     assert edges[0, 0, 5:15, 4:6].sum() > 0 and edges[0, 0, 9:11, 9:11].sum() == 0
+
+
+def test_noise_of_an_image_follows_its_id_not_its_batch() -> None:
+    """SmoothGrad and the random control give an image the same noise whichever images
+    share its batch: what lets a shard of the images reproduce the whole run."""
+    model, x = _model(), _images(4)
+    ids = torch.tensor([10, 11, 12, 13])
+    methods = {"smoothgrad": {"samples": 3, "seed": 2}, "random": {"seed": 4}}
+    whole = explain_all(model, x, torch.tensor([0, 1, 2, 3]), methods, ids=ids)
+    part = explain_all(model, x[2:], torch.tensor([2, 3]), methods, ids=ids[2:])
+    for name in methods:
+        torch.testing.assert_close(part[name], whole[name][2:], rtol=0, atol=0)
+    by_position = explain_all(model, x[2:], torch.tensor([2, 3]), methods)
+    assert not torch.equal(by_position["random"], whole["random"][2:])
 
 
 def test_random_map_is_seeded() -> None:

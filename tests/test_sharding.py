@@ -207,11 +207,17 @@ def test_three_shards_explain_the_images_of_the_whole_run_once_each(sharded_and_
     pd.testing.assert_frame_equal(merged[KEY + ["label", "target"]], whole[KEY + ["label", "target"]])
 
 
+# A convolution over a batch of 2 and over a batch of 6 rounds differently in float32
+# (maps agree to about 1e-7), and where two pixels of a map are that close their ranks
+# can swap: a rank correlation then moves by about 1e-5. Anything beyond is a real change.
+ROUNDING = 1e-4
+
+
 @pytest.mark.slow
 def test_sharded_gradient_scores_equal_the_whole_runs(sharded_and_whole):
     whole, merged = sharded_and_whole
     pick = lambda table: table[table["method"] == "gradient"]["value"].to_numpy()  # noqa: E731
-    assert pick(merged) == pytest.approx(pick(whole), abs=1e-6, nan_ok=True)
+    assert pick(merged) == pytest.approx(pick(whole), abs=ROUNDING, nan_ok=True)
 
 
 @pytest.mark.slow
@@ -220,4 +226,4 @@ def test_sharded_noise_scores_equal_the_whole_runs(sharded_and_whole):
     whole, merged = sharded_and_whole
     for method in ("smoothgrad", "random"):
         pick = lambda table: table[table["method"] == method]["value"].to_numpy()  # noqa: E731, B023
-        assert pick(merged) == pytest.approx(pick(whole), abs=1e-6, nan_ok=True), method
+        assert pick(merged) == pytest.approx(pick(whole), abs=ROUNDING, nan_ok=True), method

@@ -46,6 +46,7 @@ class Subject:
     settings: Mapping
     models: Mapping[str, nn.Module]
     num_outputs: int
+    image_ids: Tensor   # (B,) the explained images' ids: what a check's random draws follow
     blocks: list[str] = field(default_factory=list)
     trained: TrainedWeights | None = None
 
@@ -71,9 +72,9 @@ class Check:
         """Raise SanityError when the check cannot run on this model."""
 
     def maps(self, explain: Explain, model: nn.Module, images: Tensor, targets: Tensor, seed: int,
-             settings: Mapping) -> dict[str, Tensor]:
+             settings: Mapping, ids: Tensor) -> dict[str, Tensor]:
         """The maps compared in one state: by default the methods' maps as they are.
-        `settings` are the check's own (the `test` config)."""
+        `settings` are the check's own (the `test` config); `ids` (B,) name the images."""
         return explain(model, images, targets)
 
     def score(self, reference: Tensor, maps: Tensor, compare: Compare, settings: Mapping) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from sanity_cli.checks.base import Check, Compare, Condition, Subject
 from sanity_cli.errors import SanityError
+from sanity_cli.methods.noise import image_generators
 from sanity_cli.randomization import State
 
 PREDICTED_CLASS, RANDOM_CLASS = "predicted class", "random other class"
@@ -22,7 +23,8 @@ class RandomLogit(Check):
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, classes = subject.models["trained"], subject.num_outputs
         yield Condition(State(0, PREDICTED_CLASS, ()), model)
-        yield Condition(State(1, RANDOM_CLASS, ()), model, lambda targets: other_class(targets, classes, seed))
+        ids = subject.image_ids
+        yield Condition(State(1, RANDOM_CLASS, ()), model, lambda targets: other_class(targets, classes, seed, ids))
 
     def check_fit(self, subject: Subject) -> None:
         if subject.num_outputs < 2:
@@ -35,11 +37,12 @@ class RandomLogit(Check):
         return results[results["step"] == 1]
 
 
-def other_class(targets: Tensor, num_classes: int, seed: int) -> Tensor:
-    """A seeded, uniformly random class different from each target. (B,) -> (B,)."""
-    generator = torch.Generator().manual_seed(seed)
-    shift = torch.randint(1, num_classes, targets.shape, generator=generator).to(targets.device)
-    return (targets + shift) % num_classes
+def other_class(targets: Tensor, num_classes: int, seed: int, ids: Tensor | None = None) -> Tensor:
+    """A uniformly random class different from each target, (B,) -> (B,), drawn from a
+    generator per image seeded with `seed` and the image's id (`ids` (B,), else its position)."""
+    generators = image_generators(len(targets), seed, torch.device("cpu"), ids)
+    shift = torch.cat([torch.randint(1, num_classes, (1,), generator=g) for g in generators])
+    return (targets + shift.to(targets.device)) % num_classes
 
 
 def signed_ssim(reference: Tensor, other: Tensor, compare: Compare) -> dict[str, Tensor]:

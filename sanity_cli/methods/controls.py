@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sanity_cli.methods.noise import draw_noise, image_generators
+
 # Sobel derivative along x (columns): smoothing [1, 2, 1] / 4 across, [1, 0, -1] along,
 # as scikit-image's sobel_v; its transpose is the derivative along y.
 _SOBEL_X = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]) / 4
@@ -48,8 +50,8 @@ def edge_map(x: Tensor, detector: str, sigma: float) -> Tensor:
     return edges.expand_as(x).contiguous()
 
 
-def random_map(x: Tensor, seed: int) -> Tensor:
+def random_map(x: Tensor, seed: int, ids: Tensor | None = None) -> Tensor:
     """Standard normal noise of x's shape (B, C, H, W), dtype and device, from a
-    generator seeded with ``seed`` (the same map for any model)."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    generator per image seeded with ``seed`` and the image's id (``ids`` (B,), else its
+    position): the same map for any model, and for an image whatever its batch."""
+    return draw_noise(image_generators(len(x), seed, x.device, ids), x.shape[1:], x.dtype, x.device)

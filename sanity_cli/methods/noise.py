@@ -2,11 +2,13 @@
 noisy copies x + N(0, sigma^2) of each input.
 
 sigma = ``noise`` * (max - min) of each image (per image, as the authors' code).
-The noise comes from a ``torch.Generator`` seeded with ``seed``, drawn sample by
-sample as a (B, C, H, W) tensor, so a run repeats exactly, the noise does not depend
-on ``max_batch``, and the first n samples of a longer run are the n samples of a
-shorter one. It does depend on the batch (shape and order) and on the device's
-generator (CPU and CUDA draw different numbers).
+Each image's noise comes from a ``torch.Generator`` of its own, seeded from ``seed``
+and the image's id (its index in the dataset when the pipeline explains it, else its
+position in the batch), drawn sample by sample. So a run repeats exactly, the noise
+does not depend on ``max_batch`` nor on which other images share the batch (a shard
+of the images draws what the whole run draws), and the first n samples of a longer
+run are the n samples of a shorter one. It does depend on the device's generator
+(CPU and CUDA draw different numbers).
 
 Sharing: all smoothgrad / vargrad calls with the same ``noise`` and ``seed`` are one
 group and see the same noisy inputs: the group draws max(samples) noisy copies, and
@@ -21,6 +23,7 @@ samples are equal (noise 0 gives vargrad 0 and smoothgrad = the base map).
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -40,19 +43,46 @@ def noise_scale(x: Tensor, noise: float) -> Tensor:
     return (noise * value_range).view(-1, 1, 1, 1)
 
 
+def image_seed(seed: int, image: int) -> int:
+    """The seed of one image's noise: derived from the run's ``seed`` and the image's id."""
+    digest = hashlib.sha256(f"{seed}/image {image}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def image_generators(
+    n: int, seed: int, device: torch.device, ids: Tensor | None = None
+) -> list[torch.Generator]:
+    """One generator per image, seeded by :func:`image_seed` from ``seed`` and the
+    image's id (``ids`` (n,), or the positions 0..n-1 when None)."""
+    keys = range(n) if ids is None else [int(i) for i in ids.tolist()]
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} image ids for {n} images")
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, k)) for k in keys]
+
+
+def draw_noise(
+    generators: Sequence[torch.Generator], shape: Sequence[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """The next standard normal draw of each image's generator: (B, *shape)."""
+    return torch.stack(
+        [torch.randn(tuple(shape), generator=g, dtype=dtype, device=device) for g in generators]
+    )
+
+
 def noisy_chunks(
-    x: Tensor, sigma: Tensor, samples: int, seed: int, max_batch: int
+    x: Tensor, sigma: Tensor, samples: int, seed: int, max_batch: int, ids: Tensor | None = None
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Noisy copies of x (B, C, H, W) in sample-major order, ``max_batch`` at a time.
 
+    ``ids`` (B,) name the images for their noise (see the module's docstring).
     Yields (inputs (N, C, H, W), image index (N,), sample index (N,)).
     """
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generators = image_generators(len(x), seed, x.device, ids)
     images = torch.arange(len(x), device=x.device)
     pending: list[tuple[Tensor, Tensor, Tensor]] = []
     pending_size = 0
     for sample in range(samples):
-        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        noise = draw_noise(generators, x.shape[1:], x.dtype, x.device)
         noisy = x + sigma * noise
         start = 0
         while start < len(x):
@@ -127,19 +157,20 @@ def noise_maps(
     calls: Sequence[MethodCall],
     base_maps: BaseMaps,
     max_batch: int,
+    ids: Tensor | None = None,
 ) -> dict[MethodCall, Tensor]:
     """smoothgrad / vargrad ``calls`` on x (B, C, H, W) for the (B,) targets.
 
     ``base_maps`` computes base methods on a chunk of at most ``max_batch`` noisy
-    inputs (the planner passes itself, so bases share passes there). Returns maps
-    of the base method's shape.
+    inputs (the planner passes itself, so bases share passes there). ``ids`` (B,)
+    name the images for their noise. Returns maps of the base method's shape.
     """
     groups: dict[tuple[float, int], list[MethodCall]] = defaultdict(list)
     for call in calls:
         groups[(float(call.option("noise")), call.option("seed"))].append(call)
     maps: dict[MethodCall, Tensor] = {}
     for (noise, seed), group in groups.items():
-        maps.update(_noise_group(x, target, group, noise, seed, base_maps, max_batch))
+        maps.update(_noise_group(x, target, group, noise, seed, base_maps, max_batch, ids))
     return maps
 
 
@@ -151,6 +182,7 @@ def _noise_group(
     seed: int,
     base_maps: BaseMaps,
     max_batch: int,
+    ids: Tensor | None,
 ) -> dict[MethodCall, Tensor]:
     """One set of noisy passes for calls that share ``noise`` and ``seed``."""
     moments = {
@@ -159,7 +191,7 @@ def _noise_group(
     }
     most_samples = max(samples for _, samples in moments)
     sigma = noise_scale(x, noise)
-    for inputs, image, sample in noisy_chunks(x, sigma, most_samples, seed, max_batch):
+    for inputs, image, sample in noisy_chunks(x, sigma, most_samples, seed, max_batch, ids):
         # A base only wanted by shorter runs is not computed once they are complete.
         first_sample = int(sample.min())
         needed = list(dict.fromkeys(base for base, n in moments if first_sample < n))

@@ -48,16 +48,18 @@ def explain(
     method: str,
     *,
     max_batch: int = 64,
+    ids: Tensor | None = None,
     **options: Any,
 ) -> Tensor:
     """The maps of one ``method`` (with ``options``) for x (B, C, H, W).
 
     ``target`` is a (B,) LongTensor of classes or "predicted" (the model's argmax on
-    x, from the same forward). Returns (B, C, H, W); gradcam and the attention
+    x, from the same forward). ``ids`` (B,) name the images for methods that draw
+    noise (see :func:`explain_all`). Returns (B, C, H, W); gradcam and the attention
     methods return (B, 1, H, W).
     Raises ``ValueError`` (:class:`MethodError`) on an unknown method or option.
     """
-    return explain_all(model, x, target, {method: options}, max_batch=max_batch)[method]
+    return explain_all(model, x, target, {method: options}, max_batch=max_batch, ids=ids)[method]
 
 
 def explain_all(
@@ -67,8 +69,13 @@ def explain_all(
     methods: Mapping[str, Mapping[str, Any] | None],
     *,
     max_batch: int = 64,
+    ids: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Several methods on the same batch x (B, C, H, W), sharing passes.
+
+    ``ids`` (B,) name the images for the methods that draw noise (smoothgrad,
+    vargrad, the random control): each image's noise follows its id, not its place
+    in the batch; None: the positions 0..B-1.
 
     ``methods`` maps a key to that method's options (a dict or a Hydra
     ``DictConfig``; None means defaults). The key is the method's name unless the
@@ -80,7 +87,7 @@ def explain_all(
     target = _checked(x, target, max_batch)
     x = x.detach()  # maps never carry a graph back to the caller's x
     requests = {key: _request(key, options) for key, options in methods.items()}
-    maps, _ = compute_calls(model, x, target, list(dict.fromkeys(requests.values())), max_batch)
+    maps, _ = compute_calls(model, x, target, list(dict.fromkeys(requests.values())), max_batch, ids)
     results: dict[str, Tensor] = {}
     handed_out: set[MethodCall] = set()
     for key, call in requests.items():
@@ -119,7 +126,12 @@ def _checked(x: Tensor, target: Target, max_batch: int) -> Target:
 
 
 def compute_calls(
-    model: nn.Module, x: Tensor, target: Target, calls: Sequence[MethodCall], max_batch: int
+    model: nn.Module,
+    x: Tensor,
+    target: Target,
+    calls: Sequence[MethodCall],
+    max_batch: int,
+    ids: Tensor | None = None,
 ) -> tuple[dict[MethodCall, Tensor], Target]:
     """The maps of distinct ``calls`` on x (B, C, H, W), and the target used (the
     (B,) predicted classes if it was resolved, else ``target`` as given)."""
@@ -144,11 +156,11 @@ def compute_calls(
         def base_maps(inputs: Tensor, targets: Tensor, bases: Sequence[MethodCall]) -> dict:
             return compute_calls(model, inputs, targets, bases, max_batch)[0]
 
-        maps.update(noise_maps(x, target, by_family["noise"], base_maps, max_batch))
+        maps.update(noise_maps(x, target, by_family["noise"], base_maps, max_batch, ids))
     for call in by_family["attention"]:
         maps[call] = _attention_map(model, x, target, call, max_batch)
     for call in by_family["control"]:
-        maps[call] = _control_map(call, x)
+        maps[call] = _control_map(call, x, ids)
     return maps, target
 
 
@@ -178,7 +190,7 @@ def _attention_map(
     return attention_rollout(model, x, max_batch=max_batch, **dict(call.options))
 
 
-def _control_map(call: MethodCall, x: Tensor) -> Tensor:
+def _control_map(call: MethodCall, x: Tensor, ids: Tensor | None) -> Tensor:
     if call.method == "edge":
         return edge_map(x, call.option("detector"), call.option("sigma"))
-    return random_map(x, call.option("seed"))
+    return random_map(x, call.option("seed"), ids)

@@ -352,8 +352,11 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
     parts, notes = [], []
     for combo, table in zip(combos, tables):
         first = combo[0]
-        extra = {name: pd.read_csv(first.path / f"{name}.csv") for name in ("signal", "robustness")
-                 if len(combo) == 1 and (first.path / f"{name}.csv").is_file()}
+        extra = {"signal": pd.read_csv(first.path / "signal.csv")} if (
+            len(combo) == 1 and (first.path / "signal.csv").is_file()) else {}
+        robust = [run.path / "robustness.csv" for run in combo if (run.path / "robustness.csv").is_file()]
+        if robust and len(robust) == len(combo):  # per image, so the shards' rows simply add up
+            extra["robustness"] = pd.concat([pd.read_csv(path) for path in robust], ignore_index=True)
         if len(combo) > 1 and any((run.path / "signal.csv").is_file() for run in combo):
             notes.append(f"signal.csv of the shards of {first.path.parent} is per shard and not merged: "
                          "their verdicts do not mark uninformative methods")

@@ -29,7 +29,7 @@ without it):
 
 * GuidedBackprop, GuidedGradCam, Deconvolution and DeepLift hook ``nn.ReLU``
   modules, so a ReLU called as a function (``F.relu``) gets the plain gradient
-  (captum issues 1082, 837); GuidedBackprop on a model without any ``nn.ReLU`` is
+  (Captum #1082, #837); GuidedBackprop on a model without any ``nn.ReLU`` is
   the plain gradient.
 * DeepLift keeps one input and output per non-linear module, zennit one input per
   layer: a module that runs twice in one forward (a reused ReLU for DeepLift, a
@@ -462,7 +462,7 @@ def _refuse_known_failures(model: nn.Module, name: str, plan: _Plan, example: Te
     calls, functional = _module_usage(model, example)
     if plan.functional_relu_fails and functional:
         raise SanityError(f"{who} would be silently wrong: {functional[0]} calls ReLU as a function (F.relu), which "
-                          "Captum's hooks on nn.ReLU modules never see (captum issues 1082, 837); give each ReLU "
+                          "Captum's hooks on nn.ReLU modules never see (Captum #1082, #837); give each ReLU "
                           "its own nn.ReLU module, or use another method (guided_backprop is built in)")
     modules = dict(model.named_modules())
     reused = [n for n, count in calls.items() if count > 1 and plan.reuse_breaks is not None

@@ -22,7 +22,10 @@ hold one block are NaN; nothing raises or warns for those cases.
 Cost: a rank correlation is mostly its two sorts. A check compares every state
 with the same step-0 maps, so ``compare`` keeps the ranks of the reference maps
 it has seen (``REFERENCE_CACHE_BYTES`` at most, see ``_ReferenceRanks``) and
-ranks only the other maps when the same reference comes again.
+ranks only the other maps when the same reference comes again. Memory: every
+metric is per image, so ``compare`` works through the images in chunks of at
+most ``COMPARE_CHUNK_VALUES`` map values; its float64 temporaries stay bounded
+however many images are compared.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ _HOG_CLIP = 0.2
 _F64 = torch.float64
 # Most bytes of reference ranks (and the copies that validate them) kept between compare() calls.
 REFERENCE_CACHE_BYTES = 64 * 2**20
+# Most map values compared at once (a 16 MiB float64 temporary; a dozen are alive at a time).
+COMPARE_CHUNK_VALUES = 2**21
 
 
 # --------------------------------------------------------------------------
@@ -374,18 +379,20 @@ class _ReferenceRanks:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def ranks(self, reference: torch.Tensor, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """compute()'s ranks for (reference, key), from the cache when they are there."""
-        full_key = (id(reference), *key)
+    def ranks(self, reference: torch.Tensor, rows: slice, key: tuple,
+              compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """compute()'s ranks of ``reference[rows]`` for ``key``, from the cache when they are there."""
+        full_key = (id(reference), rows.start, rows.stop, *key)
         entry = self._entries.get(full_key)
-        if entry is not None and entry[0]() is reference and _same(entry[1], reference):
+        if entry is not None and entry[0]() is reference and _same(entry[1], reference[rows]):
             self._entries.move_to_end(full_key)
             return entry[2]
         ranks = compute()
-        if _nbytes(ranks) + _nbytes(reference) <= self.max_bytes:
+        copy = reference[rows].detach().clone()
+        if _nbytes(ranks) + _nbytes(copy) <= self.max_bytes:
             entries = self._entries
             forget = lambda _, k=full_key: entries.pop(k, None)  # noqa: E731 - runs when the tensor is freed
-            self._entries[full_key] = (weakref.ref(reference, forget), reference.detach().clone(), ranks)
+            self._entries[full_key] = (weakref.ref(reference, forget), copy, ranks)
             self._evict()
         return ranks
 
@@ -448,24 +455,27 @@ def compare(
         _check_choice(m, METRICS, "metric")
     _check_choice(normalization, NORMALIZATIONS, "normalization")
     _check_pair(reference, other)
-    out: dict[str, torch.Tensor] = {}
     hog_options = dict(orientations=hog_orientations, pixels_per_cell=hog_pixels_per_cell,
                        cells_per_block=hog_cells_per_block)
-    for m in metrics:
-        if m == "ssim":
-            a, b = (normalize(maps, m, normalization, single_channel) for maps in (reference, other))
-            out[m] = ssim(
-                a, b, data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance
-            )
-            continue
-        options = hog_options if m == "hog" else {}
-        key = (m, normalization, single_channel, tuple(sorted(options.items())))
-        reference_ranks = _REFERENCE_RANKS.ranks(
-            reference, key, lambda m=m, options=options: rankdata(_vectors(reference, m, normalization,
-                                                                           single_channel, options)))
-        other_ranks = rankdata(_vectors(other, m, normalization, single_channel, options))
-        out[m] = _pearson_of_ranks(reference_ranks, other_ranks)
-    return out
+    ssim_options = dict(data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance)
+    per_chunk = max(1, COMPARE_CHUNK_VALUES // math.prod(reference.shape[1:]))
+    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in metrics}
+    for start in range(0, max(len(reference), 1), per_chunk):  # no image: one empty chunk
+        rows = slice(start, start + per_chunk)
+        for m in metrics:
+            if m == "ssim":
+                a, b = (normalize(maps[rows], m, normalization, single_channel) for maps in (reference, other))
+                chunks[m].append(ssim(a, b, **ssim_options))
+                continue
+            options = hog_options if m == "hog" else {}
+            key = (m, normalization, single_channel, tuple(sorted(options.items())))
+            reference_ranks = _REFERENCE_RANKS.ranks(
+                reference, rows, key,
+                lambda m=m, rows=rows, options=options: rankdata(
+                    _vectors(reference[rows], m, normalization, single_channel, options)))
+            other_ranks = rankdata(_vectors(other[rows], m, normalization, single_channel, options))
+            chunks[m].append(_pearson_of_ranks(reference_ranks, other_ranks))
+    return {m: torch.cat(values) for m, values in chunks.items()}
 
 
 @torch.no_grad()

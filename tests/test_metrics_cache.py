@@ -1,4 +1,5 @@
-"""compare() ranks a reference it has seen once; results stay those of a fresh ranking."""
+"""compare() ranks a reference it has seen once and works through many images in
+chunks; results stay those of one fresh ranking of all images."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def test_entries_go_with_their_reference_and_stay_under_the_byte_bound():
     cache = metrics._ReferenceRanks(max_bytes=3 * (10 * 8 + 10 * 4))  # three (1, 10) entries
     references = [torch.randn(1, 10) for _ in range(5)]
     for reference in references:
-        cache.ranks(reference, ("m",), lambda reference=reference: metrics.rankdata(reference))
+        cache.ranks(reference, slice(0, 1), ("m",), lambda reference=reference: metrics.rankdata(reference))
     assert len(cache._entries) == 3  # the two least recently used were dropped
     kept = [entry[1] for entry in cache._entries.values()]
     assert all(torch.equal(a, b) for a, b in zip(kept, references[2:], strict=True))
@@ -108,6 +109,23 @@ def test_entries_go_with_their_reference_and_stay_under_the_byte_bound():
 def test_a_reference_larger_than_the_bound_is_not_kept():
     cache = metrics._ReferenceRanks(max_bytes=100)
     reference = torch.randn(1, 50)
-    ranks = cache.ranks(reference, ("m",), lambda: metrics.rankdata(reference))
+    ranks = cache.ranks(reference, slice(0, 1), ("m",), lambda: metrics.rankdata(reference))
     assert torch.equal(ranks, metrics.rankdata(reference))
     assert not cache._entries
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_chunks_of_images_give_the_scores_of_all_images_at_once(monkeypatch, rank_calls, channels):
+    generator = torch.Generator().manual_seed(2)
+    reference, other, later = (torch.randn(7, channels, 48, 48, generator=generator) for _ in range(3))
+    whole = compare(reference.clone(), other)
+    monkeypatch.setattr(metrics, "COMPARE_CHUNK_VALUES", 3 * channels * 48 * 48)  # 3 images a chunk
+    rank_calls.clear()
+    chunked = compare(reference, other)
+    for metric in metrics.METRICS:
+        assert torch.equal(chunked[metric], whole[metric]), metric
+    assert len(rank_calls) == 3 * 3 * 2  # 3 chunks x 3 rank metrics x (reference + other)
+    assert rank_calls[0][0] == 3 and rank_calls[-1][0] == 1  # chunks of 3, 3 and 1 images
+    rank_calls.clear()
+    compare(reference, later)
+    assert len(rank_calls) == 3 * 3  # every chunk of the reference came from the cache

@@ -53,7 +53,7 @@ def test_several_seeds_and_independent(run):
 
 
 def test_data_randomization_memorizes_shuffled_labels(run):
-    result = run(["test=data", "test.shuffled_epochs=30", "test.shuffled_subset=200", "method=[gradient]"])
+    result = run(["test=data", "test.shuffled_epochs=60", "test.shuffled_subset=200", "method=[gradient]"])
     summary = result.summary
     shuffled = summary[summary["step"] == 1].iloc[0]
     assert shuffled["block"] == "shuffled labels"

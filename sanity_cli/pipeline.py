@@ -322,6 +322,9 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
         if "shuffled_epochs" in cfg.test:  # memorizing random labels takes longer; a subset is allowed
             train_cfg = OmegaConf.merge(cfg.train, {"epochs": cfg.test.shuffled_epochs})
             subset = cfg.test.get("shuffled_subset")
+            if subset and subset > len(train_y):
+                log.warning("test.shuffled_subset=%d is more than the %d training images; all %d are used",
+                            subset, len(train_y), len(train_y))
             train_x, train_y = (train_x[:subset], train_y[:subset]) if subset else (train_x, train_y)
     prepare_x = lambda x: spec.normalize(datasets.adapt_images(x, spec.channels, spec.size))  # noqa: E731
     dataset_settings = OmegaConf.to_container(cfg.dataset, resolve=True)

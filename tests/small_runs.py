@@ -9,6 +9,7 @@ of it; the models they train share one cache.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -93,6 +94,17 @@ def read_run(run_dir: Path, warnings: list[str] | None = None, trained: list[str
                images, list(meta["image_ids"]), warnings or [], trained or [], trainings)
 
 
+@contextlib.contextmanager
+def _without_pictures():
+    """Figures and report.html are drawn from the files checked here and tested on their
+    own (test_figures.py, test_report.py); skipping them saves seconds per run."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(figures, "draw_all", lambda _: []))
+        if hasattr(pipeline, "write_report"):
+            stack.enter_context(mock.patch.object(pipeline, "write_report", lambda *_, **__: None))
+        yield
+
+
 def _cached(cache_dir: str) -> set[str]:
     """The model files in a cache directory (not its lock files)."""
     root = Path(cache_dir).expanduser()
@@ -148,10 +160,8 @@ class Runs:
             return fit(*args, **kwargs)
 
         logging.getLogger().addHandler(handler)
-        # Figures are drawn from these same files and tested on their own; skipping
-        # them here saves seconds per run.
         try:
-            with mock.patch.object(figures, "draw_all", lambda _: []), mock.patch.object(training, "fit", counted_fit):
+            with _without_pictures(), mock.patch.object(training, "fit", counted_fit):
                 pipeline.run(cfg, run_dir)
         finally:
             logging.getLogger().removeHandler(handler)

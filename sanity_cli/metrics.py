@@ -50,8 +50,8 @@ _HOG_CLIP = 0.2
 _F64 = torch.float64
 # Most bytes of reference ranks (and the copies that validate them) kept between compare() calls.
 REFERENCE_CACHE_BYTES = 64 * 2**20
-# Most map values compared at once (a 16 MiB float64 temporary; a dozen are alive at a time).
-COMPARE_CHUNK_VALUES = 2**21
+# Most map values compared at once (an 8 MiB float64 temporary; a handful are alive at a time).
+COMPARE_CHUNK_VALUES = 2**20
 
 
 # --------------------------------------------------------------------------
@@ -124,15 +124,20 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return x.clone()
     s, order = x.sort(dim=-1)
-    pos = torch.arange(n, device=x.device).expand(s.shape)
     new = s[..., 1:] != s[..., :-1]
     edge = torch.ones_like(s[..., :1], dtype=torch.bool)
+    del s  # temporaries go as soon as they are used: a big batch holds few (..., N) arrays at once
     starts = torch.cat([edge, new], dim=-1)  # first element of a tie group
     ends = torch.cat([new, edge], dim=-1)  # last element of a tie group
+    del new
+    pos = torch.arange(n, device=x.device).expand(order.shape)
     # Propagate each group's first index forward and last index backward.
     first = torch.where(starts, pos, 0).cummax(dim=-1).values
+    del starts
     last = torch.where(ends, pos, n - 1).flip(-1).cummin(dim=-1).values.flip(-1)
-    mean_rank = (first + last).to(_F64) / 2 + 1
+    del ends
+    mean_rank = first.add_(last).to(_F64).div_(2).add_(1)
+    del first, last
     ranks = torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
     return ranks.masked_fill(torch.isnan(x).any(dim=-1, keepdim=True), math.nan)
 

@@ -107,12 +107,15 @@ class _Moments:
     """Mean and variance over the first ``samples`` noisy maps of each of B images.
 
     Sums are of the difference to the image's first map (sample 0, which comes
-    first in sample-major order), in a wide dtype, to avoid cancellation.
+    first in sample-major order), in a wide dtype, to avoid cancellation. The sum
+    of squares is kept only if ``second`` (a variance or mean square is asked for):
+    it is a third (B, ...) array in the wide dtype.
     """
 
-    def __init__(self, batch: int, samples: int) -> None:
+    def __init__(self, batch: int, samples: int, second: bool = True) -> None:
         self.batch = batch
         self.samples = samples
+        self.second = second
         self.shift: Tensor | None = None
         self.sum: Tensor | None = None
         self.sum_squares: Tensor | None = None
@@ -125,12 +128,13 @@ class _Moments:
             wide = accumulation_dtype(maps)
             self.shift = maps.new_zeros(shape)
             self.sum = maps.new_zeros(shape, dtype=wide)
-            self.sum_squares = maps.new_zeros(shape, dtype=wide)
+            self.sum_squares = maps.new_zeros(shape, dtype=wide) if self.second else None
         first = sample == 0
         self.shift[image[first]] = maps[first]
         difference = maps.to(self.sum.dtype) - self.shift[image].to(self.sum.dtype)
         self.sum.index_add_(0, image, difference)
-        self.sum_squares.index_add_(0, image, difference * difference)
+        if self.second:
+            self.sum_squares.index_add_(0, image, difference * difference)
 
     def mean(self) -> Tensor:
         return (self.shift.to(self.sum.dtype) + self.sum / self.samples).to(self.shift.dtype)
@@ -185,10 +189,11 @@ def _noise_group(
     ids: Tensor | None,
 ) -> dict[MethodCall, Tensor]:
     """One set of noisy passes for calls that share ``noise`` and ``seed``."""
-    moments = {
-        (call.option("base"), call.option("samples")): _Moments(len(x), call.option("samples"))
-        for call in calls
-    }
+    second: dict[tuple[MethodCall, int], bool] = defaultdict(bool)
+    for call in calls:
+        needs = call.method == "vargrad" or bool(call.option("square"))
+        second[(call.option("base"), call.option("samples"))] |= needs
+    moments = {key: _Moments(len(x), key[1], needs) for key, needs in second.items()}
     most_samples = max(samples for _, samples in moments)
     sigma = noise_scale(x, noise)
     for inputs, image, sample in noisy_chunks(x, sigma, most_samples, seed, max_batch, ids):

@@ -55,11 +55,29 @@ class InputSpec:
         return (x - mean) / std
 
 
+# model.init of the models trained here. "paper" is the authors' setting: weights of
+# std 0.1 whatever the layer's fan-in (MLP: 2 / sqrt(fan_in)). Adam moves each weight
+# by about lr per step, so those large weights change by only about a tenth of their
+# size before the training set is fitted, and the trained model's input gradients stay
+# pixel noise. "torch" (PyTorch's default, uniform in +-1 / sqrt(fan_in)) starts small
+# enough for training to reshape the weights; its maps follow the object.
+MODEL_INITS = ("torch", "paper")
+
+
+def _check_init(init: str) -> None:
+    if init not in MODEL_INITS:
+        raise SanityError(f"unknown model.init '{init}'; choose one of: {', '.join(MODEL_INITS)}")
+
+
 class PaperCNN(nn.Module):
     """The paper's MNIST CNN: conv 5x5x32, ReLU, maxpool 2, conv 5x5x64, ReLU, maxpool 2,
-    FC 1024, ReLU, FC (logits). Blocks, in forward order: conv1, conv2, fc1, fc2."""
+    FC 1024, ReLU, FC (logits). Blocks, in forward order: conv1, conv2, fc1, fc2.
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
+    init: "torch" (PyTorch's default, scaled by each layer's fan-in) or "paper" (the
+    authors' truncated normal of std 0.1 and biases 0.1, see `MODEL_INITS`)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, init: str = "torch"):
+        _check_init(init)
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2)
         self.relu1 = nn.ReLU()
@@ -71,10 +89,11 @@ class PaperCNN(nn.Module):
         self.fc1 = nn.Linear(64 * (image_size // 4) ** 2, 1024)
         self.relu3 = nn.ReLU()
         self.fc2 = nn.Linear(1024, num_classes)
-        for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
-            # TF's truncated normal cuts at two standard deviations.
-            nn.init.trunc_normal_(layer.weight, std=0.1, a=-0.2, b=0.2)
-            nn.init.constant_(layer.bias, 0.1)
+        if init == "paper":
+            for layer in (self.conv1, self.conv2, self.fc1, self.fc2):
+                # TF's truncated normal cuts at two standard deviations.
+                nn.init.trunc_normal_(layer.weight, std=0.1, a=-0.2, b=0.2)
+                nn.init.constant_(layer.bias, 0.1)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.pool1(self.relu1(self.conv1(x)))
@@ -83,17 +102,21 @@ class PaperCNN(nn.Module):
 
 
 class PaperMLP(nn.Module):
-    """The paper's MNIST MLP: 784-2500-1500-500-10 with ReLU. Blocks: fc1 .. fc4."""
+    """The paper's MNIST MLP: 784-2500-1500-500-10 with ReLU. Blocks: fc1 .. fc4.
 
-    def __init__(self, in_features: int = 784, num_classes: int = 10):
+    init: "torch" (PyTorch's default) or "paper" (normal of std 2 / sqrt(fan_in),
+    zero biases, see `MODEL_INITS`)."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10, init: str = "torch"):
+        _check_init(init)
         super().__init__()
         self.flatten = nn.Flatten()
         widths = [in_features, 2500, 1500, 500, num_classes]
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
             layer = nn.Linear(n_in, n_out)
-            # The paper's initialization: normal with std 2 / sqrt(fan_in).
-            nn.init.normal_(layer.weight, std=2.0 / math.sqrt(n_in))
-            nn.init.zeros_(layer.bias)
+            if init == "paper":
+                nn.init.normal_(layer.weight, std=2.0 / math.sqrt(n_in))
+                nn.init.zeros_(layer.bias)
             setattr(self, f"fc{i}", layer)
             if i < len(widths) - 1:
                 setattr(self, f"relu{i}", nn.ReLU())
@@ -169,9 +192,9 @@ def build_model(model_cfg, num_classes: int, spec: InputSpec) -> nn.Module:
     if model_cfg.kind == "timm":
         return _build_timm(model_cfg, num_classes)
     if model_cfg.kind == "cnn":
-        model = PaperCNN(spec.channels, num_classes, spec.size)
+        model = PaperCNN(spec.channels, num_classes, spec.size, init=model_cfg.get("init", "torch"))
     elif model_cfg.kind == "mlp":
-        model = PaperMLP(spec.channels * spec.size**2, num_classes)
+        model = PaperMLP(spec.channels * spec.size**2, num_classes, init=model_cfg.get("init", "torch"))
     else:
         raise SanityError(f"unknown model kind '{model_cfg.kind}'; choose one of: {', '.join(MODEL_KINDS)}")
     if checkpoint:

@@ -14,6 +14,7 @@ from sanity_cli.errors import SanityError
 from sanity_cli.methods import METHODS, resolve_call
 from sanity_cli.methods.external import EXTERNAL_KINDS, check_options, is_external
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
+from sanity_cli.models import MODEL_INITS
 from sanity_cli.randomization import INIT_POLICIES, ORDERS
 from sanity_cli.sharding import parse_shard
 from sanity_cli.verdict import VerdictSettings
@@ -73,6 +74,8 @@ def _check_names(cfg: DictConfig) -> None:
     if cfg.test.name in checks.MODEL_CHECKS:
         names.append(("init", cfg.test.init, INIT_POLICIES))
         names.append(("order", cfg.test.get("order", "top_down"), ORDERS))
+    if cfg.model.get("kind") in ("cnn", "mlp"):
+        names.append(("model.init", cfg.model.get("init", "torch"), MODEL_INITS))
     for what, value, valid in names:
         if value not in valid:
             raise SanityError(f"unknown {what} '{value}'; choose one of: {', '.join(valid)}")

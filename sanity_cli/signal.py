@@ -20,8 +20,8 @@ lower one-sided 95% confidence bound of the mean paired difference (method minus
 reference, image by image) exceeds ``margin``, 0.3: with 95% confidence, at least
 a medium correlation (Cohen's convention) above what noise has. The ``excess``
 column holds the largest of those three bounds. (Digits CNN, measured: Gradient
-and Guided Backprop maps have an excess of 0.13 and 0.21 under the paper's init,
-0.68 and 0.71 under the default one.) The rule separates noise from structure; it
+and Guided Backprop maps have an excess of 0.14 and 0.22 under the paper's init,
+0.69 and 0.72 under the default one.) The rule separates noise from structure; it
 does not say whether the structure comes from the model (an edge detector is
 informative, and GradCAM maps are smooth by their upsampling): that is what the
 randomization checks measure.

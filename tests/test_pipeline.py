@@ -83,8 +83,8 @@ def test_interrupted_run_resumes_to_the_same_csv(run, monkeypatch):
     written = []
     original_add = RunStore.add_state
 
-    def add_then_die(self, seed, step, block, rows, examples):
-        original_add(self, seed, step, block, rows, examples)
+    def add_then_die(self, seed, step, block, rows, examples, *receipt_and_robustness):
+        original_add(self, seed, step, block, rows, examples, *receipt_and_robustness)
         written.append(step)
         if len(written) == 2:
             with open(self.results, "a") as handle:  # a row of the next state, cut off mid-write

@@ -1,9 +1,9 @@
 """What each setting of conf/ does to a run: the table that test_settings_reach.py and
 test_cache_key.py walk.
 
-Keys are dotted settings (`metrics.ssim.sigma`), group options (`model=mlp`) and
-experiment entries (`+experiment=NAME`). Every key of the composed configs must have
-an entry, so a setting added without one fails a test. An entry is one of:
+Keys are dotted settings (`metrics.ssim.sigma`) and group options (`model=mlp`); the
+entries of conf/experiment/ only set these. Every key of conf/'s files must have an
+entry, so a setting added without one fails a test. An entry is one of:
 
 * `Effect`: a run with `flip` reports something else than a run without it; `check`
   says what, in the direction or by the amount it should where that is cheap to know.
@@ -21,12 +21,14 @@ one), {folder} and {other_folder} (image folders of class sub-folders), {root}.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
+from sanity_cli.cli import config_dir
 from small_runs import CNN_BLOCKS, Run
 
 KEY = ["seed", "step", "method", "image", "metric"]
@@ -60,6 +62,48 @@ class Refused:
 class Elsewhere:
     reason: str
     weights: bool | None = None
+
+
+# --- the settings of conf/ -------------------------------------------------------------------
+
+
+def conf_files() -> Iterator[tuple[str, str, dict]]:
+    """(group, option, values placed where composing puts them) of every file of conf/;
+    group "" for config.yaml. Reading the files is what composing each option would
+    give here, at a fraction of the time."""
+    root = config_dir()
+    top = OmegaConf.to_container(OmegaConf.load(root / "config.yaml"), resolve=False)
+    yield "", "config", {key: value for key, value in top.items() if key not in ("defaults", "hydra")}
+    for folder in sorted(path for path in root.iterdir() if path.is_dir() and path.name != "hydra"):
+        for file in sorted(folder.glob("*.yaml")):
+            values = OmegaConf.to_container(OmegaConf.load(file), resolve=False) or {}
+            values.pop("defaults", None)
+            package = _package(file)
+            if package is None and not values:  # a file of defaults only (method=paper)
+                yield folder.name, file.stem, {}
+                continue
+            package = package or folder.name
+            if package != "_global_":
+                for part in reversed(package.split(".")):
+                    values = {part: values}
+            yield folder.name, file.stem, values
+
+
+def _package(file) -> str | None:
+    for line in file.read_text().splitlines():
+        if line.startswith("# @package "):
+            return line.removeprefix("# @package ").strip()
+    return None
+
+
+def leaves(node, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of a plain config; an empty mapping is a key of its own
+    (`method.gradient: {}`)."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}{key}.")
+    elif prefix:
+        yield prefix[:-1], node
 
 
 # --- what a run reports, and how two runs differ ------------------------------------------
@@ -147,6 +191,16 @@ def verdicts(run: Run) -> pd.DataFrame:
     path = run.dir / "verdict.csv"
     assert path.is_file(), "the run wrote no verdict.csv"
     return pd.read_csv(path)
+
+
+def decided_by(metric: str) -> Callable[[Run, Run], None]:
+    """verdict.csv has a row per metric; the verdict's metric is the one that decides."""
+
+    def check(a: Run, b: Run) -> None:
+        deciding = [set(verdicts(run).loc[verdicts(run)["decides"], "metric"]) for run in (a, b)]
+        assert deciding[1] == {metric} != deciding[0], deciding
+
+    return check
 
 
 def verdict_column(column: str, value) -> Callable[[Run, Run], None]:
@@ -318,7 +372,7 @@ TIMM = ("model=timm", "model.name=test_vit", "model.pretrained=false", "dataset=
 FOLDER = ("dataset=imagefolder", "dataset.path={folder}", "model=custom", "model._target_=small_runs.GreyBatchNormNet",
           "model.checkpoint={batch_norm_checkpoint}", "model.channels=1", "model.input_size=12", "n_images=4",
           "n_examples=4")
-CAPTUM = ("method=[captum]", "method.captum.attribution=Saliency", "+method.captum.attribute_kwargs.abs=false")
+CAPTUM = ("method=[captum]", "method.captum.attribution=Saliency")
 LRP = ("method=[lrp]",)
 CALLABLE = ("method=[callable]", "method.callable._target_=small_runs.input_map")
 
@@ -430,9 +484,9 @@ METHOD = {
     "method.captum.attribution": Effect(("method.captum.attribution=InputXGradient",), maps_differ("captum"),
                                         base=CAPTUM),
     "method.captum.kwargs": Effect(("+method.captum.kwargs.multiply_by_inputs=false",), maps_differ("captum"),
-                                   base=(*CAPTUM, "method.captum.attribution=IntegratedGradients")),
-    "method.captum.attribute_kwargs": Effect(("+method.captum.attribute_kwargs.abs=true",), maps_differ("captum"),
-                                             base=("method=[captum]", "method.captum.attribution=Saliency")),
+                                   base=("method=[captum]", "method.captum.attribution=IntegratedGradients")),
+    "method.captum.attribute_kwargs": Effect(("+method.captum.attribute_kwargs.abs=false",), maps_differ("captum"),
+                                             base=CAPTUM),
     "method.captum.layer": Effect(("method.captum.layer=relu1",), maps_differ("captum"),
                                   base=("method=[captum]", "method.captum.attribution=LayerGradCam")),
     "method.captum.baselines": Effect(("method.captum.baselines=0.5",), maps_differ("captum"),
@@ -485,7 +539,7 @@ TEST = {
 }
 
 VERDICT = {
-    "verdict.metric": Effect(("verdict.metric=spearman",), verdict_column("metric", "spearman")),
+    "verdict.metric": Effect(("verdict.metric=spearman",), decided_by("spearman")),
     "verdict.threshold": Effect(("verdict.threshold=0.9",), verdict_column("threshold", 0.9)),
     "verdict.rise_threshold": Effect(("verdict.rise_threshold=0.5",), verdict_column("threshold", 0.5),
                                      base=ENTROPY),
@@ -527,9 +581,6 @@ GROUPS["method=callable"] = Effect(CALLABLE, methods_are({"callable"}))
 GROUPS["method=attention_rollout"] = Effect((*TIMM, "method=[attention_rollout]"), methods_are({"attention_rollout"}),
                                            weights=None)
 GROUPS["method=chefer"] = Effect((*TIMM, "method=[chefer]"), methods_are({"chefer"}), weights=None)
-
-EXPERIMENTS = Elsewhere("an entry of `sanity paper`: each sets existing settings to a figure's; "
-                        "tests/test_paper.py composes every one")
 
 TABLE: dict[str, Effect | Inert | Refused | Elsewhere] = {**TOP, **METRICS, **TRAIN, **MODEL, **DATASET, **METHOD,
                                                          **TEST, **VERDICT, **GROUPS}

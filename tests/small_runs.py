@@ -10,6 +10,7 @@ of it; the models they train share one cache.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import logging
@@ -95,14 +96,36 @@ def read_run(run_dir: Path, warnings: list[str] | None = None, trained: list[str
 
 
 @contextlib.contextmanager
-def _without_pictures():
-    """Figures and report.html are drawn from the files checked here and tested on their
-    own (test_figures.py, test_report.py); skipping them saves seconds per run."""
+def _quickly():
+    """What these runs skip: figures and report.html, drawn from the files checked here
+    and tested on their own (test_figures.py, test_report.py), and the fsync of every
+    write (durability is test_reliability.py's); and what they reuse: scikit-learn's
+    digits, parsed once. Together they take most of a small run's time."""
+    import sklearn.datasets
+
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(figures, "draw_all", lambda _: []))
         if hasattr(pipeline, "write_report"):
             stack.enter_context(mock.patch.object(pipeline, "write_report", lambda *_, **__: None))
+        stack.enter_context(mock.patch("os.fsync", lambda _: None))
+        stack.enter_context(mock.patch.object(sklearn.datasets, "load_digits",
+                                              _digits_once(sklearn.datasets.load_digits)))
         yield
+
+
+_DIGITS: dict = {}
+
+
+def _digits_once(load):
+    """scikit-learn's load_digits, parsed on the first call and copied after."""
+
+    def digits(*args, **kwargs):
+        assert not args and not kwargs, "the digits are read with their defaults"
+        if "bunch" not in _DIGITS:
+            _DIGITS["bunch"] = load()
+        return copy.deepcopy(_DIGITS["bunch"])
+
+    return digits
 
 
 def _cached(cache_dir: str) -> set[str]:
@@ -161,7 +184,7 @@ class Runs:
 
         logging.getLogger().addHandler(handler)
         try:
-            with _without_pictures(), mock.patch.object(training, "fit", counted_fit):
+            with _quickly(), mock.patch.object(training, "fit", counted_fit):
                 pipeline.run(cfg, run_dir)
         finally:
             logging.getLogger().removeHandler(handler)

@@ -9,6 +9,8 @@ training is a call of `training.fit`.
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -40,17 +42,29 @@ def retraining_cases() -> list:
     return cases
 
 
+@pytest.fixture
+def cache_of(make_cfg, tmp_path_factory):
+    """base -> the runs on one cache shared by the flips of that base; no two flips of
+    a base give the same settings, so each must find its model missing."""
+
+    def runs(base: tuple[str, ...]) -> Runs:
+        name = hashlib.sha256(repr(base).encode()).hexdigest()[:8]
+        return Runs(tmp_path_factory.getbasetemp() / "cache_key" / name, make_cfg, TINY)
+
+    return runs
+
+
 @pytest.mark.parametrize(("key", "base", "flip"), retraining_cases())
-def test_a_setting_of_the_weights_trains_anew(make_cfg, tmp_path, key, base, flip):
-    runs = Runs(tmp_path, make_cfg, TINY)
-    assert runs(*base).trainings, "the first run on an empty cache trains"
-    assert not runs.fresh(*base).trainings, "the same settings load the cached model"
+def test_a_setting_of_the_weights_trains_anew(cache_of, key, base, flip):
+    runs = cache_of(base)
+    first = runs(*base)
+    assert first.trainings, "the first run on an empty cache trains"
     assert runs(*base, *flip).trainings, f"{key} changed but the cached model was used"
 
 
 def test_settings_of_the_explanation_reuse_the_model(make_cfg, tmp_path):
     runs = Runs(tmp_path, make_cfg, TINY)
-    assert runs().trainings == 1
+    assert runs().trainings == 1 and not runs.fresh().trainings  # the same settings load the cached model
     for flip in KEEPS_THE_MODEL:
         assert not runs(*flip).trainings, f"{flip} trained another model"
 

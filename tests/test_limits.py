@@ -18,6 +18,7 @@ from sanity_cli import cli
 from sanity_cli.cli import config_dir
 from sanity_cli.errors import SanityError
 from sanity_cli.validation import INCLUSIVE, MAXIMA, NUMBERS, validate
+from setting_effects import conf_files, leaves
 
 TINY = 1e-6  # just beside a bound of a number that need not be whole
 # Where a setting lives when the default config lacks it
@@ -42,7 +43,10 @@ OTHER_LIMITS = {
     "verdict.rise_threshold": ([], False, -1.0, True, None, True),
     "verdict.level": ([], False, 0.0, False, 1.0, False),
     "verdict.resamples": ([], True, 1, True, None, True),
+    # a number of classes, or a list of class folder names (so a word is no wrong type)
+    "dataset.classes": (["dataset=imagefolder"], True, 1, True, None, True),
 }
+NAMES_ALLOWED = {"dataset.classes"}
 # Numbers in the config tree checked where they are used, with the test that checks them
 ELSEWHERE = {"method.captum.seed": "tests/test_external_methods.py: Captum's own draws"}
 
@@ -90,6 +94,7 @@ def number_cases() -> list:
         cases += [pytest.param(key, home(key), v, False, id=f"{key}={v}") for v in outside]
     for key, (overrides, whole, low, low_in, high, high_in) in OTHER_LIMITS.items():
         inside, outside = limits(whole, low, low_in, high, high_in)
+        outside = [v for v in outside if key not in NAMES_ALLOWED or not isinstance(v, (str, bool, float))]
         cases += [pytest.param(key, overrides, v, True, id=f"{key}={v}") for v in inside]
         cases += [pytest.param(key, overrides, v, False, id=f"{key}={v}") for v in outside]
     return cases
@@ -108,21 +113,8 @@ def test_numbers_at_their_bounds(key, overrides, value, valid):
 
 
 def numbers_in_the_tree() -> set[str]:
-    found = set()
-    for group in ("model", "dataset", "method", "test"):
-        for option in sorted(p.stem for p in (config_dir() / group).glob("*.yaml")):
-            values = OmegaConf.to_container(composed([f"{group}={option}"]), resolve=False)
-            found |= {key for key, value in _flat(values) if isinstance(value, (int, float))
-                      and not isinstance(value, bool)}
-    return found
-
-
-def _flat(node, prefix: str = ""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _flat(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], node
+    return {key for _, _, values in conf_files() for key, value in leaves(values)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def test_every_number_in_the_configs_has_limits():

@@ -4,7 +4,6 @@ real browser (Chromium, driven by Playwright) that renders it."""
 
 from __future__ import annotations
 
-import torch
 import base64
 import json
 import os
@@ -20,7 +19,6 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from sanity_cli.cli import main
 from sanity_cli.configs import config_dir

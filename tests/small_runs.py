@@ -38,7 +38,8 @@ _NUMBER = itertools.count()
 @dataclass
 class Run:
     """What one run wrote: results.csv, summary.csv, states.csv, run.json, maps.npz
-    (as float32 (E, C, H, W) arrays by (seed, step, method)), and its warnings."""
+    (as float32 (E, C, H, W) arrays by (seed, step, method)); its warnings, and how
+    many models it trained."""
 
     dir: Path
     results: pd.DataFrame
@@ -49,8 +50,7 @@ class Run:
     images: np.ndarray  # (E, C, H, W) the example images in [0, 1]
     image_ids: list[int]  # (E,) the example images' indices into the test split
     warnings: list[str] = field(default_factory=list)
-    trained: list[str] = field(default_factory=list)  # files the run added to the model cache
-    trainings: int = 0  # models the run trained (not loaded from the cache)
+    trainings: int = 0  # models the run trained (calls of training.fit), not loaded from the cache
 
     def maps(self, method: str, step: int, seed: int | None = None) -> np.ndarray:
         """The kept maps (E, C, H, W) of `method` in one state (the only seed when None)."""
@@ -78,8 +78,7 @@ class Run:
         return rows
 
 
-def read_run(run_dir: Path, warnings: list[str] | None = None, trained: list[str] | None = None,
-             trainings: int = 0) -> Run:
+def read_run(run_dir: Path, warnings: list[str] | None = None, trainings: int = 0) -> Run:
     """A finished run's files as a `Run`."""
     examples = {}
     with np.load(run_dir / "maps.npz") as kept:
@@ -92,7 +91,7 @@ def read_run(run_dir: Path, warnings: list[str] | None = None, trained: list[str
         images = kept["images"].astype(np.float32)
     return Run(run_dir, pd.read_csv(run_dir / "results.csv"), pd.read_csv(run_dir / "summary.csv"),
                pd.read_csv(run_dir / "states.csv"), json.loads((run_dir / "run.json").read_text()), examples,
-               images, list(meta["image_ids"]), warnings or [], trained or [], trainings)
+               images, list(meta["image_ids"]), warnings or [], trainings)
 
 
 @contextlib.contextmanager
@@ -126,12 +125,6 @@ def _digits_once(load):
         return copy.deepcopy(_DIGITS["bunch"])
 
     return digits
-
-
-def _cached(cache_dir: str) -> set[str]:
-    """The model files in a cache directory (not its lock files)."""
-    root = Path(cache_dir).expanduser()
-    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".lock")}
 
 
 class _Warnings(logging.Handler):
@@ -170,11 +163,10 @@ class Runs:
             _DONE[key] = self.fresh(*overrides)
         return _DONE[key]
 
-    def fresh(self, *overrides: str, cfg=None) -> Run:
-        """A new run (never shared), of `cfg` when given."""
+    def fresh(self, *overrides: str) -> Run:
+        """A new run, never shared."""
         run_dir = self.root / f"run{next(_NUMBER)}"
-        cfg = cfg if cfg is not None else self.cfg(*overrides)
-        before = _cached(cfg.cache_dir)
+        cfg = self.cfg(*overrides)
         handler, fits = _Warnings(), []
         fit = training.fit
 
@@ -188,7 +180,7 @@ class Runs:
                 pipeline.run(cfg, run_dir)
         finally:
             logging.getLogger().removeHandler(handler)
-        return read_run(run_dir, handler.lines, sorted(_cached(cfg.cache_dir) - before), len(fits))
+        return read_run(run_dir, handler.lines, len(fits))
 
     def error(self, *overrides: str) -> str:
         """The one-line message of the SanityError that the run stops with."""

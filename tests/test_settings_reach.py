@@ -10,10 +10,12 @@ check reads its own.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from setting_effects import TABLE, Effect, Elsewhere, Inert, Refused, conf_files, leaves
+from setting_effects import FASHION, FASHION_FILES, TABLE, Effect, Elsewhere, Inert, Refused, conf_files, leaves
 from small_runs import GreyBatchNormNet, Runs, image_folder, trained_checkpoint
 
 # What each test option needs besides its name to stay small
@@ -110,6 +112,8 @@ def overrides(entry, option: str, places: dict[str, str]) -> tuple[tuple[str, ..
 @pytest.mark.parametrize(("key", "option"), cases(Effect))
 def test_setting_reaches_its_effect(runs, places, key, option):
     entry = TABLE[key]
+    if entry.needs and not Path(entry.needs).exists():
+        pytest.skip(f"needs {entry.needs}")
     base, flipped = overrides(entry, option, places)
     before = runs(*base)
     after = runs(*flipped)
@@ -138,6 +142,16 @@ def test_setting_with_one_choice_refuses_others(runs, places, key, option):
     entry = TABLE[key]
     _, flipped = overrides(entry, option, places)
     assert entry.match in runs.error(*flipped)
+
+
+@pytest.mark.skipif(not Path(FASHION_FILES).is_dir(), reason=f"needs {FASHION_FILES} (Debian's dataset-fashion-mnist)")
+def test_seed_chooses_the_images_of_a_fixed_test_split(runs, places):
+    """The digits' split follows the seed too; Fashion-MNIST's test split is fixed, so only
+    the choice of images shows the seed: a balanced, seeded draw of one image per class."""
+    chosen = [runs(*(item.format(**places) for item in (*FASHION, f"seed={seed}"))) for seed in (0, 1)]
+    for run in chosen:
+        assert sorted(run.results.drop_duplicates("image")["label"]) == list(range(10))
+    assert set(chosen[0].image_ids).isdisjoint(chosen[1].image_ids)
 
 
 def test_every_entry_says_why_it_has_no_run():

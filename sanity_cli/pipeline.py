@@ -294,7 +294,8 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
 def _warn_unless_memorized(model: TrainedModel, threshold: float) -> None:
     if model.train_accuracy is not None and model.train_accuracy < threshold:
         log.warning("the shuffled-label model reached train accuracy %.3f < %.2f: it has not memorized its labels, "
-                    "so the data randomization test means little; raise test.shuffled_epochs",
+                    "so the data randomization test means little; raise test.shuffled_epochs, or lower "
+                    "test.shuffled_lr if the loss stays at chance",
                     model.train_accuracy, threshold)
 
 
@@ -320,7 +321,9 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     if shuffled:
         train_y = shuffled_labels(train_y, cfg.seed)
         if "shuffled_epochs" in cfg.test:  # memorizing random labels takes longer; a subset is allowed
-            train_cfg = OmegaConf.merge(cfg.train, {"epochs": cfg.test.shuffled_epochs})
+            # and its own learning rate: a rate that fits true labels can stall at chance on random ones
+            lr = cfg.test.get("shuffled_lr") or cfg.train.lr
+            train_cfg = OmegaConf.merge(cfg.train, {"epochs": cfg.test.shuffled_epochs, "lr": lr})
             subset = cfg.test.get("shuffled_subset")
             if subset and subset > len(train_y):
                 log.warning("test.shuffled_subset=%d is more than the %d training images; all %d are used",

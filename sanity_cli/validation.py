@@ -32,6 +32,7 @@ NUMBERS = [
     ("metrics.hog.orientations", int, 1),
     ("test.bins", int, 1), ("test.samples", int, 1), ("test.noise", float, 0.0),
     ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0), ("test.shuffled_subset", int, 1),
+    ("test.shuffled_lr", float, 0.0),
     ("dataset.image_size", int, 8), ("dataset.test_fraction", float, 0.0),
 ]
 INCLUSIVE = {"test.noise", "test.memorization_threshold"}

@@ -316,6 +316,12 @@ def memorization_warning(a: Run, b: Run) -> None:
     assert said == [True, False], said
 
 
+def only_the_shuffled_model(a: Run, b: Run) -> None:
+    """The true-label model (step 0) is the same; the shuffled-label one (step 1) is another."""
+    weights = [[run.states.loc[run.states["step"] == step, "weights"].tolist() for step in (0, 1)] for run in (a, b)]
+    assert weights[0][0] == weights[1][0] and weights[0][1] != weights[1][1], weights
+
+
 def batch_norm_statistics(a: Run, b: Run) -> None:
     """Only the randomized states change: step 0 is the trained model either way."""
     values_differ(a, b)
@@ -533,6 +539,8 @@ TEST = {
                                    weights=True),
     "test.shuffled_subset": Effect(("test.shuffled_subset=300",), all_of(values_differ, differs(trained("shuffled"))),
                                    base=DATA, weights=True),
+    "test.shuffled_lr": Effect(("test.shuffled_lr=0.01",), all_of(values_differ, only_the_shuffled_model), base=DATA,
+                               weights=True),
     "test.memorization_threshold": Effect(("test.memorization_threshold=0.0",), memorization_warning, base=DATA),
     "test.bins": Effect(("test.bins=10",), entropy_at_most_log_10, base=ENTROPY),
     "test.samples": Effect(("test.samples=3",), values_differ, base=SMOOTH_CASCADE),

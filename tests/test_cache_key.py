@@ -26,7 +26,8 @@ KEEPS_THE_MODEL = [("n_images=3",), ("method=[guided_backprop]",), ("test=indepe
 # A model near chance is never cached: the shuffled-label model learns its 100 labels first
 MEMORIZED = ("test=data", "test.shuffled_subset=100", "test.shuffled_epochs=40")
 CASES = {"test.shuffled_epochs": (MEMORIZED, ("test.shuffled_epochs=41",)),
-         "test.shuffled_subset": (MEMORIZED, ("test.shuffled_subset=120",))}
+         "test.shuffled_subset": (MEMORIZED, ("test.shuffled_subset=120",)),
+         "test.shuffled_lr": (MEMORIZED, ("test.shuffled_lr=0.002",))}
 
 
 def retraining_cases() -> list:

@@ -138,6 +138,11 @@ def test_random_logit_explains_another_class_drawn_with_the_seed(runs, checkpoin
     same_seed_other_model, other_seed = runs("test=random_logit"), runs(checkpoint, "test=random_logit", "seed=1")
     np.testing.assert_array_equal(shifts(same_seed_other_model), shifts(run))
     assert (shifts(other_seed) != shifts(run)).any()
+    # the draw itself: each image's offset comes from a generator seeded by the run's seed
+    # and the image's id (another seed chooses other images too, so it alone cannot show this)
+    drawn = [torch.randint(1, 10, (1,), generator=torch.Generator().manual_seed(image_seed(0, image))).item()
+             for image in run.image_ids]
+    np.testing.assert_array_equal(shifts(run), drawn)
 
 
 # --- sMPRT and eMPRT ----------------------------------------------------------------------

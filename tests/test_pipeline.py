@@ -177,3 +177,6 @@ def test_signed_ssim_of_a_map_without_negative_values_is_undefined():
     assert scores["ssim_negative"].isnan().all() and scores["ssim_positive"].isfinite().all()
     signed = torch.randn(2, 1, 16, 16, dtype=torch.float64)
     assert signed_ssim(signed, signed, paper)["ssim_negative"].eq(1.0).all()
+    # a negative part on one side only is a difference, not a missing value
+    one_sided = signed_ssim(positive, signed, paper)
+    assert one_sided["ssim_negative"].isfinite().all() and (one_sided["ssim_negative"] < 1).all()

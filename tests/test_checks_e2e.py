@@ -127,6 +127,7 @@ def test_shuffled_label_model_trains_the_epochs_and_subset_of_the_data_check(run
 
 def test_random_logit_explains_another_class_drawn_with_the_seed(runs, checkpoint, model):
     run = runs(checkpoint, "test=random_logit")
+    assert list(run.states["block"]) == ["predicted class", "random other class"]
     first, second = run.column("target", 0), run.column("target", 1)
     np.testing.assert_array_equal(first, predicted(model, run.images))
     assert (second != first).all() and ((second >= 0) & (second < 10)).all()

@@ -127,6 +127,8 @@ def test_a_refused_run_leaves_every_file_alone(tmp_path):
         RunStore(tmp_path, SETTINGS)
     with pytest.raises(SanityError, match=r"other settings \(seed\)"):
         RunStore(tmp_path, {**SETTINGS, "seed": 1}, resume=True)
+    with pytest.raises(SanityError, match=r"other settings \(seed, test.name\);"):  # every one, named
+        RunStore(tmp_path, {"test": {"name": "independent"}, "seed": 1}, resume=True)
     assert snapshot(tmp_path) == before
 
 

@@ -1,0 +1,109 @@
+"""The benchmark scripts: sanity and Quantus do the same work and agree on it; the
+floor counts the passes the work needs; the outputs hold what the README quotes."""
+
+from __future__ import annotations
+
+import json
+import queue
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_pipeline  # noqa: E402
+import bench_vs_quantus as bench  # noqa: E402
+
+pytest.importorskip("captum", reason="the Quantus benchmark wraps Captum: pip install captum")
+pytest.importorskip("quantus", reason="the Quantus benchmark needs it: pip install quantus")
+
+
+def test_passes_per_image_count_shared_passes_once():
+    assert bench.passes_per_image("gradient", 50, 50) == 1
+    assert bench.passes_per_image("integrated_gradients", 50, 30) == 50
+    assert bench.passes_per_image("smoothgrad", 50, 30) == 30
+    # gradient, input_x_gradient and gradcam share one pass; IG and SmoothGrad add theirs
+    assert bench.passes_per_image(bench.SET, 50, 30) == 81
+
+
+def test_both_tools_randomize_the_same_blocks_in_the_same_order():
+    model = bench.paper_cnn()
+    x, _ = bench.digits(2)
+    bench.check_same_blocks(model, x)  # raises SystemExit when they differ
+    names = [name for name, _ in bench.quantus_states(model)]
+    assert names == ["original", *bench.BLOCKS_TOP_DOWN]
+
+
+@pytest.mark.parametrize("item", ["gradient", "input_x_gradient", "integrated_gradients", "gradcam"])
+def test_sanity_scores_equal_quantus_scores_on_the_same_states(item):
+    args = bench.parse_args(["--images", "6", "--steps", "3"])
+    tools = bench.Bench(args)
+    quantus_scores = tools.quantus(item, batch=3)
+    result = tools.agreement(item, quantus_scores, batch=4)
+    assert result["n_scores"] > 0
+    # The same maps up to float rounding (batches of 3 and 4), which can swap near-equal ranks.
+    assert result["max_abs_difference"] < 1e-4
+    assert result["correlation"] > 0.99999
+    on_states = bench.sanity_on_states(bench.quantus_states(tools.model), tools.x, tools.y,
+                                       bench.sanity_methods(item, 3, 50), 4)[item]
+    for block in bench.BLOCKS_TOP_DOWN:  # undefined (constant GradCAM maps) in both or neither
+        np.testing.assert_array_equal(np.isnan(quantus_scores[block]), np.isnan(on_states[block]))
+
+
+def test_quantus_spearman_scores_a_batch_of_constant_maps_per_image():
+    import scipy.stats
+
+    generator = np.random.default_rng(0)
+    a, b = generator.random((3, 20)), generator.random((3, 20))
+    a[0] = b[0] = 0.0  # constant on both sides: scipy gives up on the whole batch
+    scores = bench.quantus_spearman(a, b, batched=True)
+    assert np.isnan(scores[0])
+    np.testing.assert_allclose(scores[1:], [scipy.stats.spearmanr(a[i], b[i])[0] for i in (1, 2)])
+    c = generator.random((3, 20))
+    np.testing.assert_allclose(bench.quantus_spearman(a[1:], c[1:], batched=True),
+                               [scipy.stats.spearmanr(a[i], c[i])[0] for i in (1, 2)])
+
+
+def test_sanity_cascade_times_its_parts_and_restores_the_model():
+    model = bench.paper_cnn()
+    trained = {name: value.clone() for name, value in model.state_dict().items()}
+    x, y = bench.digits(4)
+    parts: dict[str, float] = {}
+    scores = bench.sanity_cascade(model, x, y, bench.sanity_methods("gradient", 2, 2), 4, parts)
+    assert list(scores["gradient"]) == bench.BLOCKS_TOP_DOWN
+    assert all(len(values) == 4 for values in scores["gradient"].values())
+    assert set(parts) == {"randomize", "explain", "compare"} and all(v > 0 for v in parts.values())
+    assert all(torch.equal(value, trained[name]) for name, value in model.state_dict().items())
+
+
+def test_the_benchmark_writes_its_table_and_ends_with_the_summary_line(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--images", "3", "--reps", "2", "--steps", "2", "--samples", "2", "--sanity-batches", "4",
+                "--quantus-batches", "3", "--floor-batches", "4", "--floor-samples", "16", "--out", str(out)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out.read_text())
+    rows = {row["item"]: row for row in result["rows"]}
+    assert list(rows) == [*bench.ITEMS, bench.SET]
+    everything = rows[bench.SET]
+    assert everything["passes"] == (1 + 2 + 2) * 3 * 5
+    # Quantus's set is its five MPRT calls: the sum of its items, repetition by repetition
+    sums = [sum(result["times_s"]["quantus"][item][rep]["wall"] for item in bench.ITEMS) for rep in range(2)]
+    assert everything["quantus_min_s"] == pytest.approx(min(sums))
+    assert everything["speed_up"] == pytest.approx(everything["quantus_min_s"] / everything["sanity_min_s"])
+    assert everything["sanity_of_floor"] == pytest.approx(everything["floor_s"] / everything["sanity_min_s"])
+    assert rows["gradient"]["agreement"] == pytest.approx(1.0)
+    assert printed[-1] == (f"speed-up over quantus: {everything['speed_up']:.1f}x; "
+                           f"sanity at {everything['sanity_of_floor']:.2f} of the floor")
+    assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("item,passes,floor_s")
+
+
+def test_a_scaling_point_counts_its_states_and_memory():
+    results: queue.Queue = queue.Queue()
+    bench_pipeline.scaling_point(4, ["fc1", "fc2"], 8, 2, 1, results)
+    point = results.get_nowait()
+    assert (point["images"], point["states"], point["max_batch"]) == (4, 3, 8)
+    assert point["cpu_s"] > 0 and point["peak_rss_mib"] >= point["peak_above_setup_mib"] >= 0

@@ -3,10 +3,16 @@
 #
 #   scripts/mutation.sh [SOURCE ...] [-- TEST ...]
 #
-# SOURCE: files of sanity_cli/ to mutate (default: sanity_cli/randomization.py sanity_cli/results.py)
-# TEST:   the pytest selection run against each mutant (default: the tests of those modules
-#         and the end-to-end checks: tests/test_randomization.py tests/test_results.py
-#         tests/test_checks_e2e.py)
+# SOURCE: files of sanity_cli/ to mutate (default: the wiring, where a slip reverses a
+#         finding without breaking any number: pipeline.py, checks/*.py,
+#         randomization.py, results.py)
+# TEST:   the pytest selection run against each mutant (default: the tests of those
+#         modules and the end-to-end ones; tests that start `sanity` in a subprocess
+#         are left out, since mutmut's switch between mutants works in its own process)
+#
+# MUTATION_SAMPLE=N tests a seeded random sample of N mutants (MUTATION_SEED, 0) instead
+# of all of them, and prints the score with its 95% interval: all of the default
+# sources' mutants take hours on two cores. MUTATION_JOBS: parallel workers (2).
 #
 # Works on a scratch copy of the repository (.cache/mutation, or $MUTATION_DIR), never
 # on the working tree, and prints the score and every surviving mutant with its diff.
@@ -22,8 +28,11 @@ while (($#)); do
   if [[ $1 == -- ]]; then shift; tests=("$@"); break; fi
   sources+=("$1"); shift
 done
-((${#sources[@]})) || sources=(sanity_cli/randomization.py sanity_cli/results.py)
-((${#tests[@]})) || tests=(tests/test_randomization.py tests/test_results.py tests/test_checks_e2e.py)
+((${#sources[@]})) || sources=(sanity_cli/pipeline.py sanity_cli/checks/*.py sanity_cli/randomization.py
+                               sanity_cli/results.py)
+((${#tests[@]})) || tests=(tests/test_checks_e2e.py tests/test_randomization.py tests/test_results.py
+                           tests/test_pipeline.py tests/test_cache_key.py tests/test_settings_reach.py
+                           tests/test_limits.py tests/test_verdict.py)
 
 rm -rf "$work" && mkdir -p "$work"
 git -C "$root" ls-files -co --exclude-standard | tar -C "$root" -cf - -T - | tar -C "$work" -xf -
@@ -40,21 +49,48 @@ cd "$work"
 # first import is remembered as empty, and the tests would import the original package.
 mkdir -p mutants
 export PYTHONPATH=$work/mutants OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SANITY_PROGRESS=0
-"$python" -m mutmut run --max-children "${MUTATION_JOBS:-2}" || true
+jobs=${MUTATION_JOBS:-2}
+if [[ -n ${MUTATION_SAMPLE:-} ]]; then
+  # A first run that matches no mutant generates them all and records which tests reach
+  # each function; then the sample is drawn from the generated names.
+  "$python" -m mutmut run --max-children "$jobs" "no-such-mutant" >/dev/null 2>&1 || true
+  mapfile -t sample < <("$python" - "$MUTATION_SAMPLE" "${MUTATION_SEED:-0}" <<'PY'
+import json, pathlib, random, sys
+names = sorted(name for meta in pathlib.Path("mutants").rglob("*.meta")
+               for name in json.loads(meta.read_text())["exit_code_by_key"])
+print(*random.Random(int(sys.argv[2])).sample(names, min(int(sys.argv[1]), len(names))), sep="\n")
+PY
+  )
+  printf '%s\n' "${sample[@]}" > sample.txt
+  "$python" -m mutmut run --max-children "$jobs" "${sample[@]}" || true
+else
+  "$python" -m mutmut run --max-children "$jobs" || true
+fi
 "$python" - <<'PY'
-import collections, subprocess, sys
+import collections, math, pathlib, subprocess, sys
 
 def mutmut(*args):
     return subprocess.run([sys.executable, "-m", "mutmut", *args], capture_output=True, text=True).stdout
 
 status = dict(line.strip().rsplit(": ", 1) for line in mutmut("results", "--all", "true").splitlines() if ": " in line)
+sample = pathlib.Path("sample.txt")
+if sample.exists():
+    status = {name: status.get(name, "not checked") for name in sample.read_text().split()}
 counts = collections.Counter(status.values())
-killed, reached = counts["killed"], sum(n for state, n in counts.items() if state != "no tests")
-print(f"mutants: {len(status)}; " + ", ".join(f"{state} {n}" for state, n in sorted(counts.items())))
-print(f"score: {killed}/{reached} killed of the mutants that the selected tests reach ({killed / max(reached, 1):.1%})")
+caught = counts["killed"] + counts["timeout"]  # a mutant that never ends is noticed too
+tested = sum(counts[state] for state in ("killed", "timeout", "survived", "suspicious", "segfault"))
+print(f"mutants{' (a random sample)' if sample.exists() else ''}: {len(status)}; "
+      + ", ".join(f"{state} {n}" for state, n in sorted(counts.items())))
+share = caught / max(tested, 1)
+# Wilson's 95% interval of the share killed, for a sample
+z = 1.96
+centre = (share + z * z / (2 * tested)) / (1 + z * z / tested) if tested else 0.0
+half = z * math.sqrt(share * (1 - share) / tested + z * z / (4 * tested * tested)) / (1 + z * z / tested) if tested else 0.0
+interval = f", 95% interval {centre - half:.1%} to {centre + half:.1%}" if sample.exists() else ""
+print(f"score: {caught}/{tested} killed of the mutants that the selected tests reach ({share:.1%}{interval})")
 unreached = collections.Counter(name.rsplit("__mutmut_", 1)[0] for name, state in status.items() if state == "no tests")
 print("functions no selected test reaches:", ", ".join(sorted(unreached)) or "none")
 for name, state in status.items():
-    if state in ("survived", "timeout", "suspicious", "segfault"):
+    if state in ("survived", "suspicious", "segfault", "not checked"):
         print(f"\n# {name}: {state}\n{mutmut('show', name)}")
 PY

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -19,6 +20,7 @@ from sanity_cli.methods import explain
 from sanity_cli.methods.noise import image_seed
 from sanity_cli.metrics import NORMALIZATIONS, compare, histogram_entropy
 from sanity_cli.randomization import block_seed, reinitialize
+from sanity_cli.signal import signal_figures
 from small_runs import CNN_BLOCKS, Runs, load_checkpoint, trained_checkpoint
 
 STEPS = range(len(CNN_BLOCKS) + 1)
@@ -94,6 +96,16 @@ def test_cascade_is_cumulative_and_independent_randomizes_one_block(runs, checkp
         assert differ(cascade.maps("gradient", step), independent.maps("gradient", step))
 
 
+def test_the_signal_check_reads_the_trained_models_maps(runs, checkpoint, model):
+    run = runs(checkpoint)  # every image is an example here, so the whole of signal.csv can be recomputed
+    assert len(run.image_ids) == run.rows(step=0)["image"].nunique()
+    maps = gradient(model, run.images, run.column("target", 0))
+    expected = signal_figures(torch.from_numpy(maps), torch.from_numpy(run.images))
+    table = pd.read_csv(run.dir / "signal.csv").set_index("method")
+    for figure, values in expected.items():
+        assert table.loc["gradient", figure] == pytest.approx(float(values.mean()), abs=1e-4), figure
+
+
 # --- data randomization ---------------------------------------------------------------
 
 
@@ -101,6 +113,8 @@ def test_data_check_explains_the_shuffled_label_model_second(runs):
     data = runs("test=data", "test.shuffled_epochs=1")  # the shuffled-label model of labels=shuffled
     true_model, shuffled_model = runs(), runs("labels=shuffled")
     assert list(data.states["block"]) == ["true labels", "shuffled labels"]
+    # no blocks are re-initialized, so the randomization's columns are empty
+    assert data.results[["init", "reset_bn_stats"]].isna().all().all()
     for step, reference in ((0, true_model), (1, shuffled_model)):
         np.testing.assert_array_equal(data.maps("gradient", step), reference.maps("gradient", 0))
         np.testing.assert_array_equal(data.column("target", step), reference.column("target", 0))

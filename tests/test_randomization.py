@@ -215,8 +215,10 @@ def test_explicit_list_leaves_the_rest_trained_and_the_last_state_names_it(caplo
     head_and_block = 6 * 3 + 3 + 5 * 6 + 6 * 6 + 6
     total = head_and_block + 6 * 3 * 16 + 6 + 6 + 5 * 6 + (5 * 6 + 6 * 6 + 6) + 6 + 6
     assert states[-1].params_randomized == pytest.approx(head_and_block / total)
-    assert "still holds 9 trained parameter tensor(s): cls_token, pos_embed, patch_embed.weight" in caplog.text
-    assert caplog.text.count("and 4 more") == 1
+    assert [record.getMessage() for record in caplog.records] == [
+        "the fully randomized model still holds 9 trained parameter tensor(s): cls_token, pos_embed, "
+        "patch_embed.weight, patch_embed.bias, blocks.0.table and 4 more; they are in no block "
+        "(use test.granularity=block or list their modules)"]
 
 
 def test_a_plain_list_of_names_attaches_outside_parameters_too():
@@ -387,6 +389,10 @@ def test_default_init_is_reproducible_and_keeps_running_stats():
     assert torch.all(blocks[0][1].running_var == 7.0)
     with pytest.raises(SanityError, match="unknown init 'xavier'"):
         reinitialize(blocks[0], seed=0, init="xavier")
+    trained = TrainedWeights(blocks[0])
+    for states in (cascading_states, independent_states):  # refused before any state
+        with pytest.raises(SanityError, match="^unknown init 'xavier'"):
+            next(states(blocks[0], ["0"], trained, 0, init="xavier"))
 
 
 def test_default_init_uses_reset_parameters_and_the_paper_rule_for_the_rest():

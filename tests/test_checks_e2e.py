@@ -102,7 +102,9 @@ def test_the_signal_check_reads_the_trained_models_maps(runs, checkpoint, model)
     assert len(run.image_ids) == run.rows(step=0)["image"].nunique()
     maps = gradient(model, run.images, run.column("target", 0))
     expected = signal_figures(torch.from_numpy(maps), torch.from_numpy(run.images))
-    table = pd.read_csv(run.dir / "signal.csv").set_index("method")
+    table = pd.read_csv(run.dir / "signal.csv")
+    assert table.columns[0] == "method"  # no unnamed index column
+    table = table.set_index("method")
     for figure, values in expected.items():
         assert table.loc["gradient", figure] == pytest.approx(float(values.mean()), abs=1e-4), figure
 

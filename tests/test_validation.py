@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -58,14 +60,18 @@ def test_labels_must_be_the_models_classes(make_cfg):
     check_model_fit(make_cfg(["target=label"]), _prepared(10, 10))
 
 
-def test_gradcam_without_a_convolution(make_cfg):
+def test_gradcam_without_a_convolution(make_cfg, caplog):
     from sanity_cli.models import PaperMLP
 
     only_cams = make_cfg(["model=mlp", "method=[gradcam,guided_gradcam]"])
-    with pytest.raises(SanityError, match="gradcam and guided_gradcam need a convolutional layer"):
+    with pytest.raises(SanityError, match="^gradcam and guided_gradcam need a convolutional layer and model=mlp has "
+                                          "none; choose other methods$"):
         check_model_fit(only_cams, _prepared(10, 10, PaperMLP()))
     paper = make_cfg(["model=mlp"])
-    check_model_fit(paper, _prepared(10, 10, PaperMLP()))
+    with caplog.at_level(logging.WARNING):
+        check_model_fit(paper, _prepared(10, 10, PaperMLP()))
+    assert [r.getMessage() for r in caplog.records] == [
+        "model mlp has no convolutional layer: leaving out gradcam, guided_gradcam"]
     assert "gradcam" not in paper.method and "guided_gradcam" not in paper.method and "gradient" in paper.method
 
 

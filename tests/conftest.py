@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SANITY_PROGRESS", "0")
 
 TINY = ["n_images=4", "train.epochs=1", "device=cpu"]
+# A TINY run that draws little: one method and one example image (one grid per colour scheme)
+QUICK = [*TINY, "method=[gradient]", "n_examples=1"]
 
 
 @pytest.fixture
@@ -25,6 +28,31 @@ def isolated(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SANITY_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SANITY_DATA_DIR", str(tmp_path / "data"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def _tiny_models(tmp_path_factory) -> Path:
+    """A model cache holding the CNN and the MLP that TINY runs train (seed 0), trained
+    once per test process: training them is most of a small command-line run."""
+    import torch
+
+    from sanity_cli.pipeline import prepare
+
+    cache = tmp_path_factory.mktemp("tiny_models")
+    for model in ("cnn", "mlp"):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[*TINY, f"model={model}", f"cache_dir={cache}",
+                                                           f"data_dir={cache.parent / 'tiny_data'}"])
+        prepare(cfg, torch.device("cpu"))
+    return cache
+
+
+@pytest.fixture
+def warm(isolated, _tiny_models) -> Path:
+    """`isolated`, with TINY's trained CNN and MLP already in its model cache: for tests of
+    what a run does with its model, not of training it."""
+    shutil.copytree(_tiny_models, isolated / "cache")
+    return isolated
 
 
 @pytest.fixture

@@ -17,15 +17,16 @@ from sanity_cli.errors import SanityError
 from sanity_cli.results import summarize
 
 SWEEP = ["-m", "hydra/launcher=joblib", "target=predicted,original", "method=gradient", "n_images=4",
-         "train.epochs=1", "device=cpu", "hydra.sweep.dir=sweep"]
+         "train.epochs=1", "device=cpu", "n_examples=1", "hydra.sweep.dir=sweep"]
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
+def sweep(tmp_path_factory, _tiny_models) -> Path:
     """A finished two-job sweep run by joblib workers (read-only: tests copy what they change)."""
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher",
                         reason="the joblib launcher is not installed: pip install 'sanity-cli[joblib]'")
     root = tmp_path_factory.mktemp("collect")
+    shutil.copytree(_tiny_models, root / "cache")  # the jobs' model, trained already
     env = {"SANITY_CACHE_DIR": str(root / "cache"), "SANITY_DATA_DIR": str(root / "data")}
     done = sanity("run", *SWEEP, cwd=root, env=env)
     assert done.returncode == 0, done.stderr

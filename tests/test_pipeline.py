@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from sanity_cli import pipeline
+from sanity_cli import figures, pipeline
 from sanity_cli.errors import SanityError
 from sanity_cli.results import RunStore
 
@@ -23,7 +23,12 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture
-def run(make_cfg, cache, tmp_path):
+def run(make_cfg, cache, tmp_path, monkeypatch):
+    """pipeline.run without figures and report.html (tested on their own in test_figures.py
+    and test_report.py; drawing them is most of a small run's time)."""
+    monkeypatch.setattr(figures, "draw_all", lambda _: [])
+    monkeypatch.setattr(pipeline, "write_report", lambda *_, **__: None)
+
     def run(overrides=(), name="run"):
         cfg = make_cfg([*FAST, f"cache_dir={cache}", f"data_dir={tmp_path / 'data'}", *overrides])
         return pipeline.run(cfg, tmp_path / name)
@@ -53,7 +58,8 @@ def test_several_seeds_and_independent(run):
 
 
 def test_data_randomization_memorizes_shuffled_labels(run):
-    result = run(["test=data", "test.shuffled_epochs=60", "test.shuffled_subset=200", "method=[gradient]"])
+    result = run(["test=data", "test.shuffled_epochs=60", "test.shuffled_subset=200", "method=[gradient]",
+                  "dataset.image_size=12"])
     summary = result.summary
     shuffled = summary[summary["step"] == 1].iloc[0]
     assert shuffled["block"] == "shuffled labels"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,9 @@ ROWS = 5 * 2
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
+def env(tmp_path_factory, _tiny_models) -> dict:
     root = tmp_path_factory.mktemp("env")
+    shutil.copytree(_tiny_models, root / "cache")  # the runs' MLP, trained already
     return {**os.environ, "SANITY_CACHE_DIR": str(root / "cache"), "SANITY_DATA_DIR": str(root / "data"),
             "SANITY_PROGRESS": "0", "HF_HUB_OFFLINE": "1"}
 

@@ -7,6 +7,7 @@ by `sanity collect` must be the rows of the unsharded run.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pandas as pd
 import pytest
@@ -182,14 +183,15 @@ def test_a_launcher_without_its_plugin_is_refused_naming_the_extra(monkeypatch, 
 # -- end to end: three shards merged == the unsharded run -------------------------------------
 
 SHARDED = ["device=cpu", "train.epochs=1", "n_images=6", "method=[gradient,smoothgrad,random]",
-           "method.smoothgrad.samples=3"]
+           "method.smoothgrad.samples=3", "n_examples=1"]
 KEY = ["method", "seed", "step", "image", "metric"]
 
 
 @pytest.fixture(scope="module")
-def sharded_and_whole(tmp_path_factory):
+def sharded_and_whole(tmp_path_factory, _tiny_models):
     """One sweep: job 0 the whole run, jobs 1-3 its three shards, merged by collect."""
     root = tmp_path_factory.mktemp("shards")
+    shutil.copytree(_tiny_models, root / "cache")  # the jobs' model, trained already
     env = {"SANITY_CACHE_DIR": str(root / "cache"), "SANITY_DATA_DIR": str(root / "data")}
     sweep = sanity("run", "-m", *SHARDED, "shard=null,0/3,1/3,2/3", "hydra.sweep.dir=sweep", cwd=root, env=env)
     assert sweep.returncode == 0, sweep.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from conftest import sanity
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"
 SWEEP = ["-m", "hydra/launcher=submitit_slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-         "method=gradient", "train.epochs=1", "device=cpu", "seed=0,1", "n_images=4,0", "hydra.sweep.dir=sweep"]
+         "method=gradient", "train.epochs=1", "device=cpu", "seed=0,1", "n_images=4,0", "n_examples=1",
+         "hydra.sweep.dir=sweep"]
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +42,8 @@ def slurm() -> dict:
         subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=60)
 
 
-def test_a_sweep_on_slurm_runs_each_job_there_and_collects_into_one_table(slurm, tmp_path):
+def test_a_sweep_on_slurm_runs_each_job_there_and_collects_into_one_table(slurm, tmp_path, _tiny_models):
+    shutil.copytree(_tiny_models, tmp_path / "cache")  # seed 0's model, trained already; the jobs train seed 1's
     env = {**slurm, "SANITY_CACHE_DIR": str(tmp_path / "cache"), "SANITY_DATA_DIR": str(tmp_path / "data")}
     done = sanity("run", *SWEEP, cwd=tmp_path, env=env, timeout=600)
     # jobs 1 and 3 (n_images=0) fail on their node; the sweep says which, with their messages

@@ -7,6 +7,7 @@ wrapper around it and tests call it directly with composed configs.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from sanity_cli.results import RunStore, read_results, settings_for_fingerprint,
 from sanity_cli.verdict import robustness_scores, write_verdicts
 from sanity_cli.rundir import replace_atomically
 from sanity_cli.sharding import parse_shard, shard_images
-from sanity_cli.signal import signal_table, uninformative
+from sanity_cli.signal import figures_by_method, join_figures, table_of, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
 from sanity_cli.validation import validate
 
@@ -113,7 +114,7 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
             preflight_external(model, key, options, prepared.images, prepared.original)
     trained = TrainedWeights(model)
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
-                             prepared.num_outputs, prepared.image_ids, blocks, trained)
+                             prepared.num_outputs, blocks, trained)
     check.check_fit(subject)
     store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
     store.record_states_expected(check.n_states(subject) * len(_seeds(cfg)))
@@ -138,42 +139,102 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                    store: RunStore, clock: dict[str, float]) -> None:
     """Explain every condition, score it against the first (step 0), and store each
     state as soon as it is scored. States a resumed run already has are skipped;
-    step 0 is explained again all the same, as the reference of the others."""
+    step 0 is explained again all the same, as the reference of the others.
+
+    The images go through each state `image_chunk` at a time: a chunk's rows are
+    written as soon as it is scored, and with more than one chunk step 0's maps wait
+    on disk (`ReferenceMaps`), so that memory holds one chunk's maps whatever n_images.
+    Every image's maps and scores are the same whatever the chunks."""
     context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
                "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
                "normalization": cfg.metrics.normalization}
-    ids = prepared.image_ids.to(prepared.images.device)
-    explain = explainer(cfg, seed, ids)
+    device = prepared.images.device
+    ids = prepared.image_ids.to(device)
+    explain = explainer(cfg, seed)
     compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1)
-    reference: dict[str, Tensor] = {}
-    for condition in conditions:
-        step = condition.state.step
-        if step > 0 and store.done(seed, step):
-            continue
-        predicted = predict(condition.model, prepared.images, cfg.max_batch)
-        targets = _targets(cfg.target, condition, prepared, predicted)
-        tick = _now(prepared.images.device)
-        maps = check.maps(explain(step), condition.model, prepared.images, targets, seed, cfg.test, ids)
-        reference = maps if step == 0 else reference
-        clock["explain"] += _now(prepared.images.device) - tick
-        if step == 0 and seed == _seeds(cfg)[0]:
-            record_signal(cfg, prepared, maps, store.run_dir)
-        if store.done(seed, step):
-            continue
-        tick = _now(prepared.images.device)
-        compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
-        scores = {name: check.score(reference[name], value, compare_fn, cfg.test) for name, value in maps.items()}
-        variants = {name: robustness_scores(reference[name], value, single_channel=compare_options["single_channel"])
-                    for name, value in maps.items()}
-        clock["compare"] += _now(prepared.images.device) - tick
-        state = (step, condition.state.block)
-        rows = state_rows(context, *state, scores, prepared.image_ids, prepared.labels, targets)
-        robust = [row for scheme in NORMALIZATIONS
-                  for row in state_rows({**context, "normalization": scheme}, *state,
-                                        {name: value[scheme] for name, value in variants.items()},
-                                        prepared.image_ids, prepared.labels, targets)]
-        store.add_state(seed, step, condition.state.block, rows, _examples(maps, cfg.n_examples),
-                        receipt(condition, predicted, prepared.labels), robust)
+    compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
+    chunks = image_chunks(len(prepared.images), cfg.image_chunk)
+    with ReferenceMaps(store.run_dir, in_memory=len(chunks) == 1) as reference:
+        for condition in conditions:
+            step, block = condition.state.step, condition.state.block
+            scored = not store.done(seed, step)
+            if step > 0 and not scored:
+                continue
+            signal = step == 0 and seed == _seeds(cfg)[0]
+            examples: dict[str, Tensor] = {}
+            predictions, figures = [], []
+            for index, part in enumerate(chunks):
+                images = prepared.images[part]
+                predicted = predict(condition.model, images, cfg.max_batch)
+                targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
+                tick = _now(device)
+                maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed, cfg.test,
+                                  ids[part])
+                clock["explain"] += _now(device) - tick
+                predictions.append(predicted)
+                _add_examples(examples, maps, cfg.n_examples)
+                if signal:
+                    figures.append(figures_by_method(maps, prepared.display[part].to(device), seed=cfg.seed,
+                                                     positions=torch.arange(part.start, part.stop)))
+                if step == 0:
+                    reference.put(index, maps)
+                if not scored:
+                    continue
+                tick = _now(device)
+                base = reference.get(index, device)
+                scores = {name: check.score(base[name], value, compare_fn, cfg.test) for name, value in maps.items()}
+                variants = {name: robustness_scores(base[name], value, single_channel=compare_options["single_channel"])
+                            for name, value in maps.items()}
+                clock["compare"] += _now(device) - tick
+                chunk_ids, labels = prepared.image_ids[part], prepared.labels[part]
+                rows = state_rows(context, step, block, scores, chunk_ids, labels, targets)
+                robust = [row for scheme in NORMALIZATIONS
+                          for row in state_rows({**context, "normalization": scheme}, step, block,
+                                                {name: value[scheme] for name, value in variants.items()},
+                                                chunk_ids, labels, targets)]
+                store.add_rows(rows, robust)
+            if signal:
+                record_signal(cfg, join_figures(figures), store.run_dir)
+            if scored:
+                store.finish_state(seed, step, block, examples,
+                                   receipt(condition, torch.cat(predictions), prepared.labels))
+
+
+def image_chunks(n: int, size: int | None) -> list[slice]:
+    """The run's n images `size` at a time (all at once when size is None)."""
+    size = size or n
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+class ReferenceMaps:
+    """Step 0's maps, chunk by chunk: kept in memory when the images are one chunk, else
+    written to run_dir/.reference (removed when done) and read back one chunk at a time."""
+
+    def __init__(self, run_dir: Path, in_memory: bool):
+        self.kept: dict[int, dict[str, Tensor]] = {}
+        self.folder = None if in_memory else run_dir / ".reference"
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)  # left by a run that was killed
+            self.folder.mkdir()
+
+    def __enter__(self) -> ReferenceMaps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def put(self, index: int, maps: dict[str, Tensor]) -> None:
+        if self.folder is None:
+            self.kept[index] = maps
+        else:
+            torch.save({name: value.detach().cpu() for name, value in maps.items()}, self.folder / f"{index}.pt")
+
+    def get(self, index: int, device: torch.device) -> dict[str, Tensor]:
+        if self.folder is None:
+            return self.kept[index]
+        maps = torch.load(self.folder / f"{index}.pt", weights_only=True)
+        return {name: value.to(device) for name, value in maps.items()}
 
 
 def receipt(condition: checks.Condition, predicted: Tensor, labels: Tensor) -> dict:
@@ -189,12 +250,12 @@ def receipt(condition: checks.Condition, predicted: Tensor, labels: Tensor) -> d
             "tensors_left_trained": getattr(state, "tensors_left_trained", None)}
 
 
-def record_signal(cfg: DictConfig, prepared: Prepared, maps: dict[str, Tensor], run_dir: Path) -> pd.DataFrame:
+def record_signal(cfg: DictConfig, figures: dict[str, dict[str, Tensor]], run_dir: Path) -> pd.DataFrame:
     """signal.csv: how much structure each method's maps of the unrandomized model have,
-    next to a random map's (sanity_cli.signal); warns for each method that has none."""
-    controls = [name for name in maps if _kind(cfg, name) in CONTROLS]
-    display = prepared.display.to(prepared.images.device)
-    table = signal_table({name: value for name, value in maps.items()}, display, controls=controls, seed=cfg.seed)
+    next to a random map's (sanity_cli.signal; `figures` by `figures_by_method`); warns
+    for each method that has none."""
+    controls = [name for name in figures if name in cfg.method and _kind(cfg, name) in CONTROLS]
+    table = table_of(figures, controls=controls)
     replace_atomically(run_dir / "signal.csv", table.to_csv(index=False).encode())
     for name in uninformative(table):
         log.warning("%s: the trained model's maps are no more structured than a random map (signal.csv); "
@@ -206,12 +267,12 @@ def _kind(cfg: DictConfig, name: str) -> str:
     return cfg.method[name].get("method") or name
 
 
-def explainer(cfg: DictConfig, seed: int, ids: Tensor):
-    """explain(step) -> a function (model, images, targets) -> {method: (B, C, H, W) maps}
+def explainer(cfg: DictConfig, seed: int):
+    """explain(step, ids) -> a function (model, images, targets) -> {method: (B, C, H, W) maps}
     that computes every selected method in one state of the run; `ids` (B,) name the
     images, whose noise (SmoothGrad, VarGrad, the random control) follows them."""
 
-    def for_step(step: int):
+    def for_step(step: int, ids: Tensor):
         methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
         external = {key: o for key, o in methods.items() if is_external(o.get("method") or key)}
         built_in = {key: o for key, o in methods.items() if key not in external}
@@ -360,22 +421,30 @@ def method_options(cfg: DictConfig, seed: int = 0, step: int = 0) -> dict[str, d
     return selected
 
 
-def _targets(choice: str, condition: checks.Condition, prepared: Prepared, predicted: Tensor) -> Tensor:
-    """The class explained for each image: the current model's argmax (the paper, given
-    as `predicted`), the true label, or the trained model's prediction; then the check's own choice."""
+def _targets(choice: str, condition: checks.Condition, prepared: Prepared, predicted: Tensor, part: slice,
+             ids: Tensor) -> Tensor:
+    """The class explained for each image of `part` (`ids` its images' ids): the current
+    model's argmax (the paper, given as `predicted`), the true label, or the trained
+    model's prediction; then the check's own choice."""
     if choice == "predicted":
         targets = predicted
     elif choice == "original":
-        targets = prepared.original
+        targets = prepared.original[part]
     elif (prepared.labels < 0).any():
         raise SanityError("target=label but the dataset has no labels; use target=predicted")
     else:
-        targets = prepared.labels.to(prepared.original.device)
-    return condition.retarget(targets) if condition.retarget else targets
+        targets = prepared.labels[part].to(prepared.original.device)
+    return condition.retarget(targets, ids) if condition.retarget else targets
 
 
-def _examples(maps: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-    return {name: value[:n].detach().cpu() for name, value in maps.items()}
+def _add_examples(kept: dict[str, Tensor], maps: dict[str, Tensor], n: int) -> None:
+    """Keep the maps of the run's first `n` images (the examples), a chunk at a time."""
+    for name, value in maps.items():
+        have = kept.get(name)
+        if have is None:
+            kept[name] = value[:n].detach().cpu()
+        elif len(have) < n:
+            kept[name] = torch.cat([have, value[:n - len(have)].detach().cpu()])
 
 
 def _meta(cfg: DictConfig, prepared: Prepared) -> dict:

@@ -3,7 +3,7 @@
 run_dir/
   run.lock      held by the one process that writes the run (see sanity_cli.rundir)
   results.csv   one row per (seed, step, method, image, metric); a state's rows are
-                appended and synced to disk as soon as the state is scored
+                appended and synced to disk as soon as each chunk of its images is scored
   robustness.csv  the rows of results.csv's Spearman metrics again under every normalization, for the verdict
   states.csv    one line per finished state with its receipt, written after its rows: the resume log
   run.json      the settings that determine the results, the models' accuracies, timing
@@ -56,7 +56,7 @@ RECEIPT_COLUMNS = ["accuracy", "weights", "params_randomized", "tensors_left_tra
 SCALE = "/scale"  # maps.npz: "{state}/{method}/scale" holds the (E,) scales of "{state}/{method}"
 # Settings that do not change a run's numbers: where things are kept, how they are batched,
 # and the device of the run (a resumed run may change those; see settings_for_fingerprint).
-NOT_RESULTS = ("resume", "device", "max_batch", "data_dir", "cache_dir", "hydra")
+NOT_RESULTS = ("resume", "device", "max_batch", "image_chunk", "data_dir", "cache_dir", "hydra")
 NEW_DIRECTORY = "rerun into a new directory with hydra.run.dir=PATH"
 
 
@@ -204,12 +204,23 @@ class RunStore:
 
     def add_state(self, seed: int, step: int, block: str, rows: list[dict], examples: Mapping[str, Tensor],
                   receipt: Mapping | None = None, robustness: list[dict] = ()) -> None:
-        """Append one finished state: its rows (and the verdict's robustness rows, scored under
-        every normalization), its example maps, then the resume log line with the state's
-        receipt (RECEIPT_COLUMNS). Each is on disk before the next is written."""
+        """Append one finished state whole: `add_rows`, then `finish_state`."""
+        self.add_rows(rows, robustness)
+        self.finish_state(seed, step, block, examples, receipt)
+
+    def add_rows(self, rows: list[dict], robustness: list[dict] = ()) -> None:
+        """Append rows of the state being scored (all of them or one chunk of its images), and
+        the verdict's robustness rows, scored under every normalization. They count once
+        `finish_state` has written the state's line; a run cut off before then drops them."""
         self._start()
         append_rows(self.results, COLUMNS, rows)
         append_rows(self.robustness, COLUMNS, robustness)
+
+    def finish_state(self, seed: int, step: int, block: str, examples: Mapping[str, Tensor],
+                     receipt: Mapping | None = None) -> None:
+        """Close a state whose rows are all written: its example maps, then the resume log
+        line with the state's receipt (RECEIPT_COLUMNS). Each is on disk before the next."""
+        self._start()
         arrays = {}
         for name, maps in examples.items():
             arrays[name], arrays[f"{name}{SCALE}"] = compact(maps)

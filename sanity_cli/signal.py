@@ -30,7 +30,7 @@ randomization checks measure.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -77,11 +77,34 @@ def signal_table(maps: Mapping[str, Tensor], images: Tensor, *, controls: Collec
     left out), excess (the largest lower 95% bound of a figure's mean paired
     difference from the reference), informative (excess > `margin`), is_control.
     """
+    return table_of(figures_by_method(maps, images, seed=seed), controls=controls, margin=margin)
+
+
+def figures_by_method(maps: Mapping[str, Tensor], images: Tensor, *, seed: int = 0,
+                      positions: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
+    """{method: its `signal_figures`}, and the random reference's under REFERENCE.
+
+    `positions` (B,): the images' places among all the run's images (default 0..B-1), which
+    seed their reference maps: the figures of a run's images taken chunk by chunk and
+    joined (`join_figures`) are those of all of them at once.
+    """
     if not maps:
         raise SanityError("no maps to check for signal; select at least one method")
-    reference = random_map(images.detach().to(torch.float64), seed)
+    reference = random_map(images.detach().to(torch.float64), seed, positions)
     figures = {REFERENCE: signal_figures(reference, images)}
     figures.update({name: signal_figures(value, images) for name, value in maps.items()})
+    return figures
+
+
+def join_figures(parts: Sequence[Mapping[str, Mapping[str, Tensor]]]) -> dict[str, dict[str, Tensor]]:
+    """The figures of chunks of images (`figures_by_method`'s, in image order) as one."""
+    return {name: {figure: torch.cat([part[name][figure] for part in parts]) for figure in FIGURES}
+            for name in parts[0]}
+
+
+def table_of(figures: Mapping[str, Mapping[str, Tensor]], *, controls: Collection[str] = (),
+             margin: float = MARGIN) -> pd.DataFrame:
+    """`signal_table` from figures already computed (`figures_by_method`)."""
     rows = [_row(name, values, figures[REFERENCE], name == REFERENCE or name in controls, margin)
             for name, values in figures.items()]
     return pd.DataFrame(rows)

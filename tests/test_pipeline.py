@@ -87,20 +87,20 @@ def test_smooth_cascade_and_entropy(run):
 def test_interrupted_run_resumes_to_the_same_csv(run, monkeypatch):
     whole = run(name="whole").results
     written = []
-    original_add = RunStore.add_state
+    original_finish = RunStore.finish_state
 
-    def add_then_die(self, seed, step, block, rows, examples, *receipt_and_robustness):
-        original_add(self, seed, step, block, rows, examples, *receipt_and_robustness)
-        written.append(step)
+    def finish_then_die(self, *state):
+        original_finish(self, *state)
+        written.append(state)
         if len(written) == 2:
             with open(self.results, "a") as handle:  # a row of the next state, cut off mid-write
                 handle.write("cascade,cnn,digits,gradient,0,2,fc1,1")
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(RunStore, "add_state", add_then_die)
+    monkeypatch.setattr(RunStore, "finish_state", finish_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(name="cut")
-    monkeypatch.setattr(RunStore, "add_state", original_add)
+    monkeypatch.setattr(RunStore, "finish_state", original_finish)
     resumed = run(["resume=true"], name="cut")
     key = ["seed", "step", "method", "image", "metric"]
     pd.testing.assert_frame_equal(resumed.results.sort_values(key).reset_index(drop=True),

@@ -27,12 +27,13 @@ Compare = Callable[..., dict[str, Tensor]]
 class Condition:
     """One thing to explain: a model state, and the classes to explain in it.
 
-    retarget: maps the default targets (B,) to the classes explained here; None keeps them.
+    retarget: (targets, ids) -> the classes explained here, from the default targets (B,) of
+    the images named by ids (B,) (a run takes its images a chunk at a time); None keeps them.
     """
 
     state: State
     model: nn.Module
-    retarget: Callable[[Tensor], Tensor] | None = None
+    retarget: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -46,7 +47,6 @@ class Subject:
     settings: Mapping
     models: Mapping[str, nn.Module]
     num_outputs: int
-    image_ids: Tensor   # (B,) the explained images' ids: what a check's random draws follow
     blocks: list[str] = field(default_factory=list)
     trained: TrainedWeights | None = None
 

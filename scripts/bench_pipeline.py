@@ -10,6 +10,10 @@
    sanity side) on random 1 x 28 x 28 images: time against images (``--scale-images``)
    and against states (``--scale-states``), and the peak memory (resident set, each
    point in a fresh process) against images and ``max_batch``.
+3. Memory of a whole run: ``sanity_cli.check`` (the pipeline of ``sanity run``: randomize,
+   explain, score, write the tables, verdicts and figures) on the same images, each
+   point in a fresh process, against images (``--scale-images``) and ``image_chunk``
+   (``--chunks``; 0: all images at once).
 
     python scripts/bench_pipeline.py
 
@@ -83,10 +87,37 @@ def scaling_point(images: int, blocks: list[str], max_batch: int, steps: int, sa
                "peak_above_setup_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
 
 
-def in_fresh_process(*args) -> dict:
+def memory_point(images: int, chunk: int, max_batch: int, steps: int, samples: int, queue) -> None:
+    """One point of the memory table, in its own process: a whole run through the API on
+    ``images`` random images with ``image_chunk=chunk`` (0: all at once), its wall time and
+    its peak resident memory above the set-up's."""
+    sys.path.insert(0, str(HERE))
+    import torch
+
+    from bench_vs_quantus import SET, paper_cnn, sanity_methods
+    from sanity_cli import check
+
+    torch.manual_seed(0)
+    model = paper_cnn()
+    x = torch.rand(images, 1, 28, 28)
+    y = torch.randint(0, 10, (images,))
+    methods = sanity_methods(SET, steps, samples)
+    options = {f"method.{name}.{key}": value for name, given in methods.items() for key, value in given.items()
+               if key in ("steps", "samples", "noise")}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    wall = time.perf_counter()
+    check(model, x, list(methods), "cascade", labels=y, max_batch=max_batch, image_chunk=chunk or None,
+          device="cpu", **{"metrics.names": ["spearman_abs"], "n_examples": 1, **options})
+    queue.put({"images": images, "image_chunk": chunk, "max_batch": max_batch,
+               "wall_s": time.perf_counter() - wall,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_above_setup_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
+
+
+def in_fresh_process(*args, point=scaling_point) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=scaling_point, args=(*args, queue))
+    process = context.Process(target=point, args=(*args, queue))
     process.start()
     result = queue.get()
     process.join()
@@ -108,6 +139,17 @@ def scaling(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def memory(args: argparse.Namespace) -> list[dict]:
+    """Whole runs over images, with each image_chunk."""
+    results = []
+    for images in args.scale_images:
+        for chunk in args.chunks:
+            results.append(in_fresh_process(images, chunk, args.max_batch, args.steps, args.samples,
+                                            point=memory_point))
+            log(f"memory: {results[-1]}")
+    return results
+
+
 def print_tables(result: dict) -> None:
     for run in result.get("cli", []):
         print(f"sanity run n_images={run['images']}: {run['wall_s']:.1f} s")
@@ -119,6 +161,11 @@ def print_tables(result: dict) -> None:
         per = p["cpu_s"] / (p["images"] * p["states"])
         print(f"{p['images']:>8}{p['states']:>8}{p['max_batch']:>11}{p['wall_s']:>9.2f}{p['cpu_s']:>9.2f}"
               f"{1e3 * per:>19.2f} ms{p['peak_rss_mib']:>10.0f}{p['peak_above_setup_mib']:>14.0f}")
+    print(f"whole runs (sanity_cli.check)\n{'images':>8}{'image_chunk':>13}{'wall s':>9}{'peak MiB':>10}"
+          f"{'above set-up':>14}")
+    for p in result.get("memory", []):
+        print(f"{p['images']:>8}{p['image_chunk'] or 'all':>13}{p['wall_s']:>9.2f}{p['peak_rss_mib']:>10.0f}"
+              f"{p['peak_above_setup_mib']:>14.0f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,12 +181,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int, default=64, help="max_batch of the scaling points")
     parser.add_argument("--steps", type=int, default=5, help="IG steps in the scaling points")
     parser.add_argument("--samples", type=int, default=5, help="SmoothGrad samples in the scaling points")
-    parser.add_argument("--parts", type=lambda t: t.split(","), default=["cli", "scaling"],
-                        help="cli, scaling or both; a part not run keeps its results from --out")
+    parser.add_argument("--chunks", type=ints, default=[0, 256], help="image_chunk of the whole runs (0: all)")
+    parser.add_argument("--parts", type=lambda t: t.split(","), default=["cli", "scaling", "memory"],
+                        help="cli, scaling, memory, or several; a part not run keeps its results from --out")
     parser.add_argument("--out", type=Path, default=HERE / "bench_pipeline.json")
     args = parser.parse_args(argv)
-    if set(args.parts) - {"cli", "scaling"}:
-        parser.error(f"--parts takes cli and scaling, not {args.parts}")
+    if set(args.parts) - {"cli", "scaling", "memory"}:
+        parser.error(f"--parts takes cli, scaling and memory, not {args.parts}")
     return args
 
 
@@ -161,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         result["cli"] = cli_runs(args)
     if "scaling" in args.parts:
         result["scaling"] = scaling(args)
+    if "memory" in args.parts:
+        result["memory"] = memory(args)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print_tables(result)
 

@@ -12,6 +12,7 @@ COLUMNS = {"test", "model", "dataset", "method", "step", "block", "image", "metr
 
 
 def test_run_writes_results_summary_and_figure(isolated):
+    """The default run (TINY), then one more that finds its model in the cache."""
     run_dir = isolated / "run"
     done = sanity("run", *TINY, "n_examples=1", f"hydra.run.dir={run_dir}", cwd=isolated)
     assert done.returncode == 0, done.stderr
@@ -43,7 +44,7 @@ def test_run_writes_results_summary_and_figure(isolated):
 
 def test_multirun_sweeps_and_hydra_flags(warm):
     sweep = warm / "sweep"
-    done = sanity("run", "-m", *QUICK, "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=warm)
+    done = sanity("run", "-m", *QUICK, "model=mlp", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=warm)
     assert done.returncode == 0, done.stderr
     seeds = {int(pd.read_csv(sweep / job / "results.csv")["seed"].iloc[0]) for job in ("0", "1")}
     assert seeds == {0, 1}
@@ -125,7 +126,7 @@ def test_killed_run_resumes_to_the_same_results(warm):
     import sys
     import time
 
-    slow = [*QUICK, "n_images=6", "method=[integrated_gradients]", "method.integrated_gradients.steps=150",
+    slow = [*QUICK, "n_images=4", "method=[integrated_gradients]", "method.integrated_gradients.steps=60",
             "metrics.names=[spearman_abs,spearman]"]
     whole = sanity("run", *slow, f"hydra.run.dir={warm / 'whole'}", cwd=warm)
     assert whole.returncode == 0, whole.stderr

@@ -66,7 +66,7 @@ def test_a_torchscript_model_and_bad_plug_ins_from_the_command_line(isolated, ch
     model.load_state_dict(torch.load(checkpoint, weights_only=True))
     scripted = isolated / "tiny_net_script.pt"
     torch.jit.save(torch.jit.script(model), str(scripted))
-    common = ("model=custom", "n_images=4", "device=cpu", "metrics.names=[spearman_abs]")
+    common = ("model=custom", "n_images=4", "n_examples=1", "device=cpu", "metrics.names=[spearman_abs]")
     done = sanity("run", *common, f"model.checkpoint={scripted}", "test=random_logit", "method=[gradient,callable]",
                   "method.callable._target_=my_methods.saliency", f"hydra.run.dir={isolated / 'script'}",
                   cwd=isolated, env=example_env)

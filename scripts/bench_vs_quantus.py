@@ -42,10 +42,11 @@ backward per image and state for the one-pass methods, shared by all of them;
 ``--steps`` for IG, ``--samples`` for SmoothGrad) times the best time of one forward +
 backward per image, measured with plain torch over ``--floor-batches``. ``floor /
 time`` is the share of the time that went into the passes that cannot be avoided.
-The machine's speed drifts between repetitions, so the time of one pass is measured
-again (at the best batch) right before each item's repetition, and each repetition's
-time is set against its own floor: ``sanity_of_floor`` is the best of those paired
-ratios, ``sanity_of_floor_median`` their median; ``floor_s`` is the median floor.
+The time of one pass is measured again (at the best batch) right before each item's
+repetition; the floor uses the least time of one pass seen in all those measurements
+(``floors`` in the JSON keeps each), so that a machine that drifts makes the floor lower,
+never the tools look better. ``sanity_of_floor`` is the floor over sanity's least time;
+``sanity_of_floor_median`` over its median.
 
 Agreement: the two tools' per-image scores on identical model states (sanity's maps
 and scores computed on the states Quantus's own randomization produces), as a
@@ -448,23 +449,24 @@ def measure(args: argparse.Namespace) -> dict:
     agreements = {item: bench.agreement(item, quantus_scores[item], tuning["sanity"][item][0]) for item in items}
     profile = quantus_profile(lambda: bench.quantus("gradient", tuning["quantus"]["gradient"][0])) \
         if "gradient" in items else {}
-    rows = [table_row(item, args, floors[item], times, tuning, agreements) for item in args.items]
+    least = {clock: min([floor[clock], *(f[clock] for fs in floors.values() for f in fs)], key=lambda b: b[1])
+             for clock in ("wall", "cpu")}  # the best time of one pass seen in the whole run
+    rows = [table_row(item, args, least, times, tuning, agreements) for item in args.items]
     return {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "floor": floor, "floors": floors, "tuning": tuning, "agreement": agreements, "sanity_parts_s": parts,
+            "floor": least, "floor_at_start": floor, "floors": floors, "tuning": tuning, "agreement": agreements, "sanity_parts_s": parts,
             "quantus_profile_s": profile,
             "times_s": {tool: {item: [t._asdict() for t in runs] for item, runs in by_item.items()}
                         for tool, by_item in times.items()},
             "rows": rows}
 
 
-def table_row(item: str, args: argparse.Namespace, floors: list[dict], times: dict, tuning: dict,
+def table_row(item: str, args: argparse.Namespace, floor: dict, times: dict, tuning: dict,
               agreements: dict) -> dict:
-    """One item's line: min and median times, the floor, and each tool's share of it, each
-    repetition against the floor measured right before it (`floors`, one per repetition)."""
+    """One item's line: min and median times, the floor (`floor_per_pass`'s best times of
+    one pass) and each tool's share of it."""
     work = passes_per_image(item, args.steps, args.samples) * args.images * (len(BLOCKS_TOP_DOWN) + 1)
-    per_pass = {clock: [f[clock][1] for f in floors] for clock in ("wall", "cpu")}
-    row: dict = {"item": item, "passes": work, "floor_s": work * statistics.median(per_pass["wall"]),
-                 "floor_cpu_s": work * statistics.median(per_pass["cpu"])}
+    row: dict = {"item": item, "passes": work, "floor_s": work * floor["wall"][1],
+                 "floor_cpu_s": work * floor["cpu"][1]}
     for tool in ("sanity", "quantus"):
         runs = times[tool].get(item)
         if not runs:
@@ -473,10 +475,9 @@ def table_row(item: str, args: argparse.Namespace, floors: list[dict], times: di
         row[f"{tool}_min_s"] = min(t.wall for t in runs)
         row[f"{tool}_median_s"] = statistics.median(t.wall for t in runs)
         row[f"{tool}_min_cpu_s"] = min(t.cpu for t in runs)
-        paired = [work * f / t.wall for f, t in zip(per_pass["wall"], runs)]
-        row[f"{tool}_of_floor"] = max(paired)
-        row[f"{tool}_of_floor_median"] = statistics.median(paired)
-        row[f"{tool}_of_floor_cpu"] = max(work * f / t.cpu for f, t in zip(per_pass["cpu"], runs))
+        row[f"{tool}_of_floor"] = row["floor_s"] / row[f"{tool}_min_s"]
+        row[f"{tool}_of_floor_median"] = row["floor_s"] / row[f"{tool}_median_s"]
+        row[f"{tool}_of_floor_cpu"] = row["floor_cpu_s"] / row[f"{tool}_min_cpu_s"]
     if "quantus_min_s" in row:
         row["speed_up"] = row["quantus_min_s"] / row["sanity_min_s"]
         row["speed_up_cpu"] = row["quantus_min_cpu_s"] / row["sanity_min_cpu_s"]

@@ -23,7 +23,8 @@ class RandomLogit(Check):
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, classes = subject.models["trained"], subject.num_outputs
         yield Condition(State(0, PREDICTED_CLASS, ()), model)
-        yield Condition(State(1, RANDOM_CLASS, ()), model, lambda targets, ids: other_class(targets, classes, seed, ids))
+        yield Condition(State(1, RANDOM_CLASS, ()), model,
+                        lambda targets, ids: other_class(targets, classes, seed, ids))
 
     def check_fit(self, subject: Subject) -> None:
         if subject.num_outputs < 2:

@@ -11,7 +11,8 @@ import pytest
 
 from sanity_cli import pipeline
 from sanity_cli.pipeline import image_chunks
-from small_runs import Runs
+from sanity_cli.results import RunStore
+from small_runs import Runs, _quickly
 
 METHODS = "method=[gradient,integrated_gradients,smoothgrad,gradcam,random]"
 QUICK_METHODS = ["method.integrated_gradients.steps=4", "method.smoothgrad.samples=3"]
@@ -81,3 +82,27 @@ def test_step_0_maps_wait_on_disk_between_chunks(runs):
         runs.fresh("image_chunk=5", "method=[gradient,random]")
     assert saved == [("0.pt", ["gradient", "random"], {"gradient": (5, 1, 12, 12), "random": (5, 1, 12, 12)}),
                      ("1.pt", ["gradient", "random"], {"gradient": (3, 1, 12, 12), "random": (3, 1, 12, 12)})]
+
+
+def test_a_run_cut_off_between_chunks_resumes_to_the_same_rows(runs, tmp_path):
+    """Rows of a state whose chunks were not all scored are dropped, and the state redone."""
+    overrides = ("image_chunk=3", "method=[gradient,random]")
+    whole = runs(*overrides)
+    written = []
+    real = RunStore.add_rows
+
+    def add_then_stop(self, *rows):
+        real(self, *rows)
+        written.append(1)
+        if len(written) == 5:  # step 0's three chunks, then two of step 1's
+            raise KeyboardInterrupt
+
+    with _quickly(), mock.patch.object(RunStore, "add_rows", add_then_stop), pytest.raises(KeyboardInterrupt):
+        pipeline.run(runs.cfg(*overrides), tmp_path / "cut")
+    assert pd.read_csv(tmp_path / "cut" / "states.csv")["step"].tolist() == [0]
+    assert len(pd.read_csv(tmp_path / "cut" / "results.csv")) > len(whole.rows(step=0))  # step 1's first rows
+    with _quickly():
+        pipeline.run(runs.cfg(*overrides, "resume=true"), tmp_path / "cut")
+    resumed, expected = sorted_rows(tmp_path / "cut" / "results.csv"), sorted_rows(whole.dir / "results.csv")
+    pd.testing.assert_frame_equal(resumed.drop(columns="value"), expected.drop(columns="value"))
+    np.testing.assert_allclose(resumed["value"], expected["value"], rtol=0, atol=1e-6)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sanity_cli.methods import explain
+from sanity_cli.methods.controls import random_map
 from sanity_cli.methods.noise import image_seed
 from sanity_cli.metrics import NORMALIZATIONS, compare, histogram_entropy
 from sanity_cli.randomization import block_seed, reinitialize
@@ -107,6 +108,12 @@ def test_the_signal_check_reads_the_trained_models_maps(runs, checkpoint, model)
     table = table.set_index("method")
     for figure, values in expected.items():
         assert table.loc["gradient", figure] == pytest.approx(float(values.mean()), abs=1e-4), figure
+    # the random reference: a standard normal map per image, drawn with the run's seed
+    images = torch.from_numpy(run.images)
+    noise = signal_figures(random_map(images.to(torch.float64), run.info["settings"]["seed"]), images)
+    for figure, values in noise.items():
+        kept = values[~torch.isnan(values)]
+        assert table.loc["random_reference", figure] == pytest.approx(float(kept.mean()), abs=1e-4), figure
 
 
 # --- data randomization ---------------------------------------------------------------

@@ -21,8 +21,8 @@ import torch
 from sanity_cli import rundir
 from sanity_cli.errors import SanityError
 from sanity_cli.models import PaperCNN
-from sanity_cli.results import (RunStore, check_maps, count_finished, read_results, settings_for_fingerprint,
-                                state_rows, summarize)
+from sanity_cli.results import (RunStore, check_maps, compact, count_finished, read_results,
+                                settings_for_fingerprint, state_rows, summarize)
 
 SETTINGS = {"test": {"name": "cascade"}, "seed": 0}
 CONTEXT = {"test": "cascade", "model": "cnn", "dataset": "digits", "seed": 0, "init": "paper",
@@ -323,3 +323,12 @@ def test_summaries_count_a_repeated_row_once_and_refuse_mixed_runs(whole, caplog
     other = whole.assign(value=whole["value"] + 1.0)
     with pytest.raises(SanityError, match=r"12 images scored twice with different values .*rows of two runs are mixed"):
         summarize(pd.concat([whole, other]))
+
+
+def test_a_kept_map_with_an_infinite_value_keeps_its_finite_values():
+    """An overflowing map is scaled by 1, not by the largest float, which would zero the rest."""
+    maps = torch.tensor([[[[0.5, float("inf"), -0.25, 0.0]]]])
+    kept, scale = compact(maps)
+    assert scale.tolist() == [1.0]
+    restored = kept.astype(np.float32) * scale.reshape(-1, 1, 1, 1)
+    assert restored[0, 0, 0].tolist() == [0.5, float("inf"), -0.25, 0.0]

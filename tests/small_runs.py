@@ -95,7 +95,7 @@ def read_run(run_dir: Path, warnings: list[str] | None = None, trainings: int = 
 
 
 @contextlib.contextmanager
-def _quickly():
+def quickly():
     """What these runs skip: figures and report.html, drawn from the files checked here
     and tested on their own (test_figures.py, test_report.py), and the fsync of every
     write (durability is test_reliability.py's); and what they reuse: scikit-learn's
@@ -176,7 +176,7 @@ class Runs:
 
         logging.getLogger().addHandler(handler)
         try:
-            with _quickly(), mock.patch.object(training, "fit", counted_fit):
+            with quickly(), mock.patch.object(training, "fit", counted_fit):
                 pipeline.run(cfg, run_dir)
         finally:
             logging.getLogger().removeHandler(handler)

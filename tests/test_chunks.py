@@ -12,7 +12,7 @@ import pytest
 from sanity_cli import pipeline
 from sanity_cli.pipeline import image_chunks
 from sanity_cli.results import RunStore
-from small_runs import Runs, _quickly
+from small_runs import Runs, quickly
 
 METHODS = "method=[gradient,integrated_gradients,smoothgrad,gradcam,random]"
 QUICK_METHODS = ["method.integrated_gradients.steps=4", "method.smoothgrad.samples=3"]
@@ -97,11 +97,11 @@ def test_a_run_cut_off_between_chunks_resumes_to_the_same_rows(runs, tmp_path):
         if len(written) == 5:  # step 0's three chunks, then two of step 1's
             raise KeyboardInterrupt
 
-    with _quickly(), mock.patch.object(RunStore, "add_rows", add_then_stop), pytest.raises(KeyboardInterrupt):
+    with quickly(), mock.patch.object(RunStore, "add_rows", add_then_stop), pytest.raises(KeyboardInterrupt):
         pipeline.run(runs.cfg(*overrides), tmp_path / "cut")
     assert pd.read_csv(tmp_path / "cut" / "states.csv")["step"].tolist() == [0]
     assert len(pd.read_csv(tmp_path / "cut" / "results.csv")) > len(whole.rows(step=0))  # step 1's first rows
-    with _quickly():
+    with quickly():
         pipeline.run(runs.cfg(*overrides, "resume=true"), tmp_path / "cut")
     resumed, expected = sorted_rows(tmp_path / "cut" / "results.csv"), sorted_rows(whole.dir / "results.csv")
     pd.testing.assert_frame_equal(resumed.drop(columns="value"), expected.drop(columns="value"))

@@ -71,53 +71,57 @@ def cli_run(images: int, cache_dir: str, scratch: Path) -> dict:
             "shares": {part: seconds / wall for part, seconds in parts.items()}}
 
 
-def scaling_point(images: int, blocks: list[str], max_batch: int, steps: int, samples: int, queue) -> None:
-    """One point of the scaling curves, in its own process: wall and CPU seconds of the
-    core on ``images`` random images, and its peak resident memory above the set-up's."""
+def _random_digits(images: int):
+    """The benchmark's CNN (bench_vs_quantus.paper_cnn, seeded) and ``images`` random
+    1 x 28 x 28 inputs with random classes."""
     sys.path.insert(0, str(HERE))
     import torch
 
-    from bench_vs_quantus import SET, paper_cnn, sanity_cascade, sanity_methods
+    from bench_vs_quantus import paper_cnn
 
     torch.manual_seed(0)
-    model = paper_cnn()
-    x = torch.rand(images, 1, 28, 28)
-    y = torch.randint(0, 10, (images,))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return paper_cnn(), torch.rand(images, 1, 28, 28), torch.randint(0, 10, (images,))
+
+
+def _peak_mib() -> float:
+    """The process's peak resident memory so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scaling_point(images: int, blocks: list[str], max_batch: int, steps: int, samples: int, queue) -> None:
+    """One point of the scaling curves, in its own process: wall and CPU seconds of the
+    core on ``images`` random images, and its peak resident memory above the set-up's."""
+    model, x, y = _random_digits(images)
+    from bench_vs_quantus import SET, sanity_cascade, sanity_methods
+
+    before = _peak_mib()
     wall, cpu = time.perf_counter(), time.process_time()
     sanity_cascade(model, x, y, sanity_methods(SET, steps, samples), max_batch, blocks=blocks)
     queue.put({"images": images, "states": len(blocks) + 1, "max_batch": max_batch,
                "wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "peak_above_setup_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024})
+               "peak_rss_mib": _peak_mib(), "peak_above_setup_mib": _peak_mib() - before})
 
 
 def memory_point(images: int, chunk: int, max_batch: int, steps: int, samples: int, queue) -> None:
     """One point of the memory table, in its own process: a whole run through the API on
     ``images`` random images with ``image_chunk=chunk`` (0: all at once), its wall time and
     its peak resident memory above the set-up's."""
-    sys.path.insert(0, str(HERE))
     os.environ["SANITY_PROGRESS"] = "0"
-    import torch
-
-    from bench_vs_quantus import SET, paper_cnn, sanity_methods
+    model, x, y = _random_digits(images)
+    from bench_vs_quantus import SET, sanity_methods
     from sanity_cli import check, pipeline
 
-    torch.manual_seed(0)
-    model = paper_cnn()
-    x = torch.rand(images, 1, 28, 28)
-    y = torch.randint(0, 10, (images,))
     methods = sanity_methods(SET, steps, samples)
     options = {f"method.{name}.{key}": value for name, given in methods.items() for key, value in given.items()
                if key in ("steps", "samples", "noise")}
     finish, states_peak = pipeline.finish, []
 
     def finish_after_the_states(*args, **kwargs):  # the peak of the states, before the tables are read back
-        states_peak.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        states_peak.append(_peak_mib())
         return finish(*args, **kwargs)
 
     pipeline.finish = finish_after_the_states
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_mib()
     wall = time.perf_counter()
     try:
         check(model, x, list(methods), "cascade", labels=y, max_batch=max_batch, image_chunk=chunk or None,
@@ -126,9 +130,8 @@ def memory_point(images: int, chunk: int, max_batch: int, steps: int, samples: i
         pipeline.finish = finish
     queue.put({"images": images, "image_chunk": chunk, "max_batch": max_batch,
                "wall_s": time.perf_counter() - wall,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               "peak_above_setup_mib": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
-               "states_peak_above_setup_mib": (states_peak[0] - before) / 1024,
+               "peak_rss_mib": _peak_mib(), "peak_above_setup_mib": _peak_mib() - before,
+               "states_peak_above_setup_mib": states_peak[0] - before,
                "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")})
 
 

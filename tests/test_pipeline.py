@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sanity_cli import figures, pipeline
+from sanity_cli import pipeline
 from sanity_cli.errors import SanityError
 from sanity_cli.results import RunStore
+from small_runs import quickly
 
 FAST = ["n_images=4", "n_examples=2", "train.epochs=2", "device=cpu", "method=[gradient,guided_backprop,random]",
         "metrics.names=[spearman_abs,spearman,ssim]"]
@@ -23,15 +24,13 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture
-def run(make_cfg, cache, tmp_path, monkeypatch):
-    """pipeline.run without figures and report.html (tested on their own in test_figures.py
-    and test_report.py; drawing them is most of a small run's time)."""
-    monkeypatch.setattr(figures, "draw_all", lambda _: [])
-    monkeypatch.setattr(pipeline, "write_report", lambda *_, **__: None)
+def run(make_cfg, cache, tmp_path):
+    """pipeline.run without figures and report.html (small_runs.quickly)."""
 
     def run(overrides=(), name="run"):
         cfg = make_cfg([*FAST, f"cache_dir={cache}", f"data_dir={tmp_path / 'data'}", *overrides])
-        return pipeline.run(cfg, tmp_path / name)
+        with quickly():
+            return pipeline.run(cfg, tmp_path / name)
 
     return run
 

@@ -48,6 +48,7 @@ _HOG_EPS = 1e-5
 # L2-Hys clips the L2-normalized block at this value (Lowe 2004).
 _HOG_CLIP = 0.2
 _F64 = torch.float64
+_EXACT_IN_F64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every value converts exactly
 # Most bytes of reference ranks (and the copies that validate them) kept between compare() calls.
 REFERENCE_CACHE_BYTES = 64 * 2**20
 # Most map values compared at once (an 8 MiB float64 temporary; a handful are alive at a time).
@@ -119,24 +120,30 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     ``scipy.stats.rankdata(x, method='average', axis=-1)``; a row with a NaN
     is all NaN (scipy's nan_policy='propagate').
     """
-    x = x.to(_F64)
     n = x.shape[-1]
     if n == 0:
-        return x.clone()
-    s, order = x.sort(dim=-1)
+        return torch.empty(x.shape, dtype=_F64, device=x.device)
+    # Floats sort in their own dtype (every one of them is exact in float64, so the order and
+    # the ties are the same); other dtypes as float64, as the ranks are.
+    s, order = (x if x.dtype in _EXACT_IN_F64 else x.to(_F64)).sort(dim=-1)
     new = s[..., 1:] != s[..., :-1]
+    if bool(new.all()):  # no ties, the usual case for real-valued maps: the ranks are the positions
+        del s, new
+        positions = torch.arange(1, n + 1, dtype=_F64, device=x.device).expand(order.shape)
+        ranks = torch.empty(order.shape, dtype=_F64, device=x.device).scatter_(-1, order, positions)
+        return ranks.masked_fill(torch.isnan(x).any(dim=-1, keepdim=True), math.nan)
     edge = torch.ones_like(s[..., :1], dtype=torch.bool)
     del s  # temporaries go as soon as they are used: a big batch holds few (..., N) arrays at once
     starts = torch.cat([edge, new], dim=-1)  # first element of a tie group
     ends = torch.cat([new, edge], dim=-1)  # last element of a tie group
     del new
-    pos = torch.arange(n, device=x.device).expand(order.shape)
+    pos = torch.arange(n, device=x.device, dtype=torch.int32 if n < 2**31 else torch.int64).expand(order.shape)
     # Propagate each group's first index forward and last index backward.
     first = torch.where(starts, pos, 0).cummax(dim=-1).values
     del starts
     last = torch.where(ends, pos, n - 1).flip(-1).cummin(dim=-1).values.flip(-1)
     del ends
-    mean_rank = first.add_(last).to(_F64).div_(2).add_(1)
+    mean_rank = first.to(_F64).add_(last).div_(2).add_(1)
     del first, last
     ranks = torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
     return ranks.masked_fill(torch.isnan(x).any(dim=-1, keepdim=True), math.nan)

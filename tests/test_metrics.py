@@ -71,6 +71,18 @@ def test_rankdata_matches_scipy(kind):
     np.testing.assert_allclose(rankdata(_t(x)).numpy(), stats.rankdata(x, axis=-1), rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32])
+@pytest.mark.parametrize("kind", ["random", "quantized"])
+def test_rankdata_in_every_dtype_ranks_the_values_it_holds(dtype, kind):
+    # Floats are sorted in their own dtype: the ranks must be those of the same values in
+    # float64, ties included (low precision makes many), and -0.0 ties with 0.0.
+    x = torch.from_numpy(_maps(kind, (3, 200), seed=4)).mul(50).to(dtype)
+    x[0, :2] = torch.tensor([-0.0, 0.0]).to(dtype)
+    got = rankdata(x)
+    assert got.dtype == torch.float64
+    np.testing.assert_array_equal(got.numpy(), stats.rankdata(x.double().numpy(), axis=-1))
+
+
 def test_rankdata_any_leading_dims_and_nan_rows():
     x = _maps("quantized", (2, 3, 50), seed=2)
     np.testing.assert_array_equal(rankdata(_t(x)).numpy(), stats.rankdata(x, axis=-1))

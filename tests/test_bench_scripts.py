@@ -83,7 +83,8 @@ def test_sanity_cascade_times_its_parts_and_restores_the_model():
 def test_the_benchmark_writes_its_table_and_ends_with_the_summary_line(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--images", "3", "--reps", "2", "--steps", "2", "--samples", "2", "--sanity-batches", "4",
-                "--quantus-batches", "3", "--floor-batches", "4", "--floor-samples", "16", "--out", str(out)])
+                "--quantus-batches", "3", "--floor-batches", "4", "--floor-samples", "16", "--out", str(out),
+                "--min-seconds", "1e9", "--max-runs", "2"])
     printed = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out.read_text())
     rows = {row["item"]: row for row in result["rows"]}
@@ -94,6 +95,12 @@ def test_the_benchmark_writes_its_table_and_ends_with_the_summary_line(tmp_path,
     sums = [sum(result["times_s"]["quantus"][item][rep]["wall"] for item in bench.ITEMS) for rep in range(2)]
     assert everything["quantus_min_s"] == pytest.approx(min(sums))
     assert everything["speed_up"] == pytest.approx(everything["quantus_min_s"] / everything["sanity_min_s"])
+    # each repetition ran every item twice per tool (--max-runs) and kept the faster run
+    for tool in ("sanity", "quantus"):
+        every, kept = result["every_run_s"][tool]["gradient"], result["times_s"][tool]["gradient"]
+        assert len(every) == 4 and len(kept) == 2
+        assert [t["wall"] for t in kept] == [min(every[0]["wall"], every[1]["wall"]),
+                                             min(every[2]["wall"], every[3]["wall"])]
     # the floor is the least time of one pass among all its measurements: at the start and
     # before each repetition
     measured = [result["floor_at_start"]["wall"][1]] + [f["wall"][1] for fs in result["floors"].values() for f in fs]

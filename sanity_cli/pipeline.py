@@ -6,6 +6,7 @@ wrapper around it and tests call it directly with composed configs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -31,6 +32,7 @@ from sanity_cli.methods.preflight import preflight
 from sanity_cli.randomization import TrainedWeights, plan_blocks
 from sanity_cli.metrics import NORMALIZATIONS
 from sanity_cli.report import write_report
+from sanity_cli.reuse import ActivationReuse
 from sanity_cli.results import RunStore, read_results, settings_for_fingerprint, state_rows
 from sanity_cli.verdict import robustness_scores, write_verdicts
 from sanity_cli.rundir import replace_atomically
@@ -122,7 +124,9 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     for seed in _seeds(cfg):
         conditions = tqdm(check.conditions(subject, seed), total=check.n_states(subject),
                           desc=f"{cfg.test.name} (seed {seed})", unit="state", disable=progress_disabled())
-        run_conditions(cfg, check, prepared, conditions, seed, store, clock)
+        reuse = ActivationReuse(model, blocks, trained.state, cfg.reuse_activations * 2**20)
+        run_conditions(cfg, check, prepared, conditions, seed, store, clock, reuse)
+        reuse.clear()
     trained.check(model)
     clock["total"] = time.perf_counter() - started
     store.record_timing(clock)
@@ -136,7 +140,7 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
 
 
 def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, conditions, seed: int,
-                   store: RunStore, clock: dict[str, float]) -> None:
+                   store: RunStore, clock: dict[str, float], reuse: ActivationReuse | None = None) -> None:
     """Explain every condition, score it against the first (step 0), and store each
     state as soon as it is scored. States a resumed run already has are skipped;
     step 0 is explained again all the same, as the reference of the others.
@@ -144,13 +148,17 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
     The images go through each state `image_chunk` at a time: a chunk's rows are
     written as soon as it is scored, and with more than one chunk step 0's maps wait
     on disk (`ReferenceMaps`), so that memory holds one chunk's maps whatever n_images.
-    Every image's maps and scores are the same whatever the chunks."""
+    Every image's maps and scores are the same whatever the chunks.
+
+    `reuse`, when given, keeps the trained blocks' activations of step 0's passes for
+    the states that leave those blocks trained (`sanity_cli.reuse`)."""
     context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
                "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
                "normalization": cfg.metrics.normalization}
     device = prepared.images.device
     ids = prepared.image_ids.to(device)
-    explain = explainer(cfg, seed)
+    reuse = reuse or ActivationReuse(prepared.models["trained"].model, [], {}, 0)
+    explain = explainer(cfg, seed, reuse)
     compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1)
     compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
     chunks = image_chunks(len(prepared.images), cfg.image_chunk)
@@ -163,36 +171,40 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
             signal = step == 0 and seed == _seeds(cfg)[0]
             examples: dict[str, Tensor] = {}
             predictions, figures = [], []
-            for index, part in enumerate(chunks):
-                images = prepared.images[part]
-                predicted = predict(condition.model, images, cfg.max_batch)
-                targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
-                tick = _now(device)
-                maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed, cfg.test,
-                                  ids[part])
-                clock["explain"] += _now(device) - tick
-                predictions.append(predicted)
-                _add_examples(examples, maps, cfg.n_examples)
-                if signal:
-                    figures.append(figures_by_method(maps, prepared.display[part].to(device), seed=cfg.seed,
-                                                     positions=torch.arange(part.start, part.stop)))
-                if step == 0:
-                    reference.put(index, maps)
-                if not scored:
-                    continue
-                tick = _now(device)
-                base = maps if step == 0 else reference.get(index, device)
-                scores = {name: check.score(base[name], value, compare_fn, cfg.test) for name, value in maps.items()}
-                variants = {name: robustness_scores(base[name], value, single_channel=compare_options["single_channel"])
-                            for name, value in maps.items()}
-                clock["compare"] += _now(device) - tick
-                chunk_ids, labels = prepared.image_ids[part], prepared.labels[part]
-                rows = state_rows(context, step, block, scores, chunk_ids, labels, targets)
-                robust = [row for scheme in NORMALIZATIONS
-                          for row in state_rows({**context, "normalization": scheme}, step, block,
-                                                {name: value[scheme] for name, value in variants.items()},
-                                                chunk_ids, labels, targets)]
-                store.add_rows(rows, robust)
+            with reuse.state(condition.model):
+                for index, part in enumerate(chunks):
+                    images = prepared.images[part]
+                    predicted = predict(condition.model, images, cfg.max_batch)
+                    targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
+                    tick = _now(device)
+                    with reuse.chunk(index):
+                        maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
+                                          cfg.test, ids[part])
+                    clock["explain"] += _now(device) - tick
+                    predictions.append(predicted)
+                    _add_examples(examples, maps, cfg.n_examples)
+                    if signal:
+                        figures.append(figures_by_method(maps, prepared.display[part].to(device), seed=cfg.seed,
+                                                         positions=torch.arange(part.start, part.stop)))
+                    if step == 0:
+                        reference.put(index, maps)
+                    if not scored:
+                        continue
+                    tick = _now(device)
+                    base = maps if step == 0 else reference.get(index, device)
+                    scores = {name: check.score(base[name], value, compare_fn, cfg.test)
+                              for name, value in maps.items()}
+                    variants = {name: robustness_scores(base[name], value,
+                                                        single_channel=compare_options["single_channel"])
+                                for name, value in maps.items()}
+                    clock["compare"] += _now(device) - tick
+                    chunk_ids, labels = prepared.image_ids[part], prepared.labels[part]
+                    rows = state_rows(context, step, block, scores, chunk_ids, labels, targets)
+                    robust = [row for scheme in NORMALIZATIONS
+                              for row in state_rows({**context, "normalization": scheme}, step, block,
+                                                    {name: value[scheme] for name, value in variants.items()},
+                                                    chunk_ids, labels, targets)]
+                    store.add_rows(rows, robust)
             if signal:
                 record_signal(cfg, join_figures(figures), store.run_dir)
             if scored:
@@ -267,10 +279,11 @@ def _kind(cfg: DictConfig, name: str) -> str:
     return cfg.method[name].get("method") or name
 
 
-def explainer(cfg: DictConfig, seed: int):
+def explainer(cfg: DictConfig, seed: int, reuse: ActivationReuse | None = None):
     """explain(step, ids) -> a function (model, images, targets) -> {method: (B, C, H, W) maps}
     that computes every selected method in one state of the run; `ids` (B,) name the
-    images, whose noise (SmoothGrad, VarGrad, the random control) follows them."""
+    images, whose noise (SmoothGrad, VarGrad, the random control) follows them. Methods
+    from outside the project run with `reuse` paused."""
 
     def for_step(step: int, ids: Tensor):
         methods = method_options(cfg, seed, step)  # explain_all raises MethodError (a SanityError) on a bad option
@@ -280,7 +293,9 @@ def explainer(cfg: DictConfig, seed: int):
         def explain(model, images, targets):
             maps = explain_all(model, images, targets, built_in, max_batch=cfg.max_batch, ids=ids) if built_in else {}
             for key, options in external.items():
-                maps[key] = explain_external(model, images, targets, options, max_batch=cfg.max_batch, name=key)
+                with reuse.paused() if reuse is not None else contextlib.nullcontext():
+                    maps[key] = explain_external(model, images, targets, options, max_batch=cfg.max_batch,
+                                                 name=key)
             return {key: maps[key] for key in methods}
 
         return explain

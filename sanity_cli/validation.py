@@ -26,7 +26,7 @@ TARGETS = ("predicted", "label", "original")
 # config group does not have are skipped.
 NUMBERS = [
     ("seed", int, 0), ("n_images", int, 1), ("n_examples", int, 1), ("max_batch", int, 1),
-    ("image_chunk", int, 1),
+    ("image_chunk", int, 1), ("reuse_activations", int, 0),
     ("train.epochs", int, 1), ("train.batch_size", int, 1), ("train.lr", float, 0.0),
     ("metrics.ssim.data_range", float, 0.0), ("metrics.ssim.sigma", float, 0.0),
     ("metrics.hog.pixels_per_cell", int, 1), ("metrics.hog.cells_per_block", int, 1),

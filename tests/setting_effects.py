@@ -394,6 +394,8 @@ TOP = {
     "max_batch": Inert("how many inputs share one forward pass", ("max_batch=3",), base=("target=original",)),
     "image_chunk": Inert("how many images' maps are held at once; a run in chunks writes the same numbers "
                          "up to float rounding (test_chunks.py)", ("image_chunk=3",)),
+    "reuse_activations": Inert("keeps the trained blocks' activations for later states; the maps are those of "
+                               "plain passes (test_reuse.py)", ("reuse_activations=64",)),
     "resume": Inert("continues an interrupted run in its directory (test_pipeline.py); a new one runs as usual",
                     ("resume=true",)),
     "shard": Effect(("shard=1/2",), half_of_the_images),

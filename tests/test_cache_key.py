@@ -22,8 +22,8 @@ TINY = ("device=cpu", "dataset.image_size=8", "dataset.test_fraction=0.5", "trai
 # Flips that cannot change the weights of the trained model, on the cache its base filled
 KEEPS_THE_MODEL = [("n_images=3",), ("method=[guided_backprop]",), ("test=independent",), ("test=random_logit",),
                    ("target=label",), ("metrics.normalization=none",), ("model.gradcam_layer=relu1",),
-                   ("max_batch=1",), ("image_chunk=1",), ("test.seeds=[5]",), ("n_examples=2",),
-                   ("data_dir=elsewhere",)]
+                   ("max_batch=1",), ("image_chunk=1",), ("reuse_activations=64",), ("test.seeds=[5]",),
+                   ("n_examples=2",), ("data_dir=elsewhere",)]
 # A model near chance is never cached: the shuffled-label model learns its 100 labels first
 MEMORIZED = ("test=data", "test.shuffled_subset=100", "test.shuffled_epochs=40")
 CASES = {"test.shuffled_epochs": (MEMORIZED, ("test.shuffled_epochs=41",)),

@@ -1,0 +1,323 @@
+"""Reusing the forward activations of the blocks that a state leaves trained.
+
+In a top-down cascade the lower blocks keep their trained weights until late, and the
+inputs a method feeds the model (the images, Integrated Gradients' interpolations,
+SmoothGrad's noisy copies) do not depend on the state. The output of every block
+below the first randomized one is then the same in every state. `ActivationReuse`
+keeps, from the trained model's passes, each block's output together with the
+autograd graph that produced it; a later state runs only the blocks above, starting
+from the kept outputs, and its backward pass continues through the kept graph to the
+input. The maps are those of a plain pass: the same operations on the same values.
+
+What is reused, and when:
+
+* Only plain passes of the project's own methods: the gradient with respect to the
+  input of a forward that has no hooks (module or global) and runs under no torch
+  function mode. GradCAM's layer hooks and guided backprop's ReLU mode make a pass
+  plain, as does a forward without gradients (the predicted classes); methods from
+  outside (Captum, zennit, a function of the user's) run inside ``paused()``. A
+  second-order gradient through a reused pass raises an error.
+* Only blocks that are provably unchanged: a state reuses blocks b_1..b_p (forward
+  order) when every parameter and buffer that differs from the trained model lies
+  inside a block after b_p. A changed tensor outside every block (one attached to a
+  block from its parent) turns reuse off for that state.
+* Only the same inputs: the k-th eligible forward of an image chunk in a state is
+  matched with the k-th of the trained state and reused only if its input is equal.
+* Only within a bound: kept graphs are counted by their saved tensors' storage; once
+  ``max_bytes`` are held, further passes are not kept (and run plainly in every state).
+* The model must call each block once per forward, in the planned order, and each must
+  return one tensor; otherwise reuse turns itself off for the run (with a log line).
+
+A block output handed to the blocks above is a view that autograd forbids changing in
+place; a model that does so anyway (or changes it without autograd seeing) makes reuse
+hand out copies from then on, and the pass runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules import module as module_globals
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Ends a recording forward once the last block has run."""
+
+
+class _Unsupported(Exception):
+    """The model does not call its blocks as reuse needs."""
+
+
+@dataclass
+class _Kept:
+    """One recorded pass: its input (the leaf of the kept graph) and each block's output."""
+
+    leaf: Tensor
+    outputs: list[Tensor]
+    nbytes: int
+    versions: list[int] = field(default_factory=list)
+
+
+class _FromKept(torch.autograd.Function):
+    """A kept block output, attached to the current input: the backward carries the
+    incoming gradient through the kept graph to the kept leaf, whose values equal the input."""
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, value: Tensor, kept: _Kept, index: int, copy: bool) -> Tensor:
+        ctx.kept, ctx.index = kept, index
+        return value.clone() if copy else value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        if torch.is_grad_enabled():  # create_graph: the gradient would not depend on the input
+            raise RuntimeError("a second-order gradient cannot go through reused activations; "
+                               "run with reuse_activations=0")
+        kept: _Kept = ctx.kept
+        (to_leaf,) = torch.autograd.grad(kept.outputs[ctx.index], kept.leaf, grad, retain_graph=True)
+        return to_leaf, None, None, None, None
+
+
+def _pack(saved: list[Tensor], tensor: Tensor) -> Tensor:
+    """Notes a tensor the graph saves (to count the kept bytes); a detached alias is kept,
+    so that a saved output does not hold its own node."""
+    alias = tensor.detach()
+    saved.append(alias)
+    return alias
+
+
+def _unpack(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _storage_bytes(tensors: Sequence[Tensor], seen: set[int]) -> int:
+    total = 0
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def _function_mode() -> bool:
+    """Whether a torch function mode (guided backprop's ReLUs, for one) is active."""
+    return bool(torch.overrides._get_current_function_mode_stack())
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    if (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+            or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in model.modules())
+
+
+class ActivationReuse:
+    """Keeps the trained blocks' activations of one model for the states of one run.
+
+    blocks: the model's block names in forward order; trained: the trained values of
+    its state_dict (``TrainedWeights.state``); max_bytes: the most kept at once.
+    Use ``with reuse.state(model): ... with reuse.chunk(index): explain(...)``."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[str], trained: Mapping[str, Tensor], max_bytes: int):
+        self.model, self.names, self.trained, self.max_bytes = model, list(blocks), trained, max_bytes
+        nested = [a for a in self.names for b in self.names if a != b and a.startswith(b + ".")]
+        self.enabled = bool(self.names) and max_bytes > 0 and not nested \
+            and not isinstance(model, torch.jit.ScriptModule)
+        self.modules = [model.get_submodule(name) for name in self.names] if self.enabled else []
+        self.kept: dict[tuple[int, int], _Kept] = {}
+        self.held = 0
+        self.full = False
+        self.copies: set[int] = set()  # blocks whose output the model changes in place: handed out as copies
+        self._answered = -1
+        self.prefix = 0
+        self._chunk: int | None = None
+        self._paused = False
+        self._calls = 0
+        self.stats = {"kept": 0, "reused": 0, "plain": 0}
+
+    # -- which blocks a state leaves trained ---------------------------------------
+
+    @torch.no_grad()
+    def unchanged_prefix(self) -> int:
+        """How many leading blocks (forward order) can be reused in the model's current
+        state: those below every tensor that differs from the trained model."""
+        changed = [name for name, value in self.model.state_dict().items()
+                   if name not in self.trained or not torch.equal(value, self.trained[name])]
+        first = len(self.names)
+        for name in changed:
+            owner = next((i for i, block in enumerate(self.names) if name.startswith(block + ".")), None)
+            if owner is None:
+                return 0  # a changed tensor outside every block: no telling where the forward uses it
+            first = min(first, owner)
+        return first
+
+    @contextmanager
+    def state(self, model: nn.Module) -> Iterator[None]:
+        """Reuse for the passes of `model` in its current state (nothing unless it is this
+        run's model and reuse is on)."""
+        if not self.enabled or model is not self.model:
+            yield
+            return
+        self.prefix = self.unchanged_prefix()
+        try:
+            yield
+        finally:
+            self.prefix = 0
+
+    @contextmanager
+    def chunk(self, index: int) -> Iterator[None]:
+        """The passes of one image chunk: matched by order with the trained state's."""
+        if not self.enabled or self.prefix == 0:
+            yield
+            return
+        self._chunk, self._calls = index, 0
+        original = self.model.__dict__.get("forward")
+        self.model.forward = partial(self._forward, type(self.model).forward.__get__(self.model))
+        try:
+            yield
+        finally:
+            if original is None:
+                del self.model.forward
+            else:
+                self.model.forward = original
+            self._chunk = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Plain passes only: for methods from outside the project, which may differentiate
+        twice or call the model in ways the order of passes cannot follow."""
+        paused, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = paused
+
+    def clear(self) -> None:
+        self.kept.clear()
+        self.held = 0
+
+    # -- the forward -----------------------------------------------------------------
+
+    def _forward(self, plain, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if (args or kwargs or not self.enabled or self._paused or not isinstance(x, Tensor)
+                or not torch.is_grad_enabled() or not x.requires_grad or _function_mode() or _has_hooks(self.model)):
+            self.stats["plain"] += 1
+            return plain(x, *args, **kwargs)
+        self._calls += 1
+        key = (self._chunk, self._calls)
+        kept = self.kept.get(key)
+        if kept is not None and not (kept.leaf.shape == x.shape and kept.leaf.dtype == x.dtype
+                                     and torch.equal(kept.leaf.detach(), x.detach())):
+            kept = None
+        recording = kept is None
+        if recording and (self.prefix < len(self.names) or self.full):
+            self.stats["plain"] += 1
+            return plain(x)
+        for _ in range(len(self.names) + 1):  # again only after the model changed a kept output in place
+            if recording:
+                kept = self._record(plain, x)
+                if kept is None:
+                    return plain(x)
+            result = self._from_kept(plain, x, kept, self.prefix)
+            if result is not None or not recording:
+                break
+        if result is None:
+            self.stats["plain"] += 1
+            return plain(x)
+        if not recording:
+            self.stats["reused"] += 1
+        elif self.held + kept.nbytes > self.max_bytes:
+            self.full = True  # this pass used what it recorded; later ones are not kept
+        else:
+            self.kept[key] = kept
+            self.held += kept.nbytes
+            self.stats["kept"] += 1
+        return result
+
+    def _record(self, plain, x: Tensor) -> _Kept | None:
+        """Run the blocks on a copy of x, keeping each block's output and the graph behind it;
+        None (and reuse off for the run) when the model does not call its blocks as reuse needs."""
+        try:
+            return self._recorded(plain, x)
+        except _Unsupported as why:
+            log.info("activation reuse is off for this run: %s", why)
+            self.enabled = False
+            self.clear()
+            return None
+
+    def _recorded(self, plain, x: Tensor) -> _Kept:
+        leaf = x.detach().clone().requires_grad_(True)
+        outputs: list[Tensor] = []
+        saved: list[Tensor] = []
+
+        def capture(index: int, module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, Tensor):
+                raise _Unsupported(f"block {self.names[index]} returns a {type(output).__name__}, not a tensor")
+            if index != len(outputs):
+                raise _Unsupported(f"block {self.names[index]} is called out of the planned order")
+            outputs.append(output)
+            if index == len(self.names) - 1:
+                raise _Stop
+
+        hooks = [module.register_forward_hook(partial(capture, i)) for i, module in enumerate(self.modules)]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(partial(_pack, saved), _unpack):
+                plain(leaf)
+        except _Stop:
+            pass
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(outputs) < len(self.names):
+            raise _Unsupported(f"the forward does not call block {self.names[len(outputs)]}")
+        # The model's own parameters and buffers are saved too, but they are not extra memory.
+        own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
+        nbytes = _storage_bytes([leaf, *outputs, *saved], own)
+        return _Kept(leaf, outputs, nbytes, [output._version for output in outputs])
+
+    def _from_kept(self, plain, x: Tensor, kept: _Kept, prefix: int) -> Any:
+        """The forward from block `prefix` up, the blocks below answered from `kept`; None
+        when the model changed a kept output in place (reuse then hands out copies)."""
+        modules = self.modules[:prefix]
+        own = [module.__dict__.get("forward") for module in modules]  # a forward set on the instance, if any
+        for index, module in enumerate(modules):
+            module.forward = partial(self._answer, x, kept, index)
+        self._answered = -1
+        try:
+            result = plain(x)
+        except RuntimeError as error:
+            if "modified inplace" not in str(error) or len(self.copies) == len(self.names):
+                raise
+            result = None
+        finally:
+            for module, forward in zip(modules, own):
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+        if result is None or [o._version for o in kept.outputs] != kept.versions:
+            # The model changed a kept output in place, most likely the last one handed out:
+            # hand that one out as a copy from now on (every one, if it already was), and forget
+            # what the model may have changed. None: the caller runs the pass again.
+            if self._answered < 0 or self._answered in self.copies:
+                self.copies.update(range(len(self.names)))
+            else:
+                self.copies.add(self._answered)
+            self.kept = {key: value for key, value in self.kept.items() if value is not kept}
+            self.held = sum(value.nbytes for value in self.kept.values())
+            return None
+        return result
+
+    def _answer(self, x: Tensor, kept: _Kept, index: int, *args: Any, **kwargs: Any) -> Tensor:
+        self._answered = index
+        return _FromKept.apply(x, kept.outputs[index].detach(), kept, index, index in self.copies)

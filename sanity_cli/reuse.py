@@ -223,14 +223,20 @@ class ActivationReuse:
         if recording and (self.prefix < len(self.names) or self.full):
             self.stats["plain"] += 1
             return plain(x)
+        if recording:
+            kept = self._record(plain, x)
+            if kept is None:
+                return plain(x)
         for _ in range(len(self.names) + 1):  # again only after the model changed a kept output in place
-            if recording:
+            result = self._from_kept(plain, x, kept, self.prefix)
+            if result is not None:
+                break
+            if not kept.outputs:  # forgotten: changed where autograd did not see it
+                if not recording:
+                    break
                 kept = self._record(plain, x)
                 if kept is None:
                     return plain(x)
-            result = self._from_kept(plain, x, kept, self.prefix)
-            if result is not None or not recording:
-                break
         if result is None:
             self.stats["plain"] += 1
             return plain(x)
@@ -248,26 +254,36 @@ class ActivationReuse:
         """Run the blocks on a copy of x, keeping each block's output and the graph behind it;
         None (and reuse off for the run) when the model does not call its blocks as reuse needs."""
         try:
-            return self._recorded(plain, x)
+            for _ in range(len(self.names)):
+                kept, changed = self._recorded(plain, x)
+                if not changed:
+                    return kept
+                self.copies.update(changed)  # and again, those outputs handed to the model as copies
+            raise _Unsupported("the model changes its blocks' outputs in place, even when given copies")
         except _Unsupported as why:
             log.info("activation reuse is off for this run: %s", why)
             self.enabled = False
             self.clear()
             return None
 
-    def _recorded(self, plain, x: Tensor) -> _Kept:
+    def _recorded(self, plain, x: Tensor) -> tuple[_Kept, set[int]]:
+        """The kept pass, and the blocks whose output the model changed in place after it was
+        returned (their kept values are then not the blocks' outputs)."""
         leaf = x.detach().clone().requires_grad_(True)
         outputs: list[Tensor] = []
+        versions: list[int] = []
         saved: list[Tensor] = []
 
-        def capture(index: int, module: nn.Module, args: Any, output: Any) -> None:
+        def capture(index: int, module: nn.Module, args: Any, output: Any) -> Tensor | None:
             if not isinstance(output, Tensor):
                 raise _Unsupported(f"block {self.names[index]} returns a {type(output).__name__}, not a tensor")
             if index != len(outputs):
                 raise _Unsupported(f"block {self.names[index]} is called out of the planned order")
             outputs.append(output)
+            versions.append(output._version)
             if index == len(self.names) - 1:
                 raise _Stop
+            return output.clone() if index in self.copies else None
 
         hooks = [module.register_forward_hook(partial(capture, i)) for i, module in enumerate(self.modules)]
         try:
@@ -283,7 +299,8 @@ class ActivationReuse:
         # The model's own parameters and buffers are saved too, but they are not extra memory.
         own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
         nbytes = _storage_bytes([leaf, *outputs, *saved], own)
-        return _Kept(leaf, outputs, nbytes, [output._version for output in outputs])
+        changed = {i for i, (output, version) in enumerate(zip(outputs, versions)) if output._version != version}
+        return _Kept(leaf, outputs, nbytes, versions), changed
 
     def _from_kept(self, plain, x: Tensor, kept: _Kept, prefix: int) -> Any:
         """The forward from block `prefix` up, the blocks below answered from `kept`; None
@@ -305,16 +322,20 @@ class ActivationReuse:
                     del module.forward
                 else:
                     module.forward = forward
-        if result is None or [o._version for o in kept.outputs] != kept.versions:
-            # The model changed a kept output in place, most likely the last one handed out:
-            # hand that one out as a copy from now on (every one, if it already was), and forget
-            # what the model may have changed. None: the caller runs the pass again.
+        changed = [o._version for o in kept.outputs] != kept.versions
+        if result is None or changed:
+            # The model changes a kept output in place, most likely the last one handed out:
+            # hand that one out as a copy from now on (every one, if it already was). Autograd
+            # refuses the change before it happens; one it did not see (changed) means the
+            # kept pass is forgotten. None: the caller runs the pass again.
             if self._answered < 0 or self._answered in self.copies:
                 self.copies.update(range(len(self.names)))
             else:
                 self.copies.add(self._answered)
-            self.kept = {key: value for key, value in self.kept.items() if value is not kept}
-            self.held = sum(value.nbytes for value in self.kept.values())
+            if changed:
+                self.kept = {key: value for key, value in self.kept.items() if value is not kept}
+                self.held = sum(value.nbytes for value in self.kept.values())
+                kept.outputs.clear()
             return None
         return result
 

@@ -106,6 +106,33 @@ def test_a_block_output_changed_in_place_is_handed_out_as_a_copy():
     assert reuse.stats["reused"] > 0
 
 
+class ShiftedInPlace(nn.Module):
+    """Adds to its first block's output in place (not idempotent), where autograd sees it or not."""
+
+    def __init__(self, seen: bool):
+        super().__init__()
+        self.a, self.b, self.seen = nn.Linear(4, 6), nn.Linear(6, 3), seen
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        if self.seen:
+            h += 0.5
+        else:
+            with torch.no_grad():
+                h.add_(0.5)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["autograd sees it", "under no_grad"])
+def test_a_block_output_changed_in_place_after_it_is_returned_is_kept_unchanged(seen):
+    torch.manual_seed(0)
+    model = ShiftedInPlace(seen).eval()
+    x = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(6)) * 3
+    plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
+    assert_same_maps(plain, reused)
+    assert reuse.copies == {0} and reuse.stats["reused"] > 0
+
+
 def test_each_state_reuses_the_blocks_below_its_first_changed_one():
     model = small_cnn()
     x = torch.rand(2, 1, 12, 12)

@@ -16,6 +16,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import bench_pipeline  # noqa: E402
+import bench_reuse  # noqa: E402
 import bench_vs_quantus as bench  # noqa: E402
 
 pytest.importorskip("captum", reason="the Quantus benchmark wraps Captum: pip install captum")
@@ -128,3 +129,20 @@ def test_a_memory_point_runs_the_whole_check_in_chunks():
     assert (point["images"], point["image_chunk"], point["max_batch"]) == (5, 2, 8)
     assert point["wall_s"] > 0 and point["peak_rss_mib"] >= point["peak_above_setup_mib"] >= 0
     assert point["peak_above_setup_mib"] >= point["states_peak_above_setup_mib"] >= 0
+
+
+def test_the_reuse_benchmark_finds_the_same_maps_and_counts_its_passes(tmp_path):
+    out = tmp_path / "reuse.json"
+    rows = bench_reuse.main(["--images", "4", "--resnet-images", "2", "--resnet-size", "32", "--steps", "2",
+                             "--reps", "1", "--max-batch", "4", "--out", str(out)])
+    assert [(row["model"], row["method"]) for row in rows] == [
+        (model, method) for model in ("cnn", "resnet18") for method in ("gradient", "integrated_gradients")]
+    for row in rows:
+        assert row["max_abs_difference"] <= 1e-6
+        passes_per_state = row["passes"] // row["states"]
+        assert passes_per_state == (2 if row["method"] == "integrated_gradients" else 1) * row["images"]
+        # every forward of step 0 is kept and used again in each state that leaves a block trained
+        forwards = -(-passes_per_state // row["max_batch"])
+        assert row["passes_kept"] == forwards and row["passes_reused"] == forwards * (row["states"] - 2)
+        assert row["reuse_of_floor"] == pytest.approx(row["floor_s"] / row["reuse_s"])
+    assert json.loads(out.read_text())["rows"][0]["model"] == "cnn"

@@ -372,7 +372,8 @@ class TrainedWeights:
         digest = hashlib.sha256()
         for name in sorted(state):
             digest.update(name.encode())
-            digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            # the array's own buffer: the same bytes as tobytes(), without a copy
+            digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         return digest.hexdigest()
 
     @torch.no_grad()

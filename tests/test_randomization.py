@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pytest
@@ -409,3 +410,17 @@ def test_default_init_uses_reset_parameters_and_the_paper_rule_for_the_rest():
         assert state.tensors_left_trained == 0
         assert _changed(model, trained) == {name for name, _ in model.named_parameters()}
     trained.check(model)
+
+
+def test_the_weights_fingerprint_hashes_every_tensor_by_name_and_bytes():
+    # the receipt's fingerprint: the SHA-256 of each tensor's name and raw bytes, in name order,
+    # so that anyone can recompute it from a state_dict
+    torch.manual_seed(0)
+    state = {"b.weight": torch.randn(3, 2), "a.bias": torch.randn(4).to(torch.bfloat16), "a.count": torch.tensor(7)}
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    assert TrainedWeights.fingerprint(state) == digest.hexdigest()
+    changed = {**state, "b.weight": state["b.weight"].clone().index_fill_(0, torch.tensor([1]), 0.5)}
+    assert TrainedWeights.fingerprint(changed) != digest.hexdigest()

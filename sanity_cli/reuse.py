@@ -28,9 +28,12 @@ What is reused, and when:
 * The model must call each block once per forward, in the planned order, and each must
   return one tensor; otherwise reuse turns itself off for the run (with a log line).
 
-A block output handed to the blocks above is a view that autograd forbids changing in
-place; a model that does so anyway (or changes it without autograd seeing) makes reuse
-hand out copies from then on, and the pass runs again.
+Block outputs changed in place: the kept value is always the one the block returned.
+The recording pass finds, by the tensor's version counter, an output that the model
+changes after the block returns it (a ReLU with ``inplace=True`` on it, say); it records
+once more, handing the model a copy of that output from then on. In a later state a
+kept output is handed out as a view that autograd forbids changing in place; a refused
+change makes that output a copy, and the pass runs again.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ maps and scores of plain passes, and reuses only what a state provably leaves tr
 
 from __future__ import annotations
 
+from functools import partial
 from unittest import mock
 
 import numpy as np
@@ -131,6 +132,69 @@ def test_a_block_output_changed_in_place_after_it_is_returned_is_kept_unchanged(
     plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
     assert_same_maps(plain, reused)
     assert reuse.copies == {0} and reuse.stats["reused"] > 0
+
+
+class LateShift(nn.Module):
+    """From the second state on, adds to its first block's output in place after the second
+    block has used it: what reuse cannot learn while recording at step 0."""
+
+    def __init__(self, seen: bool):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.seen, self.late = seen, False
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        g = self.b(torch.tanh(h))  # tanh keeps its output, so h may change afterwards
+        if self.late and self.seen:
+            h += 1.0
+        elif self.late:
+            with torch.no_grad():
+                h.add_(1.0)
+        return self.c(torch.tanh(g) + h)
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["autograd sees it", "under no_grad"])
+def test_a_block_output_changed_in_place_only_in_a_later_state_runs_that_pass_plainly(seen):
+    torch.manual_seed(0)
+    model = LateShift(seen).eval()
+    x = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(7))
+
+    def late_states(m, b, t):
+        for state in cascade(m, b, t):
+            m.late = state.step > 0
+            yield state
+        m.late = False
+
+    plain, reused, reuse = plain_and_reused(model, x, late_states, {"gradient": {}})
+    assert_same_maps(plain, reused)
+    assert plain[1]["gradient"].abs().sum() > 0
+    if seen:  # refused by autograd: the outputs become copies, and the kept passes stay
+        assert reuse.copies == {0, 1, 2} and reuse.stats["reused"] > 0
+    else:  # changed unseen: the kept pass is forgotten and the state runs plainly
+        assert not reuse.kept and reuse.stats["reused"] == 0
+
+
+def test_reuse_leaves_the_model_as_it_found_it():
+    model = small_cnn()
+    x = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(8))
+    own = partial(type(model.conv1).forward, model.conv1)  # a forward set on the instance, as wrappers do
+    model.conv1.forward = own
+    blocks = plan_blocks(model, x[:1])
+    trained = TrainedWeights(model)
+    reuse = ActivationReuse(model, blocks, trained.state, 64 * MiB)
+    with reuse.chunk(0):  # outside state(): nothing is patched or kept
+        assert "forward" not in model.__dict__
+        explain_all(model, x, torch.zeros(4, dtype=torch.long), {"gradient": {}})
+    assert reuse.stats == {"kept": 0, "reused": 0, "plain": 0}
+    maps_of_states(model, x, cascade(model, blocks, trained), reuse, {"gradient": {}})
+    assert reuse.stats["reused"] > 0
+    assert model.conv1.__dict__["forward"] is own and "forward" not in model.__dict__
+    assert all("forward" not in module.__dict__ for module in model.modules() if module is not model.conv1)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    trained.check(model)
+    reuse.clear()
+    assert not reuse.kept and reuse.held == 0
 
 
 def test_each_state_reuses_the_blocks_below_its_first_changed_one():

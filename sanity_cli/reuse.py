@@ -7,7 +7,9 @@ below the first randomized one is then the same in every state. `ActivationReuse
 keeps, from the trained model's passes, each block's output together with the
 autograd graph that produced it; a later state runs only the blocks above, starting
 from the kept outputs, and its backward pass continues through the kept graph to the
-input. The maps are those of a plain pass: the same operations on the same values.
+input. The maps are those of a plain pass: the same operations on the same values
+(gradients that reach a tensor by several paths, as in a skip connection, may be summed
+in another order: float rounding, about 1e-7 of their size).
 
 What is reused, and when:
 
@@ -19,14 +21,22 @@ What is reused, and when:
   second-order gradient through a reused pass raises an error.
 * Only blocks that are provably unchanged: a state reuses blocks b_1..b_p (forward
   order) when every parameter and buffer that differs from the trained model lies
-  inside a block after b_p. A changed tensor outside every block (one attached to a
-  block from its parent) turns reuse off for that state.
+  inside a block after b_p, and that block cannot reach b_1..b_p. The first recorded
+  pass learns what a block reaches: a part of it called before it (through its call),
+  or a parameter of it used directly (through the graph of each kept output). A
+  changed tensor outside every block (one attached to a block from its parent) turns
+  reuse off for that state. A block that changes its own input in place is never
+  answered (the change would be skipped), nor is any block after it.
 * Only the same inputs: the k-th eligible forward of an image chunk in a state is
   matched with the k-th of the trained state and reused only if its input is equal.
 * Only within a bound: kept graphs are counted by their saved tensors' storage; once
   ``max_bytes`` are held, further passes are not kept (and run plainly in every state).
 * The model must call each block once per forward, in the planned order, and each must
   return one tensor; otherwise reuse turns itself off for the run (with a log line).
+
+Not seen, and not supported with reuse: writes through ``.data`` (they bypass the version
+counters) and parameter gradients (``.backward()`` leaves ``.grad`` of answered blocks
+empty; the methods here take input gradients only).
 
 Block outputs changed in place: the kept value is always the one the block returned.
 The recording pass finds, by the tensor's version counter, an output that the model
@@ -85,7 +95,10 @@ class _FromKept(torch.autograd.Function):
             raise RuntimeError("a second-order gradient cannot go through reused activations; "
                                "run with reuse_activations=0")
         kept: _Kept = ctx.kept
-        (to_leaf,) = torch.autograd.grad(kept.outputs[ctx.index], kept.leaf, grad, retain_graph=True)
+        output = kept.outputs[ctx.index]
+        if not output.requires_grad:  # a block whose output does not depend on the input (a position table)
+            return None, None, None, None, None
+        (to_leaf,) = torch.autograd.grad(output, kept.leaf, grad, retain_graph=True, allow_unused=True)
         return to_leaf, None, None, None, None
 
 
@@ -111,6 +124,22 @@ def _storage_bytes(tensors: Sequence[Tensor], seen: set[int]) -> int:
     return total
 
 
+def _parameters_behind(output: Tensor, owners: Mapping[int, int | None]) -> set[int | None]:
+    """The owners (block indices) of the parameters that `output`'s autograd graph reaches."""
+    found: set[int | None] = set()
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf, a parameter if it is one
+        if variable is not None and id(variable) in owners:
+            found.add(owners[id(variable)])
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
 def _function_mode() -> bool:
     """Whether a torch function mode (guided backprop's ReLUs, for one) is active."""
     return bool(torch.overrides._get_current_function_mode_stack())
@@ -134,9 +163,17 @@ class ActivationReuse:
     def __init__(self, model: nn.Module, blocks: Sequence[str], trained: Mapping[str, Tensor], max_bytes: int):
         self.model, self.names, self.trained, self.max_bytes = model, list(blocks), trained, max_bytes
         nested = [a for a in self.names for b in self.names if a != b and a.startswith(b + ".")]
-        self.enabled = bool(self.names) and max_bytes > 0 and not nested \
+        compiled = type(model).__name__ == "OptimizedModule"  # torch.compile: its forward is traced, not called
+        self.enabled = bool(self.names) and max_bytes > 0 and not nested and not compiled \
             and not isinstance(model, torch.jit.ScriptModule)
         self.modules = [model.get_submodule(name) for name in self.names] if self.enabled else []
+        # Learned from the first recorded pass: influence[m], how many leading blocks the
+        # tensors of block m can change (m, unless the forward uses them before block m
+        # runs); limit, the first block that changes its own input in place (answering it
+        # would skip that change).
+        self.influence = list(range(len(self.names)))
+        self.limit = len(self.names)
+        self._learned = False
         self.kept: dict[tuple[int, int], _Kept] = {}
         self.held = 0
         self.full = False
@@ -153,16 +190,22 @@ class ActivationReuse:
     @torch.no_grad()
     def unchanged_prefix(self) -> int:
         """How many leading blocks (forward order) can be reused in the model's current
-        state: those below every tensor that differs from the trained model."""
+        state: those that no tensor differing from the trained model reaches (all of them
+        when nothing differs)."""
         changed = [name for name, value in self.model.state_dict().items()
                    if name not in self.trained or not torch.equal(value, self.trained[name])]
         first = len(self.names)
         for name in changed:
-            owner = next((i for i, block in enumerate(self.names) if name.startswith(block + ".")), None)
+            owner = self._owner(name)
             if owner is None:
                 return 0  # a changed tensor outside every block: no telling where the forward uses it
-            first = min(first, owner)
+            first = min(first, self.influence[owner])
         return first
+
+    def _owner(self, name: str) -> int | None:
+        """The index of the block holding the parameter, buffer or module `name`."""
+        return next((i for i, block in enumerate(self.names) if name == block or name.startswith(block + ".")),
+                    None)
 
     @contextmanager
     def state(self, model: nn.Module) -> Iterator[None]:
@@ -180,12 +223,12 @@ class ActivationReuse:
     @contextmanager
     def chunk(self, index: int) -> Iterator[None]:
         """The passes of one image chunk: matched by order with the trained state's."""
-        if not self.enabled or self.prefix == 0:
-            yield
+        if not self.enabled or (self.prefix < len(self.names) and min(self.prefix, self.limit) == 0):
+            yield  # nothing to answer from, and no trained state to record
             return
         self._chunk, self._calls = index, 0
         original = self.model.__dict__.get("forward")
-        self.model.forward = partial(self._forward, type(self.model).forward.__get__(self.model))
+        self.model.forward = partial(self._forward, self.model.forward)  # the instance's own forward, if set
         try:
             yield
         finally:
@@ -231,7 +274,7 @@ class ActivationReuse:
             if kept is None:
                 return plain(x)
         for _ in range(len(self.names) + 1):  # again only after the model changed a kept output in place
-            result = self._from_kept(plain, x, kept, self.prefix)
+            result = self._from_kept(plain, x, kept, min(self.prefix, self.limit))
             if result is not None:
                 break
             if not kept.outputs:  # forgotten: changed where autograd did not see it
@@ -276,8 +319,22 @@ class ActivationReuse:
         outputs: list[Tensor] = []
         versions: list[int] = []
         saved: list[Tensor] = []
+        learning = not self._learned
+        running: list[int] = []  # the block whose call is under way
+        inputs: dict[int, list[tuple[Tensor, int]]] = {}  # its tensor arguments and their versions
+
+        def enter(index: int, module: nn.Module, args: Any, kwargs: Any) -> None:
+            running.append(index)
+            inputs[index] = [(t, t._version) for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+
+        def visit(owner: int, module: nn.Module, args: Any) -> None:
+            if not running or running[-1] != owner:  # a part of block `owner` runs outside its block's call
+                self.influence[owner] = min(self.influence[owner], len(outputs))
 
         def capture(index: int, module: nn.Module, args: Any, output: Any) -> Tensor | None:
+            running.pop()
+            if any(t._version != version for t, version in inputs.pop(index)):
+                self.limit = min(self.limit, index)  # it changes its input in place: never answered
             if not isinstance(output, Tensor):
                 raise _Unsupported(f"block {self.names[index]} returns a {type(output).__name__}, not a tensor")
             if index != len(outputs):
@@ -289,6 +346,11 @@ class ActivationReuse:
             return output.clone() if index in self.copies else None
 
         hooks = [module.register_forward_hook(partial(capture, i)) for i, module in enumerate(self.modules)]
+        hooks += [module.register_forward_pre_hook(partial(enter, i), with_kwargs=True)
+                  for i, module in enumerate(self.modules)]
+        if learning:
+            hooks += [part.register_forward_pre_hook(partial(visit, i)) for i, module in enumerate(self.modules)
+                      for part in module.modules() if part is not module]
         try:
             with torch.autograd.graph.saved_tensors_hooks(partial(_pack, saved), _unpack):
                 plain(leaf)
@@ -303,7 +365,19 @@ class ActivationReuse:
         own = {t.untyped_storage().data_ptr() for t in (*self.model.parameters(), *self.model.buffers())}
         nbytes = _storage_bytes([leaf, *outputs, *saved], own)
         changed = {i for i, (output, version) in enumerate(zip(outputs, versions)) if output._version != version}
+        if learning:
+            self._learn_from_graph(outputs)
         return _Kept(leaf, outputs, nbytes, versions), changed
+
+    def _learn_from_graph(self, outputs: list[Tensor]) -> None:
+        """A parameter of block m in the graph of block j's output (j < m), used directly
+        rather than through its module: block m's changes reach block j."""
+        owners = {id(param): self._owner(name) for name, param in self.model.named_parameters()}
+        for j, output in enumerate(outputs):
+            for m in _parameters_behind(output, owners):
+                if m is not None and m > j:
+                    self.influence[m] = min(self.influence[m], j)
+        self._learned = True
 
     def _from_kept(self, plain, x: Tensor, kept: _Kept, prefix: int) -> Any:
         """The forward from block `prefix` up, the blocks below answered from `kept`; None

@@ -197,6 +197,89 @@ def test_reuse_leaves_the_model_as_it_found_it():
     assert not reuse.kept and reuse.held == 0
 
 
+class PreActivation(nn.Module):
+    """Its body changes its own input in place (a ReLU with inplace=True first), and the
+    forward uses that input again: answering the body would skip the change."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.body = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(6, 6))
+
+    def forward(self, x):
+        h = self.stem(x.flatten(1)) * 1.0  # not a block's output: no copy would help
+        return self.head(h + self.body(h))
+
+
+class EarlyGate(nn.Module):
+    """Uses a part of its last block before its first block runs. The part is frozen, so
+    that no graph shows it: only its call does."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 6), nn.Module()
+        self.head.gate, self.head.out = nn.Linear(4, 4).requires_grad_(False), nn.Linear(6, 3)
+        self.head.forward = lambda h: self.head.out(h)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(self.a(x * torch.sigmoid(self.head.gate(x))))
+
+
+class EarlyScale(nn.Module):
+    """Uses a parameter of its last block directly, before its first block runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.head.scale = nn.Parameter(torch.full((4,), 0.5))
+
+    def forward(self, x):
+        return self.head(self.a(x.flatten(1) * self.head.scale))
+
+
+class Positions(nn.Module):
+    """A block whose output does not depend on the input (a position table)."""
+
+    def __init__(self, frozen: bool):
+        super().__init__()
+        self.patch, self.pos, self.head = nn.Linear(4, 6), nn.Embedding(1, 6), nn.Linear(6, 3)
+        self.pos.weight.requires_grad_(not frozen)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.patch(x.flatten(1)) + self.pos(torch.zeros(1, dtype=torch.long))))
+
+
+@pytest.mark.parametrize("make, reach", [
+    (PreActivation, lambda reuse: reuse.limit == 1),  # the body is never answered, the stem is
+    (EarlyGate, lambda reuse: reuse.influence == [0, 0]),  # head's changes reach block a
+    (EarlyScale, lambda reuse: reuse.influence == [0, 0]),
+    (partial(Positions, frozen=True), lambda reuse: reuse.influence == [0, 1, 2]),
+    (partial(Positions, frozen=False), lambda reuse: reuse.influence == [0, 1, 2]),
+], ids=["block changes its input", "part of a later block used early", "parameter of a later block used early",
+        "constant block, frozen", "constant block"])
+def test_reuse_learns_what_a_block_can_reach_from_the_first_pass(make, reach):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(9)) - 0.5
+    methods = {"gradient": {}, "integrated_gradients": {"steps": 2}}
+    plain, reused, reuse = plain_and_reused(model, x, cascade, methods)
+    assert_same_maps(plain, reused)
+    assert reach(reuse), (reuse.influence, reuse.limit)
+
+
+def test_a_forward_set_on_the_model_instance_is_the_one_reused():
+    model = small_cnn()
+    model.forward = partial(type(model).forward, model)  # as a wrapper would; checked below to be called
+    calls = []
+    model.forward = lambda x, inner=model.forward: calls.append(1) or inner((x - 0.5) / 0.25)
+    x = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(10))
+    own = model.forward
+    plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
+    assert_same_maps(plain, reused)
+    assert calls and reuse.stats["reused"] > 0 and model.__dict__["forward"] is own
+
+
 def test_each_state_reuses_the_blocks_below_its_first_changed_one():
     model = small_cnn()
     x = torch.rand(2, 1, 12, 12)

@@ -3,6 +3,7 @@ maps and scores of plain passes, and reuses only what a state provably leaves tr
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from unittest import mock
 
@@ -352,12 +353,24 @@ class Twice(nn.Module):
         return self.b(torch.tanh(self.a(torch.tanh(self.a(h)))))
 
 
-def test_a_model_that_calls_a_block_twice_runs_plainly():
+def test_a_model_that_calls_a_block_twice_runs_plainly(caplog):
     model = Twice().eval()
     x = torch.rand(4, 1, 2, 2)
-    plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
+    with caplog.at_level(logging.INFO, logger="sanity_cli.reuse"):
+        plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
     assert_same_maps(plain, reused)
     assert not reuse.enabled and reuse.stats["reused"] == 0 and not reuse.kept
+    assert "activation reuse is off for this run: block a is called out of the planned order" in caplog.text
+
+
+def test_a_model_with_a_backward_hook_runs_plainly():
+    model = small_cnn()
+    # only a backward hook, as attribution libraries register: it doubles conv1's input gradient
+    model.conv1.register_full_backward_hook(lambda module, grad_in, grad_out: tuple(2 * g for g in grad_in))
+    x = torch.rand(4, 1, 12, 12, generator=torch.Generator().manual_seed(11))
+    plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
+    assert_same_maps(plain, reused)
+    assert reuse.stats["kept"] == reuse.stats["reused"] == 0
 
 
 def test_a_second_order_gradient_through_reused_activations_is_refused():

@@ -6,7 +6,6 @@ wrapper around it and tests call it directly with composed configs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -140,7 +139,7 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
 
 
 def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, conditions, seed: int,
-                   store: RunStore, clock: dict[str, float], reuse: ActivationReuse | None = None) -> None:
+                   store: RunStore, clock: dict[str, float], reuse: ActivationReuse) -> None:
     """Explain every condition, score it against the first (step 0), and store each
     state as soon as it is scored. States a resumed run already has are skipped;
     step 0 is explained again all the same, as the reference of the others.
@@ -150,14 +149,13 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
     on disk (`ReferenceMaps`), so that memory holds one chunk's maps whatever n_images.
     Every image's maps and scores are the same whatever the chunks.
 
-    `reuse`, when given, keeps the trained blocks' activations of step 0's passes for
-    the states that leave those blocks trained (`sanity_cli.reuse`)."""
+    `reuse` keeps the trained blocks' activations of step 0's passes for the states that
+    leave those blocks trained, when `reuse_activations` is on (`sanity_cli.reuse`)."""
     context = {"test": cfg.test.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": seed,
                "init": cfg.test.get("init", ""), "reset_bn_stats": cfg.test.get("reset_bn_stats", ""),
                "normalization": cfg.metrics.normalization}
     device = prepared.images.device
     ids = prepared.image_ids.to(device)
-    reuse = reuse or ActivationReuse(prepared.models["trained"].model, [], {}, 0)
     explain = explainer(cfg, seed, reuse)
     compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1)
     compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
@@ -279,7 +277,7 @@ def _kind(cfg: DictConfig, name: str) -> str:
     return cfg.method[name].get("method") or name
 
 
-def explainer(cfg: DictConfig, seed: int, reuse: ActivationReuse | None = None):
+def explainer(cfg: DictConfig, seed: int, reuse: ActivationReuse):
     """explain(step, ids) -> a function (model, images, targets) -> {method: (B, C, H, W) maps}
     that computes every selected method in one state of the run; `ids` (B,) name the
     images, whose noise (SmoothGrad, VarGrad, the random control) follows them. Methods
@@ -293,7 +291,7 @@ def explainer(cfg: DictConfig, seed: int, reuse: ActivationReuse | None = None):
         def explain(model, images, targets):
             maps = explain_all(model, images, targets, built_in, max_batch=cfg.max_batch, ids=ids) if built_in else {}
             for key, options in external.items():
-                with reuse.paused() if reuse is not None else contextlib.nullcontext():
+                with reuse.paused():
                     maps[key] = explain_external(model, images, targets, options, max_batch=cfg.max_batch,
                                                  name=key)
             return {key: maps[key] for key in methods}

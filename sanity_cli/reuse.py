@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -77,7 +77,7 @@ class _Kept:
     leaf: Tensor
     outputs: list[Tensor]
     nbytes: int
-    versions: list[int] = field(default_factory=list)
+    versions: list[int]  # each output's version when its block returned it
 
 
 class _FromKept(torch.autograd.Function):
@@ -266,10 +266,10 @@ class ActivationReuse:
                                      and torch.equal(kept.leaf.detach(), x.detach())):
             kept = None
         recording = kept is None
-        if recording and (self.prefix < len(self.names) or self.full):
-            self.stats["plain"] += 1
-            return plain(x)
         if recording:
+            if self.prefix < len(self.names) or self.full:  # nothing kept for it, and none to keep
+                self.stats["plain"] += 1
+                return plain(x)
             kept = self._record(plain, x)
             if kept is None:
                 return plain(x)

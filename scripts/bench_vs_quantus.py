@@ -37,9 +37,9 @@ How the work is made the same:
   that batch are computed image by image (``quantus_spearman``).
 
 An item that takes less CPU time than ``--min-seconds`` (the one-pass methods take about
-one second) is run several times (at most ``--max-runs``) in each repetition, each tool in turn, and the repetition
-keeps its fastest run (``every_run_s`` in the JSON keeps them all): a sub-second time
-is otherwise mostly the machine's noise.
+one second) is run several times (at most ``--max-runs``) in each repetition, each tool
+in turn, and the repetition keeps its fastest run (``every_run_s`` in the JSON keeps
+them all): a sub-second time is otherwise mostly the machine's noise.
 
 Times are wall clock (min and median) and CPU time of the process (min), which a
 loaded machine disturbs less. The floor is the passes the work needs (one forward +
@@ -437,7 +437,7 @@ def measure(args: argparse.Namespace) -> dict:
             for item in args.items}
     parts: dict[str, dict[str, float]] = {item: {} for item in args.items}
     quantus_scores: dict[str, Scores] = {}
-    floors: dict[str, list[dict]] = {item: [] for item in args.items}  # each repetition's own floor
+    floors: dict[str, list[dict]] = {item: [] for item in args.items}  # measured before each repetition
     for rep in range(args.reps):
         for item in args.items:  # interleaved: each item by both tools in turn
             floors[item].append(floor_per_pass(bench.model, bench.x, [floor["wall"][0]], 1, args.floor_samples))
@@ -469,8 +469,8 @@ def measure(args: argparse.Namespace) -> dict:
              for clock in ("wall", "cpu")}  # the best time of one pass seen in the whole run
     rows = [table_row(item, args, least, times, tuning, agreements) for item in args.items]
     return {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "floor": least, "floor_at_start": floor, "floors": floors, "tuning": tuning, "agreement": agreements, "sanity_parts_s": parts,
-            "quantus_profile_s": profile,
+            "floor": least, "floor_at_start": floor, "floors": floors, "tuning": tuning, "agreement": agreements,
+            "sanity_parts_s": parts, "quantus_profile_s": profile,
             "runs_per_repetition": runs,
             "times_s": {tool: {item: [t._asdict() for t in kept] for item, kept in by_item.items()}
                         for tool, by_item in times.items()},
@@ -544,7 +544,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3, help="measured repetitions (min and median kept)")
     parser.add_argument("--min-seconds", type=float, default=5.0,
-                        help="an item taking less CPU time than this runs several times per repetition, the fastest kept")
+                        help="an item taking less CPU time than this runs several times per repetition, "
+                             "the fastest kept")
     parser.add_argument("--max-runs", type=int, default=10, help="at most this many runs per item and repetition")
     parser.add_argument("--steps", type=int, default=50, help="Integrated Gradients steps")
     parser.add_argument("--samples", type=int, default=50, help="SmoothGrad samples")

@@ -356,8 +356,9 @@ class Twice(nn.Module):
 def test_a_model_that_calls_a_block_twice_runs_plainly(caplog):
     model = Twice().eval()
     x = torch.rand(4, 1, 2, 2)
+    methods = {"gradient": {}, "integrated_gradients": {"steps": 2}}
     with caplog.at_level(logging.INFO, logger="sanity_cli.reuse"):
-        plain, reused, reuse = plain_and_reused(model, x, cascade, {"gradient": {}, "integrated_gradients": {"steps": 2}})
+        plain, reused, reuse = plain_and_reused(model, x, cascade, methods)
     assert_same_maps(plain, reused)
     assert not reuse.enabled and reuse.stats["reused"] == 0 and not reuse.kept
     assert "activation reuse is off for this run: block a is called out of the planned order" in caplog.text

@@ -17,6 +17,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_pipeline  # noqa: E402
 import bench_reuse  # noqa: E402
+import bench_sustained  # noqa: E402
 import bench_vs_quantus as bench  # noqa: E402
 
 pytest.importorskip("captum", reason="the Quantus benchmark wraps Captum: pip install captum")
@@ -146,3 +147,30 @@ def test_the_reuse_benchmark_finds_the_same_maps_and_counts_its_passes(tmp_path)
         assert row["passes_kept"] == forwards and row["passes_reused"] == forwards * (row["states"] - 2)
         assert row["reuse_of_floor"] == pytest.approx(row["floor_s"] / row["reuse_s"])
     assert json.loads(out.read_text())["rows"][0]["model"] == "cnn"
+
+
+def test_the_sustained_benchmark_times_the_passes_sanity_needs(tmp_path, capsys):
+    model = bench.paper_cnn()
+    x, y = bench.digits(5)
+    batches = []
+    handle = model.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
+    try:
+        bench_sustained.plain_passes(model, x, y, passes=3, batch=4)
+    finally:
+        handle.remove()
+    assert batches == [4, 4, 4, 3]  # 3 passes of 5 images, at most 4 at a time
+    out = tmp_path / "sustained.json"
+    bench_sustained.main(["--images", "3", "--reps", "2", "--steps", "2", "--samples", "3", "--max-batch", "4",
+                          "--min-seconds", "0", "--floor-samples", "8", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = {row["item"]: row for row in result["rows"]}
+    assert {item: row["passes"] for item, row in rows.items()} == {
+        "gradient": 3, "integrated_gradients": 6, "smoothgrad": 9}
+    floor = min(result["burst_floor_per_pass_s"])
+    for item, row in rows.items():
+        times = result["times_s"][item]
+        assert len(times["sanity"]) == len(times["plain"]) == 2
+        assert row["sanity_of_plain"] == pytest.approx(min(times["plain"]) / min(times["sanity"]))
+        assert row["burst_floor_s"] == pytest.approx(floor * row["passes"])
+        assert row["sanity_of_burst_floor"] == pytest.approx(row["burst_floor_s"] / row["sanity_min_s"])
+    assert capsys.readouterr().out.splitlines()[-1].startswith("smoothgrad")

@@ -249,6 +249,20 @@ def bad_shard(parsed) -> str | None:
     return None
 
 
+def unsafe_job_name(parsed) -> str | None:
+    """A one-line message when hydra.job.name (the name of the job's log file) is not a plain name."""
+    from sanity_cli.rundir import plain_name
+
+    for override in parsed:
+        if override.key_or_group == "hydra.job.name" and not override.is_delete():
+            for value in _choices(override):
+                try:
+                    plain_name(value, "hydra.job.name")
+                except SanityError as error:
+                    return str(error)
+    return None
+
+
 def _choices(override) -> list[str]:
     try:
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
@@ -372,7 +386,7 @@ def run(args: list[str]) -> int:
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps and not flags.multirun:
         return fail(f"{sweeps[0]} sweeps over several values; add -m to run one job per value")
-    message = unknown_choice(parsed) or missing_launcher(parsed) or bad_shard(parsed) or (
+    message = unknown_choice(parsed) or missing_launcher(parsed) or bad_shard(parsed) or unsafe_job_name(parsed) or (
         composition_error(parsed) if not (flags.help or flags.hydra_help) else None)
     if not (message or flags.cfg or flags.help or flags.hydra_help or flags.info):
         message = output_dir_error(parsed, flags.multirun)

@@ -8,6 +8,8 @@ and CSV logs read without trusting them.
   renames it over the old one: a reader sees the old file or the new one, never half.
 * `append_rows` appends CSV rows and syncs them to disk before returning, so a line
   written after them (the state's line in states.csv) never outlives them.
+* `plain_name` refuses a name that would lead a file out of its directory (`..`, `/`,
+  an absolute path, NUL) before it becomes part of a file name.
 * `scan_csv` reads a CSV log line by line and sorts its lines into whole ones, garbled
   ones and a last line cut off mid-write, so a damaged file is reported, not fatal.
 """
@@ -93,6 +95,21 @@ def lock_run_dir(run_dir: Path) -> RunLock:
         log.warning("cannot lock %s (%s): nothing stops a second run from writing into it", run_dir, error.strerror)
     lock = _HELD[key] = RunLock(key, handle)
     return lock
+
+
+# What a name that becomes part of a file name must not hold: a separator or NUL, or be
+# "." or ".." (each of which would put the file elsewhere than its directory).
+_UNSAFE = ("/", "\\", "\0")
+
+
+def plain_name(value: object, setting: str) -> str:
+    """`value` as text that can be part of a file name inside its directory; SanityError
+    naming `setting` when it is empty, holds a separator or NUL, or is "." or ".."."""
+    text = str(value)
+    if not text.strip() or text in (".", "..") or any(c in text for c in _UNSAFE):
+        raise SanityError(f"{setting}={text!r} cannot be part of a file name (it must be one plain name, without "
+                          f"/, \\, NUL, and not . or ..); choose a plain name such as {setting}=my_name")
+    return text
 
 
 RESUME_FIX = "free some space or fix the directory, then continue the run with resume=true"

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sanity_cli.errors import SanityError
+from sanity_cli.rundir import plain_name
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the meaning of cached weights changes
@@ -131,7 +132,8 @@ def train_or_load(build, key_fields: dict, train_x: Tensor, train_y: Tensor, tes
     callers with the same key train once (see the module's docstring).
     """
     fields = {**key_fields, "seed": seed, "train": OmegaConf.to_container(train_cfg, resolve=True)}
-    cache = ModelCache(Path(cache_dir).expanduser(), f"{key_fields.get('model', 'model')}-{cache_key(fields)}",
+    name = plain_name(key_fields.get("model", "model"), "model.name")  # the entry stays inside cache_dir
+    cache = ModelCache(Path(cache_dir).expanduser(), f"{name}-{cache_key(fields)}",
                        json.dumps(fields, default=str))
     torch.manual_seed(seed)
     model = build()

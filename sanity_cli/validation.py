@@ -16,6 +16,7 @@ from sanity_cli.methods.external import EXTERNAL_KINDS, check_options, is_extern
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
 from sanity_cli.models import MODEL_INITS
 from sanity_cli.randomization import INIT_POLICIES, ORDERS
+from sanity_cli.rundir import plain_name
 from sanity_cli.sharding import parse_shard
 from sanity_cli.verdict import VerdictSettings
 
@@ -45,6 +46,7 @@ MAXIMA = {"seed": SEED_LIMIT}
 def validate(cfg: DictConfig) -> None:
     """Raise SanityError for the first unknown name or bad value in `cfg`."""
     _check_keys(cfg)
+    _check_file_names(cfg)
     _check_names(cfg)
     _check_methods(cfg)
     for key, kind, bound in NUMBERS:
@@ -68,6 +70,17 @@ def _check_keys(cfg: DictConfig) -> None:
     if unknown:
         raise SanityError(f"unknown setting '{unknown[0]}'; the settings are {', '.join(sorted(top_level_keys()))} "
                           "(`sanity run --cfg job` shows them all)")
+
+
+def _check_file_names(cfg: DictConfig) -> None:
+    """The names that become part of file names (the model cache's entries, the keys of
+    maps.npz, the figures' names) stay inside their directories."""
+    for key in ("model.name", "dataset.name", "test.name"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            plain_name(value, key)
+    for name in cfg.get("method") or {}:
+        plain_name(name, f"method.{name}" if isinstance(name, str) and name.isidentifier() else "method key")
 
 
 def _check_names(cfg: DictConfig) -> None:

@@ -57,11 +57,12 @@ def test_validate_refuses_a_method_key_that_escapes(make_cfg, value):
         validate(cfg)
 
 
-@pytest.mark.parametrize("value", ["../../TRAV_cnn", "/tmp/TRAV_cnn", "a\\b", "a\0b"])
+@pytest.mark.parametrize("value", ["../../TRAV_cnn", "{tmp}/TRAV_cnn", "a\\b", "a\0b"])
 @pytest.mark.parametrize("model", [[], ["model=custom", "model._target_=sanity_cli.models.PaperCNN"]])
 def test_run_with_a_hostile_model_name_writes_nothing(isolated, capsys, model, value):
     """The sweep's command: the cache entry and its lock would land two levels above cache_dir."""
     run_dir = isolated / "deep" / "er" / "run"
+    value = value.format(tmp=isolated)  # an absolute path, inside the test's own directory
     code = cli.main(["run", *TINY, "method=gradient", *model, f"model.name={_quoted(value)}",
                      f"hydra.run.dir={run_dir}"])
     assert code == 2
@@ -71,10 +72,11 @@ def test_run_with_a_hostile_model_name_writes_nothing(isolated, capsys, model, v
     assert [p.name for p in isolated.rglob("*")] == []
 
 
-@pytest.mark.parametrize("value", ["../../JOBTRAV", "/tmp/JOBTRAV", "a\\b", "..", "a\0b"])
+@pytest.mark.parametrize("value", ["../../JOBTRAV", "{tmp}/JOBTRAV", "a\\b", "..", "a\0b"])
 def test_a_hostile_job_name_is_refused_before_hydra_writes_its_log(isolated, capsys, value):
     """hydra.job.name names the job's log file (run_dir/NAME.log)."""
     run_dir = isolated / "deep" / "run"
+    value = value.format(tmp=isolated)
     code = cli.main(["run", *TINY, "method=gradient", f"hydra.job.name={_quoted(value)}",
                      f"hydra.run.dir={run_dir}"])
     assert code == 2

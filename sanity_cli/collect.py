@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 from sanity_cli.errors import SanityError
-from sanity_cli.results import COLUMNS, summarize
+from sanity_cli.results import COLUMNS, read_results, read_run_file, summarize
+from sanity_cli.rundir import plain_name
 from sanity_cli.sharding import ERROR_FILE, Shard, parse_shard, sweep_size
 
 SKIPPED_DIRS = (".hydra", ".submitit", ".gpus", "figures", "maps")
@@ -67,7 +69,10 @@ def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collec
     dirs = [Path(d) for d in dirs]
     if not dirs:
         raise SanityError("name at least one directory: sanity collect DIR [DIR ...] [--out DIR]")
-    runs = [load_run(path) for path in find_runs(dirs)]
+    found = find_runs(dirs)
+    out = Path(out) if out is not None else dirs[0] / "collected"
+    check_out(out, [*dirs, *found])
+    runs = [load_run(path) for path in found]
     swept = swept_settings(runs)
     combos = merge_shards(runs, swept)
     tables = [results_of(combo) for combo in combos]
@@ -75,7 +80,6 @@ def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collec
     summary = pd.concat([_with_swept(summarize(t, c[0].models), c[0], swept) for c, t in zip(combos, tables)],
                         ignore_index=True)
     verdict, notes = verdicts(combos, tables, swept)
-    out = Path(out) if out is not None else dirs[0] / "collected"
     out.mkdir(parents=True, exist_ok=True)
     results.to_csv(out / "results.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
@@ -86,6 +90,20 @@ def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collec
 
 
 # -- finding and reading runs -------------------------------------------------------------------
+
+
+def check_out(out: Path, inputs: Sequence[Path]) -> None:
+    """SanityError when writing the merged tables into `out` would overwrite a run's own
+    (out is an input or a run directory) or cannot name a directory at all (NUL)."""
+    if "\0" in str(out):
+        raise SanityError(f"--out {str(out)!r} holds a NUL character; choose another directory")
+    where = os.path.realpath(out)
+    clash = next((path for path in inputs if os.path.realpath(path) == where), None)
+    if clash is not None or (out / "run.json").exists() or (out / "states.csv").exists():
+        what = f"the input {clash}" if clash is not None else "the directory of a run"
+        raise SanityError(f"--out {out} is {what}: its results.csv, summary.csv and verdict.csv would be replaced "
+                          "by the merged tables; choose another directory, e.g. --out "
+                          f"{(clash or out) / 'collected'}")
 
 
 def find_runs(dirs: Iterable[Path]) -> list[Path]:
@@ -300,7 +318,7 @@ def results_of(combo: Sequence[FoundRun]) -> pd.DataFrame:
     two shards explain one image."""
     tables, owner = [], {}
     for run in combo:
-        table = pd.read_csv(run.path / "results.csv")
+        table = read_results(run.path)
         for image in set(table["image"].tolist()):
             if image in owner:
                 raise SanityError(f"{owner[image]} and {run.path} both explain image {image}: these shards "
@@ -352,11 +370,11 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
     parts, notes = [], []
     for combo, table in zip(combos, tables):
         first = combo[0]
-        extra = {"signal": pd.read_csv(first.path / "signal.csv")} if (
+        extra = {"signal": read_run_file(first.path / "signal.csv")} if (
             len(combo) == 1 and (first.path / "signal.csv").is_file()) else {}
         robust = [run.path / "robustness.csv" for run in combo if (run.path / "robustness.csv").is_file()]
         if robust and len(robust) == len(combo):  # per image, so the shards' rows simply add up
-            extra["robustness"] = pd.concat([pd.read_csv(path) for path in robust], ignore_index=True)
+            extra["robustness"] = pd.concat([read_run_file(path) for path in robust], ignore_index=True)
         if len(combo) > 1 and any((run.path / "signal.csv").is_file() for run in combo):
             notes.append(f"signal.csv of the shards of {first.path.parent} is per shard and not merged: "
                          "their verdicts do not mark uninformative methods")
@@ -401,7 +419,8 @@ def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -
         by = ", ".join(k for k in swept if not _is_seed(k)) or "run"
         pooled = " (seeds pooled)" if any(_is_seed(k) for k in swept) else ""
         fig.suptitle(f"{test}: {METRIC_TITLES.get(metric, metric)} by {by}{pooled}", fontsize=12)
-        paths.append(save(fig, out / f"compare_{test}_{metric}.png"))
+        name = f"compare_{plain_name(test, 'test')}_{plain_name(metric, 'metric')}.png"  # names read from files
+        paths.append(save(fig, out / name))
     return paths
 
 

@@ -27,6 +27,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from sanity_cli.results import read_results, read_run_file  # noqa: E402
+from sanity_cli.rundir import plain_name  # noqa: E402
+
 METRIC_TITLES = {
     "spearman_abs": "Rank correlation (absolute value)",
     "spearman": "Rank correlation (no absolute value)",
@@ -80,7 +83,7 @@ def draw_all(run_dir: Path) -> list[Path]:
     """
     run_dir = Path(run_dir)
     summary_path, maps_path, out = run_dir / "summary.csv", run_dir / "maps.npz", run_dir / "figures"
-    summary = pd.read_csv(summary_path) if summary_path.exists() else None
+    summary = read_run_file(summary_path)
     if summary is None and not maps_path.exists():
         return []
     # np.load keeps the archive open and decompresses one array at a time: a full
@@ -107,6 +110,7 @@ def describe_run(summary: pd.DataFrame | None, meta: dict | None) -> Run:
     if summary is not None:
         methods += [m for m in dict.fromkeys(summary["method"]) if m not in methods]
     seeds = summary["seed"] if summary is not None else [s["seed"] for s in meta["states"]]
+    plain_name(test, "test")  # it names the figures' files, and comes from the run's files
     return Run(test, with_seeds(title, sorted(set(int(s) for s in seeds))), methods, controls)
 
 
@@ -470,7 +474,7 @@ def draw_verdict_figure(run_dir: Path, verdicts: pd.DataFrame, *, level: float =
     if deciding.empty:
         return None
     run_dir = Path(run_dir)
-    results = pd.read_csv(run_dir / "results.csv")
+    results = read_results(run_dir)
     first = deciding.iloc[0]
     intervals = interval_table(results, str(first["metric"]), level=level, resamples=resamples, seed=seed)
     run = describe_run(results, read_meta(run_dir / "maps.npz"))

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
 from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
+from sanity_cli.results import read_run_file
 from sanity_cli.verdict import run_info, variant_outcomes, write_verdicts
 
 VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "undefined")
@@ -55,7 +56,7 @@ def write_report(run_dir: Path) -> Path:
     if not (run_dir / "results.csv").is_file():
         raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
     verdict_path = run_dir / "verdict.csv"
-    verdicts = pd.read_csv(verdict_path) if verdict_path.is_file() else write_verdicts(run_dir)
+    verdicts = read_run_file(verdict_path) if verdict_path.is_file() else write_verdicts(run_dir)
     draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts))
     html = _environment().get_template("report.html.j2").render(**report_context(run_dir, verdicts))
     path = run_dir / "report.html"
@@ -191,7 +192,7 @@ def _robustness(run_dir: Path, deciding: pd.DataFrame) -> dict:
     if deciding.empty or not path.is_file():
         return {}
     first = deciding.iloc[0]
-    variants = variant_outcomes(pd.read_csv(path), threshold=float(first["threshold"]), level=float(first["level"]),
+    variants = variant_outcomes(read_run_file(path), threshold=float(first["threshold"]), level=float(first["level"]),
                                 resamples=int(first["resamples"]))
     if variants.empty:
         return {}
@@ -226,7 +227,7 @@ def _table(path: Path) -> dict:
     """A CSV file as {"columns": [...], "rows": [[cell, ...]]} of display strings; {} when absent."""
     if not path.is_file():
         return {}
-    table = pd.read_csv(path)
+    table = read_run_file(path)
     return {"columns": list(table.columns),
             "rows": [[number(v) for v in row] for row in table.itertuples(index=False)]}
 

@@ -307,6 +307,18 @@ def _read_info(path: Path) -> dict:
     return info
 
 
+_WARNED: set[str] = set()  # what the readers of run files have said in this process
+
+
+def _warn_once(message: str, *args) -> None:
+    """Log a reader's warning once per process: `sanity figures` reads results.csv for the
+    summary, the verdict and the report, and its damage needs saying only once."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        log.warning(text)
+
+
 def _whole_number(text: str) -> bool:
     return text.strip().lstrip("-").isdigit()
 
@@ -338,7 +350,7 @@ def read_states(path: Path) -> Scan | None:
     scan = scan_csv(path, STATE_COLUMNS, _state_line)
     if scan.damaged or scan.cut_off:
         bad = [*scan.damaged, *([scan.cut_off] if scan.cut_off else [])]
-        log.warning("%s: line %s %s damaged; %s state%s counted as unfinished", path,
+        _warn_once("%s: line %s %s damaged; %s state%s counted as unfinished", path,
                     ", ".join(map(str, bad)), "is" if len(bad) == 1 else "are",
                     "that" if len(bad) == 1 else "those", "" if len(bad) == 1 else "s")
     return scan
@@ -356,16 +368,16 @@ def _state_fields(scan: Scan | None) -> dict[tuple[int, int], dict[str, str]]:
     return fields
 
 
-def _rows_of(rows: Scan, finished: set[tuple[int, int]] | None, repair: bool) -> tuple[list, set]:
+def _rows_of(rows: Scan, finished: set[tuple[int, int]] | None, repair: bool,
+             name: str | Path = "results.csv") -> tuple[list, set]:
     """The rows of finished states (all whole rows when `finished` is None), each once, and
     the finished states that damage left incomplete (to be computed again by a resume).
 
-    Logs what is left out: garbled lines, a line cut off mid-write, rows of states that
-    never finished, repeated rows.
+    Logs what is left out, naming the file `name`: garbled lines, a line cut off
+    mid-write, rows of states that never finished, repeated rows.
     """
-    name = "results.csv"
     if rows.cut_off:
-        log.warning("%s: its last line (%d) was cut off mid-write; left out", name, rows.cut_off)
+        _warn_once("%s: its last line (%d) was cut off mid-write; left out", name, rows.cut_off)
     seen, kept, unfinished = set(), [], Counter()
     for line in rows.good:
         state = _state_key(line[1])
@@ -375,16 +387,17 @@ def _rows_of(rows: Scan, finished: set[tuple[int, int]] | None, repair: bool) ->
             seen.add(line[2])
             kept.append(line)
     if unfinished:
-        log.warning("%s: %d rows of unfinished states (%s) left out%s", name, sum(unfinished.values()),
+        _warn_once("%s: %d rows of unfinished states (%s) left out%s", name, sum(unfinished.values()),
                     ", ".join(f"seed {s} step {t}" for s, t in sorted(unfinished)),
                     "; the resume computes them again" if repair else "; continue the run with resume=true")
     repeated = len(rows.good) - len(kept) - sum(unfinished.values())
     if repeated:
-        log.warning("%s: %d rows repeat another row exactly; each is counted once", name, repeated)
-    return kept, _incomplete(rows, kept, finished, repair)
+        _warn_once("%s: %d rows repeat another row exactly; each is counted once", name, repeated)
+    return kept, _incomplete(rows, kept, finished, repair, name)
 
 
-def _incomplete(rows: Scan, kept: list, finished: set | None, repair: bool) -> set[tuple[int, int]]:
+def _incomplete(rows: Scan, kept: list, finished: set | None, repair: bool,
+                name: str | Path = "results.csv") -> set[tuple[int, int]]:
     """Where garbled lines cost rows: the states with fewer rows than the fullest state."""
     if not rows.damaged:
         return set()
@@ -392,7 +405,7 @@ def _incomplete(rows: Scan, kept: list, finished: set | None, repair: bool) -> s
     counts.update(_state_key(fields) for _, fields, _ in kept)
     short = {state for state, count in counts.items() if count < max(counts.values())}
     lines = ", ".join(map(str, rows.damaged[:5])) + (" ..." if len(rows.damaged) > 5 else "")
-    log.warning("results.csv: %d garbled line%s (%s) left out, lost from %s%s", len(rows.damaged),
+    _warn_once("%s: %d garbled line%s (%s) left out, lost from %s%s", name, len(rows.damaged),
                 "" if len(rows.damaged) == 1 else "s", lines,
                 ", ".join(f"seed {s} step {t}" for s, t in sorted(short)) or "states that cannot be told",
                 "; the resume computes those states again" if repair and short else "")
@@ -414,10 +427,55 @@ def read_results(run_dir: str | Path) -> pd.DataFrame:
     run_dir = Path(run_dir)
     if not (run_dir / "results.csv").is_file():
         raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
-    rows = _scan_results(run_dir / "results.csv")
-    states = read_states(run_dir / "states.csv")
-    kept, _ = _rows_of(rows, set(_state_fields(states)) if states is not None else None, repair=False)
-    return pd.read_csv(io.BytesIO(rows.text(raw for _, _, raw in kept)))
+    return read_run_file(run_dir / "results.csv")
+
+
+# The tables of a run directory that hold one row per scored image: read as results.csv is.
+SCORED_TABLES = ("results.csv", "robustness.csv")
+# The column that any other table of a run directory must have to be read at all.
+REQUIRED = {"signal.csv": ["method"], "verdict.csv": ["method", "verdict"], "summary.csv": ["method", "step"],
+            "states.csv": STATE_COLUMNS}
+
+
+def read_run_file(path: str | Path) -> pd.DataFrame | None:
+    """A CSV table of a run directory, read without trusting it; None when there is no such file.
+
+    What every reader of a run directory (figures, report, collect, the verdict) uses.
+    results.csv and robustness.csv: the whole rows of finished states (those states.csv
+    lists; all whole rows without it), each once. Any other table (signal.csv, ...): its
+    whole lines. What is left out (a line cut off mid-write, garbled lines, rows of
+    unfinished states) is named in a warning that gives the file's path; a file whose
+    header is unusable is a SanityError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    if path.name in SCORED_TABLES:
+        rows = _scan_results(path)
+        states = read_states(path.parent / "states.csv")
+        kept, _ = _rows_of(rows, set(_state_fields(states)) if states is not None else None, repair=False,
+                           name=path)
+        return pd.read_csv(io.BytesIO(rows.text(raw for _, _, raw in kept)))
+    scan = scan_csv(path, REQUIRED.get(path.name, []), lambda fields: True)
+    if not any(scan.columns):
+        raise SanityError(f"{path} is damaged: its first line is not a header; move it away to go on without it")
+    bad = [*scan.damaged, *([scan.cut_off] if scan.cut_off else [])]
+    if bad:
+        _warn_once("%s: line%s %s damaged (cut off mid-write or garbled); left out", path,
+                    "" if len(bad) == 1 else "s", ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else ""))
+    return pd.read_csv(io.BytesIO(scan.text(raw for _, _, raw in scan.good)))
+
+
+def read_info(run_dir: str | Path) -> dict:
+    """A run's run.json as a dict, {} when there is none; SanityError in one line when it is damaged."""
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        return _read_info(path)
+    except SanityError as error:
+        raise SanityError(f"{error}, so the run's settings are unknown; restore it from a copy, or rerun into a "
+                          "new directory with hydra.run.dir=PATH") from None
 
 
 def check_maps(run_dir: str | Path) -> None:

@@ -42,6 +42,7 @@ from torch import Tensor
 from sanity_cli import checks
 from sanity_cli.errors import SanityError
 from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare
+from sanity_cli.results import read_info, read_results, read_run_file
 
 RANDOM_LOGIT_METRICS = ("ssim_positive", "ssim_negative")
 VERDICT_METRICS = (*METRICS, *RANDOM_LOGIT_METRICS)
@@ -397,7 +398,7 @@ def write_verdicts(run_dir: Path, cfg: Mapping | None = None) -> pd.DataFrame:
         raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
     run_settings = run_info(run_dir).get("settings", {})
     settings = settings_of(run_settings, cfg)
-    table = verdict_table(pd.read_csv(results_path), **asdict(settings), signal=_read(run_dir / "signal.csv"),
+    table = verdict_table(read_results(run_dir), **asdict(settings), signal=_read(run_dir / "signal.csv"),
                           robustness=_read(run_dir / "robustness.csv"), controls=controls_of_run(run_dir))
     table.to_csv(run_dir / "verdict.csv", index=False)
     return table
@@ -436,9 +437,8 @@ def _plain(values) -> dict:
 
 
 def run_info(run_dir: Path) -> dict:
-    """run.json as a dict ({} when absent)."""
-    path = Path(run_dir) / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """run.json as a dict ({} when absent; SanityError when damaged)."""
+    return read_info(run_dir)
 
 
 def controls_of_run(run_dir: Path) -> set[str]:
@@ -456,4 +456,4 @@ def controls_of_run(run_dir: Path) -> set[str]:
 
 
 def _read(path: Path) -> pd.DataFrame | None:
-    return pd.read_csv(path) if path.is_file() else None
+    return read_run_file(path)

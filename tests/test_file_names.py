@@ -16,7 +16,7 @@ from sanity_cli.errors import SanityError
 from sanity_cli.rundir import plain_name
 from sanity_cli.training import train_or_load
 from sanity_cli.validation import validate
-from tests.conftest import TINY
+from conftest import TINY
 
 HOSTILE = ["..", "../../TRAV", "/tmp/TRAV", "a/b", "a\\b", "a\0b", ".", ""]
 

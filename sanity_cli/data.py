@@ -411,6 +411,9 @@ def _item_image(image, index: int, setting: str) -> Tensor:
         return image.float().div(255.0)
     if not image.is_floating_point():
         raise SanityError(f"{setting}: the image of item {index} is {image.dtype}; give float in [0, 1] or uint8")
+    if not bool(torch.isfinite(image).all()):
+        raise SanityError(f"{setting}: the image of item {index} holds NaN or infinite values; fix the dataset "
+                          "(every pixel must be a number in [0, 1])")
     low, high = image.min().item(), image.max().item()
     if low < -1e-4 or high > 1 + 1e-4:  # e.g. a Normalize transform: the model's settings normalize
         raise SanityError(f"{setting}: the image of item {index} has values in [{low:.3g}, {high:.3g}], not in "

@@ -23,7 +23,8 @@ from sanity_cli import data as datasets
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import explain_all
 from sanity_cli.methods.external import explain_external, is_external, preflight_external
-from sanity_cli.methods.gradients import logits_of, predict
+from sanity_cli.finite import check_images, check_logits, check_maps
+from sanity_cli.methods.gradients import logits_of
 from sanity_cli.metrics import compare
 from sanity_cli.models import (TRAINABLE_KINDS, InputSpec, build_model, check_torchscript, default_gradcam_layer,
                                input_spec)
@@ -172,13 +173,15 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
             with reuse.state(condition.model):
                 for index, part in enumerate(chunks):
                     images = prepared.images[part]
-                    predicted = predict(condition.model, images, cfg.max_batch)
+                    state = f"seed {seed}, step {step}: {block}"
+                    predicted = _predicted(condition.model, images, cfg.max_batch, cfg.model.name, state)
                     targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
                     tick = _now(device)
                     with reuse.chunk(index):
                         maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
                                           cfg.test, ids[part])
                     clock["explain"] += _now(device) - tick
+                    check_maps(maps, state)
                     predictions.append(predicted)
                     _add_examples(examples, maps, cfg.n_examples)
                     if signal:
@@ -208,6 +211,15 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
             if scored:
                 store.finish_state(seed, step, block, examples,
                                    receipt(condition, torch.cat(predictions), prepared.labels))
+
+
+def _predicted(model: nn.Module, images: Tensor, max_batch: int, name: str, state: str) -> Tensor:
+    """The (B,) classes that `model` predicts for the (B, C, H, W) images; SanityError
+    naming the model and the state when its logits are not finite."""
+    with torch.no_grad():
+        logits = torch.cat([logits_of(model, chunk) for chunk in images.split(max_batch)])
+    check_logits(logits, name, state)
+    return logits.argmax(dim=1)
 
 
 def image_chunks(n: int, size: int | None) -> list[slice]:
@@ -351,6 +363,9 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     spec = input_spec(cfg.model, channels, size)
     dataset = datasets.load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, n_images=cfg.n_images,
                                     image_size=spec.size)
+    for split, images in (("test", dataset.test_x), ("training", dataset.train_x)):
+        if images is not None:
+            check_images(images, cfg.dataset.name, split)
     shuffled_run = cfg.labels == "shuffled"
     models = {"trained": _trained_model(cfg, dataset, spec, device, shuffled_run)}
     if checks.get(cfg.test.name).needs_shuffled_model:
@@ -361,6 +376,7 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     images = spec.normalize(display).to(device)
     with torch.no_grad():  # one pass gives both the number of classes and the trained model's predictions
         logits = torch.cat([logits_of(models["trained"].model, chunk) for chunk in images.split(cfg.max_batch)])
+    check_logits(logits, cfg.model.name, "the trained model")
     return Prepared(models, spec, images, display, dataset.test_y[chosen], chosen, dataset.classes,
                     logits.shape[1], logits.argmax(dim=1))
 
@@ -474,6 +490,32 @@ def describe(cfg: DictConfig) -> str:
     return f"{cfg.test.name}: {cfg.model.name} on {cfg.dataset.name}, seed {seeds}"
 
 
+def undefined_hint(metric: str, run_dir: Path) -> str:
+    """Why `metric` is undefined for every image of a run: the maps' size where it is below
+    what the metric needs (UNDEFINED_HINTS), else maps that are constant everywhere."""
+    import numpy as np
+
+    from sanity_cli.results import read_info
+
+    metrics = (read_info(run_dir).get("settings") or {}).get("metrics") or {}
+    try:
+        with np.load(run_dir / "maps.npz") as npz:
+            side = min(npz["images"].shape[-2:])
+    except Exception:  # noqa: BLE001 - no maps.npz, or a damaged one: the size is unknown
+        return UNDEFINED_HINTS.get(metric, "")
+    if metric == "ssim":
+        needs = 2 * int(3.5 * float((metrics.get("ssim") or {}).get("sigma", 1.5)) + 0.5) + 1
+    elif metric == "hog":
+        hog = metrics.get("hog") or {}
+        needs = int(hog.get("pixels_per_cell", 16)) * int(hog.get("cells_per_block", 3))
+    else:
+        needs = 0
+    if side < needs:
+        return UNDEFINED_HINTS.get(metric, "")
+    return (f" (the maps, {side} pixels a side, are large enough for it: the maps compared were constant, which no "
+            "similarity can score; see which methods give constant maps in figures/methods.png)")
+
+
 def finish(run_dir: Path, timing: dict[str, float] | None = None) -> RunResult:
     """Summarize results.csv and draw the figures; also used to redraw a finished run."""
     from sanity_cli.figures import draw_all
@@ -486,5 +528,5 @@ def finish(run_dir: Path, timing: dict[str, float] | None = None) -> RunResult:
     summary.to_csv(run_dir / "summary.csv", index=False)
     for metric, rows in summary[summary["step"] > 0].groupby("metric"):
         if rows["n"].sum() == 0:
-            log.warning("%s is undefined for every image%s", metric, UNDEFINED_HINTS.get(metric, ""))
+            log.warning("%s is undefined for every image%s", metric, undefined_hint(metric, run_dir))
     return RunResult(run_dir, results, summary, draw_all(run_dir), timing or {})

@@ -553,6 +553,9 @@ def _checked_shape(key: str, plan: _Plan, maps: Any, x: Tensor) -> Tensor:
         got = f"{type(maps).__name__} {tuple(maps.shape)}" if isinstance(maps, Tensor) else type(maps).__name__
         raise SanityError(f"method '{key}' ({plan.describe}) returned {got} for inputs {tuple(x.shape)}; "
                           f"it must return {' or '.join(map(str, allowed))}")
+    if maps.device != x.device:  # e.g. a meta tensor, which holds no values
+        raise SanityError(f"method '{key}' ({plan.describe}) returned maps on device {maps.device}, not on its "
+                          f"inputs' device ({x.device}); it must return them where the inputs are")
     return maps
 
 

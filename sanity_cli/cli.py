@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -101,6 +102,8 @@ def redraw(args: list[str]) -> int:
             figures.append(write_report(run_dir))
     except SanityError as error:
         return fail(str(error))
+    except OSError as error:  # a read-only directory or file system, a full disk
+        return fail(unwritable(run_dir, error, "figures"))
     for path in filter(None, figures):
         print(path)
     print(run_dir / "verdict.csv")
@@ -115,18 +118,32 @@ def report(args: list[str]) -> int:
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
     from sanity_cli.report import verdict_lines, write_report
+    from sanity_cli.results import check_maps
     from sanity_cli.verdict import parse_overrides, write_verdicts
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        check_maps(run_dir)
         verdicts = write_verdicts(run_dir, parse_overrides(args[1:]))
         path = write_report(run_dir)
     except SanityError as error:
         return fail(str(error))
+    except OSError as error:  # a read-only directory or file system, a full disk
+        return fail(unwritable(run_dir, error, "report"))
     for line in verdict_lines(verdicts):
         print(line)
     print(f"verdict: {run_dir / 'verdict.csv'}")
     print(f"report:  {path}")
     return 0
+
+
+def unwritable(run_dir: Path, error: OSError, verb: str) -> str:
+    """One line for a run directory that `sanity figures` or `sanity report` cannot write into."""
+    where = error.filename or run_dir
+    fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "make the directory writable")
+    return (f"cannot write {where} ({error.strerror or error}); {fix}, or copy the run (cp -r {run_dir} NEW_DIR) "
+            f"and run: sanity {verb} NEW_DIR")
 
 
 def take_out(args: list[str]) -> tuple[str | None, list[str]]:
@@ -347,11 +364,14 @@ def output_dir_error(parsed, multirun: bool) -> str | None:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override() and not o.is_delete()]
     path = str(given[-1].value()) if given else ("multirun" if multirun else "outputs")
+    made = Path(path.split("${")[0] or ".").expanduser()
     try:
-        Path(path.split("${")[0] or ".").expanduser().mkdir(parents=True, exist_ok=True)
+        made.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         return (f"{key}={path} cannot be created ({error.strerror}: {error.filename}); choose another directory "
                 f"with {key}=PATH")
+    if not os.access(made, os.W_OK):  # e.g. a read-only file system: Hydra's log would fail in a traceback
+        return f"{key}={path} cannot be written ({made} is read-only); choose another directory with {key}=PATH"
     return None
 
 
@@ -497,9 +517,10 @@ def run_task(cfg) -> None:
         print(f"sanity: {interrupted(run_dir, list(hydra_cfg.overrides.task))}", file=sys.stderr)
         sys.exit(143 if isinstance(stop, Terminated) else 130)
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
-        sys.exit(fail(f"cannot write {error.filename or run_dir} ({error.strerror}); free some space, then "
+        fix = "free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "make the directory writable"
+        sys.exit(fail(f"cannot write {error.filename or run_dir} ({error.strerror}); {fix}, then "
                       f"continue with: {continue_command(run_dir, list(hydra_cfg.overrides.task))}"))
     finally:
         lock.release()

@@ -93,7 +93,7 @@ def draw_all(run_dir: Path) -> list[Path]:
         run = describe_run(summary, meta)
         paths = summary_figures(summary, run, out) if summary is not None else []
         return paths + (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
-                        if npz is not None else [])
+                        if npz is not None and meta.get("states") else [])  # no states: every map was lost
 
 
 def describe_run(summary: pd.DataFrame | None, meta: dict | None) -> Run:

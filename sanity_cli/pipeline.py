@@ -6,6 +6,7 @@ wrapper around it and tests call it directly with composed configs.
 
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import time
@@ -35,7 +36,7 @@ from sanity_cli.report import write_report
 from sanity_cli.reuse import ActivationReuse
 from sanity_cli.results import RunStore, read_results, settings_for_fingerprint, state_rows
 from sanity_cli.verdict import robustness_scores, write_verdicts
-from sanity_cli.rundir import replace_atomically
+from sanity_cli.rundir import replace_atomically, writing
 from sanity_cli.sharding import parse_shard, shard_images
 from sanity_cli.signal import figures_by_method, join_figures, table_of, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
@@ -237,7 +238,8 @@ class ReferenceMaps:
         self.folder = None if in_memory else run_dir / ".reference"
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)  # left by a run that was killed
-            self.folder.mkdir()
+            with writing(self.folder):
+                self.folder.mkdir()
 
     def __enter__(self) -> ReferenceMaps:
         return self
@@ -250,7 +252,11 @@ class ReferenceMaps:
         if self.folder is None:
             self.kept[index] = maps
         else:
-            torch.save({name: value.detach().cpu() for name, value in maps.items()}, self.folder / f"{index}.pt")
+            # Serialized in memory, then written as every other file of the run: a full disk
+            # is then one line, not torch's "enforce fail" from inside its writer.
+            buffer = io.BytesIO()
+            torch.save({name: value.detach().cpu() for name, value in maps.items()}, buffer)
+            replace_atomically(self.folder / f"{index}.pt", buffer.getvalue())
 
     def get(self, index: int, device: torch.device) -> dict[str, Tensor]:
         if self.folder is None:

@@ -487,12 +487,30 @@ def check_maps(run_dir: str | Path) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
             meta = "meta.npy" in archive.namelist()
+            bad = bad or _unreadable_array(archive)
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
         bad, meta = str(error), True
     if bad or not meta:
         raise SanityError(f"{path} is damaged ({bad or 'no description'}): the example maps are lost; move it "
                           f"away (mv {path} {path}.damaged) to draw the other figures, or rerun the run to keep "
                           "them again")
+
+
+def _unreadable_array(archive: zipfile.ZipFile) -> str | None:
+    """The first member of a maps.npz that is not a plain numeric or text array (an
+    object array needs pickle, which is never loaded), judged from its header alone."""
+    for name in archive.namelist():
+        try:
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                _, _, dtype = read_header(member)
+        except (ValueError, OSError, EOFError, zlib.error) as error:
+            return f"{name}: {error}"
+        if dtype.hasobject:
+            return f"{name} holds Python objects"
+    return None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -464,6 +465,24 @@ def _hydra_record(run_dir: Path, cfg) -> Callable[[], None]:
     return write
 
 
+def discard_unused(run_dir: Path, job_log: str) -> None:
+    """Remove the directory of a run that failed before its first result, if it holds nothing
+    else than what the failed run put there (Hydra's record and log, the lock)."""
+    from sanity_cli.rundir import LOCK_FILE
+
+    if (run_dir / "results.csv").exists():
+        return
+    leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", LOCK_FILE, job_log}
+    if leftovers:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    default = (Path.cwd() / "outputs").resolve()  # the default outputs/DATE/TIME: its empty date folder too
+    for parent in run_dir.resolve().parents:
+        if default not in (parent, *parent.parents) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
 def _hydra_entry() -> None:
     import hydra
 
@@ -495,6 +514,9 @@ def run_task(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job_log = f"{hydra_cfg.job.name}.log"
+    fresh = {p.name for p in run_dir.iterdir()} <= {job_log}  # Hydra made it for this run
+    failure = None
     try:
         lock = lock_run_dir(run_dir)
     except SanityError as error:
@@ -509,7 +531,8 @@ def run_task(cfg) -> None:
         message = (f"{error.full_key} is not set; give it on the command line: {error.full_key}=VALUE"
                    if isinstance(error, MissingMandatoryValue) else str(error))
         if not multirun:
-            sys.exit(fail(message))
+            failure = message
+            return
         print(f"sanity: job {hydra_cfg.job.num} failed: {message}", file=sys.stderr)
         record_job_error(run_dir, message)
         return
@@ -524,6 +547,10 @@ def run_task(cfg) -> None:
                       f"continue with: {continue_command(run_dir, list(hydra_cfg.overrides.task))}"))
     finally:
         lock.release()
+        if failure is not None:
+            if fresh:
+                discard_unused(run_dir, job_log)
+            sys.exit(fail(failure))
     print(f"results: {run_dir / 'results.csv'}")
     print(f"summary: {run_dir / 'summary.csv'}")
     for name in ("verdict.csv", "report.html"):  # written at the end of the run

@@ -133,9 +133,16 @@ def load_torchvision(kind: str, data_dir: str | Path, system_dir: str | None = N
         train = dataset_cls(str(root), train=True, download=True)
         test = dataset_cls(str(root), train=False, download=True)
     except Exception as error:  # noqa: BLE001 - any download failure means the same to the user
+        raw = root / kind / "raw"
+        if raw.is_dir() and any(raw.iterdir()):  # files there, yet unreadable
+            raise SanityError(f"the {kind} files in {raw} cannot be read ({type(error).__name__}: they are damaged, "
+                              f"cut short or incomplete); move them away (mv {raw} {raw}.damaged) to download them again, or put "
+                              "whole copies there") from None
+        debian = (f", or install Debian's dataset-fashion-mnist package (its files in {system_dir} are read when "
+                  "present)" if kind == "FashionMNIST" else "")
         raise DatasetUnavailable(
             f"cannot load {kind} from {root} and cannot download it ({type(error).__name__}); "
-            f"put the dataset's files in {root / kind / 'raw'} (torchvision's layout) or set data_dir=PATH"
+            f"put the dataset's files in {raw} (torchvision's layout) or set data_dir=PATH{debian}"
         ) from None
     (train_x, train_y), (test_x, test_y) = _to_tensors(train), _to_tensors(test)
     return ImageData(kind.lower(), test_x, test_y, list(train.classes), train_x, train_y)

@@ -14,11 +14,12 @@ it carries, so load only TorchScript files you trust.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,13 +258,79 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
         return model
     if not model_cfg.pretrained:
         return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    cached = pretrained_weights_cached(name)
+    if not cached:
+        _reach_hub(name)  # one try, not the hub client's five with back-off
     try:
-        return timm.create_model(name, pretrained=True)
+        with _hub_offline(cached):  # weights in the cache: no request for them at all
+            return timm.create_model(name, pretrained=True)
     except Exception as error:  # noqa: BLE001 - hub, network and cache errors all mean "not fetched"
-        raise SanityError(
-            f"cannot fetch pretrained weights for '{name}' ({type(error).__name__}); "
-            "use model.checkpoint=PATH for a local weights file, or model.pretrained=false for random weights"
-        ) from None
+        raise SanityError(f"cannot fetch pretrained weights for '{name}' ({type(error).__name__}); "
+                          f"{_fetch_advice(name)}") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a hub repository
+
+
+def _hub_id(name: str) -> str | None:
+    from timm.models import get_pretrained_cfg
+
+    return getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+
+
+def pretrained_weights_cached(name: str) -> bool:
+    """Whether timm can load `name`'s pretrained weights from the hub cache, without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = _hub_id(name)
+    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, file), str) for file in WEIGHT_FILES)
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """The hub client in offline mode while timm loads cached weights (it would ask the hub
+    for a newer version first, and retry that five times where there is no network)."""
+    import huggingface_hub.constants as hub
+
+    if not offline:
+        yield
+        return
+    previous, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+
+
+def _reach_hub(name: str) -> None:
+    """SanityError with what to fetch when the hub cannot be asked for `name`'s weights:
+    HF_HUB_OFFLINE is set, or one request finds no network."""
+    import huggingface_hub.constants as hub
+    from huggingface_hub import get_session, hf_hub_url
+
+    repo = _hub_id(name)
+    if not repo:
+        return  # weights from elsewhere than the hub: timm says what went wrong
+    if hub.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            get_session().head(hf_hub_url(repo, WEIGHT_FILES[0]), timeout=10)
+            return
+        except Exception as error:  # noqa: BLE001 - no network, no name resolution, a proxy: all the same here
+            reason = f"the hub cannot be reached: {type(error).__name__}"
+    raise SanityError(f"the pretrained weights of {name} are not in the hub cache ({reason}); "
+                      f"{_fetch_advice(name)}")
+
+
+def _fetch_advice(name: str) -> str:
+    import huggingface_hub.constants as hub
+
+    repo = _hub_id(name) or name
+    return (f"fetch {repo}/{WEIGHT_FILES[0]} on a machine with network (hf download {repo} {WEIGHT_FILES[0]}), "
+            f"copy its hub cache here ({hub.HF_HUB_CACHE}, or anywhere with HF_HUB_CACHE=PATH pointing to it), or pass "
+            "model.checkpoint=PATH to a weights file; the paper's setting also needs ImageNet images: "
+            "dataset=imagefolder dataset.path=PATH")
 
 
 def _match_classifier(model: nn.Module, weights: dict[str, Tensor]) -> None:

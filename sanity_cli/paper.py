@@ -79,13 +79,9 @@ def missing_inputs(cfg: DictConfig) -> str | None:
 
 def _weights_cached(name: str) -> bool:
     """Whether timm can load `name`'s pretrained weights without the network."""
-    from huggingface_hub import try_to_load_from_cache
-    from timm.models import get_pretrained_cfg
+    from sanity_cli.models import pretrained_weights_cached
 
-    pretrained = get_pretrained_cfg(name)
-    repo = getattr(pretrained, "hf_hub_id", None)
-    return bool(repo) and any(isinstance(try_to_load_from_cache(repo, file), str)
-                              for file in ("model.safetensors", "pytorch_model.bin"))
+    return pretrained_weights_cached(name)
 
 
 def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:

@@ -8,9 +8,11 @@ ordinary functions.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -309,9 +311,35 @@ def composition_error(parsed) -> str | None:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
-        return one_line(error)
+        unknown = re.match(r"Could not override '([^']+)'", str(error))
+        return unknown_setting(unknown.group(1), overrides) if unknown else one_line(error)
     return settings_error(cfg)
 
+
+def unknown_setting(key: str, overrides: list[str]) -> str:
+    """One line for an override of a key the config does not have, naming the known key it
+    most resembles (Hydra's advice, to add it with +, leads to a key that is then refused)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig
+
+    others = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            node = compose(config_name="config", overrides=others)
+    except Exception:  # noqa: BLE001 - another override is wrong as well: that one is named next time
+        node = None
+    parts, found = key.split("."), []
+    while len(found) < len(parts) - 1 and isinstance(node, DictConfig) and \
+            isinstance(node.get(parts[len(found)]), DictConfig):
+        node = node.get(parts[len(found)])
+        found.append(parts[len(found)])
+    prefix = "".join(f"{part}." for part in found)
+    unknown = f"{prefix}{parts[len(found)]}"  # the first part of the key that the config lacks
+    known = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(parts[len(found)], known, n=1, cutoff=0.6)
+    hint = (f"; did you mean {prefix}{close[0]}?" if close else
+            f"; the settings{f' under {prefix[:-1]}' if prefix else ''} are {', '.join(known)}" if known else "")
+    return f"unknown setting '{unknown}'{hint} (`sanity run --cfg job` shows them all)"
 
 def settings_error(cfg) -> str | None:
     """The one-line message of a bad setting, found before Hydra makes any directory; a

@@ -6,6 +6,8 @@ it accepts, so a typo costs a second, not a training run and a traceback.
 
 from __future__ import annotations
 
+import difflib
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sanity_cli import checks
@@ -68,8 +70,9 @@ def _check_keys(cfg: DictConfig) -> None:
     """A setting added with `+` that no part of the program reads would be ignored: refuse it."""
     unknown = sorted(set(cfg) - top_level_keys())
     if unknown:
-        raise SanityError(f"unknown setting '{unknown[0]}'; the settings are {', '.join(sorted(top_level_keys()))} "
-                          "(`sanity run --cfg job` shows them all)")
+        close = difflib.get_close_matches(unknown[0], sorted(top_level_keys()), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else f"the settings are {', '.join(sorted(top_level_keys()))}"
+        raise SanityError(f"unknown setting '{unknown[0]}'; {hint} (`sanity run --cfg job` shows them all)")
 
 
 def _check_file_names(cfg: DictConfig) -> None:
@@ -150,6 +153,10 @@ def _check_lists(cfg: DictConfig) -> None:
     for name in names:
         if name not in METRICS:
             raise SanityError(f"unknown metric '{name}'; choose one of: {', '.join(METRICS)}")
+    granularity = OmegaConf.select(cfg, "test.granularity")
+    if isinstance(granularity, ListConfig) and not granularity:
+        raise SanityError("test.granularity=[] names no module to randomize; give block, layer, or a list of the "
+                          "model's module names, e.g. test.granularity=[fc2,conv1]")
     seeds = OmegaConf.select(cfg, "test.seeds")
     if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds
                               or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):

@@ -55,8 +55,9 @@ _HOG_EPS = 1e-5
 _HOG_CLIP = 0.2
 _F64 = torch.float64
 _EXACT_IN_F64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every value converts exactly
-# Most bytes of reference ranks (and the copies that validate them) kept between compare() calls.
-REFERENCE_CACHE_BYTES = 64 * 2**20
+# Most bytes of reference ranks and SSIM moments (and the copies that validate them) kept between
+# compare() calls: about 2.1 MiB an image of 224 x 224, so a check's 64 such references fit whole.
+REFERENCE_CACHE_BYTES = 256 * 2**20
 # Most map values compared at once (an 8 MiB float64 temporary; a handful are alive at a time).
 COMPARE_CHUNK_VALUES = 2**20
 
@@ -281,16 +282,41 @@ def ssim(
         raise ValueError(f"ssim expects two (B, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if sigma <= 0 or data_range <= 0:
         raise ValueError("ssim needs sigma > 0 and data_range > 0")
-    radius = int(_SSIM_TRUNCATE * sigma + 0.5)
-    win = 2 * radius + 1
-    if min(a.shape[-2:]) < win:
-        return _nan(a.shape[0], a)
-    x, y = a.to(_F64), b.to(_F64)
-    w = _gaussian_weights(sigma, radius)
-    stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
-    # Rows then columns, like scipy's separable gaussian_filter.
-    ux, uy, uxx, uyy, uxy = _correlate1d_valid(_correlate1d_valid(stack, w, -2), w, -1).unbind(1)
-    npix = win**2
+    x = a.to(_F64)
+    return _ssim_with(_ssim_moments(x, sigma), x, b.to(_F64), data_range=data_range, sigma=sigma,
+                      use_sample_covariance=use_sample_covariance, k1=k1, k2=k2)
+
+
+def _ssim_radius(sigma: float) -> int:
+    return int(_SSIM_TRUNCATE * sigma + 0.5)
+
+
+def _ssim_moments(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The Gaussian-filtered x and x**2 of float64 (B, H, W) maps: (B, 2, H - 2r, W - 2r),
+    the part of SSIM that depends on one map only (compare keeps a reference's).
+    Maps smaller than the window: an empty (B, 2, 0, 0)."""
+    radius = _ssim_radius(sigma)
+    if min(x.shape[-2:]) < 2 * radius + 1:
+        return x.new_empty((x.shape[0], 2, 0, 0))
+    return _gaussian_filter_valid(torch.stack([x, x * x], dim=1), sigma)
+
+
+def _gaussian_filter_valid(planes: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, P, H, W) -> (B, P, H - 2r, W - 2r): rows then columns, like scipy's separable
+    gaussian_filter, the valid part only. Each plane on its own: the same numbers whichever
+    planes are filtered together."""
+    w = _gaussian_weights(sigma, _ssim_radius(sigma))
+    return _correlate1d_valid(_correlate1d_valid(planes, w, -2), w, -1)
+
+
+def _ssim_with(moments: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, data_range: float, sigma: float,
+               use_sample_covariance: bool, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """ssim(x, y) from _ssim_moments(x, sigma): float64 (B, H, W) maps -> (B,)."""
+    if moments.shape[-1] == 0:
+        return _nan(x.shape[0], x)
+    ux, uxx = moments.unbind(1)
+    uy, uyy, uxy = _gaussian_filter_valid(torch.stack([y, y * y, x * y], dim=1), sigma).unbind(1)
+    npix = (2 * _ssim_radius(sigma) + 1) ** 2
     cov_norm = npix / (npix - 1) if use_sample_covariance else 1.0
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
@@ -326,12 +352,21 @@ def _cell_histograms(
     # Same expression as skimage (rad2deg(arctan2) % 180) so bin edges agree.
     angle = torch.remainder(torch.atan2(g_row, g_col) * (180.0 / math.pi), 180.0)
     width = 180.0 / orientations
-    bins = []
-    for i in range(orientations):  # a handful of bins, vectorized over pixels
-        inside = (angle >= width * i) & (angle < width * (i + 1))
-        votes = torch.where(inside, mag, 0.0).view(b, nr, cr, nc, cc)
-        bins.append(votes.sum(dim=(2, 4)) / (cr * cc))
-    return torch.stack(bins, dim=-1)
+    # The bin i with width * i <= angle < width * (i + 1): angle / width rounded down, then
+    # moved by one where that rounding crossed an edge, so the edges are skimage's exactly.
+    unknown = torch.isnan(angle)  # a NaN gradient is in no bin: it votes nothing, as in skimage
+    mag = mag.masked_fill(unknown, 0.0)
+    index = torch.floor(angle / width).nan_to_num_(0.0).clamp_(0, orientations - 1)
+    index -= (angle < width * index).to(index.dtype)
+    index += ((angle >= width * (index + 1)) & (index < orientations - 1)).to(index.dtype)
+    # Each pixel's vote goes to (image, cell row, cell column, bin) in one scatter.
+    cell_row = torch.arange(nr * cr, device=x.device) // cr
+    cell_col = torch.arange(nc * cc, device=x.device) // cc
+    cell = (cell_row[:, None] * nc + cell_col[None, :]) * orientations  # (H', W')
+    image = torch.arange(b, device=x.device)[:, None, None] * (nr * nc * orientations)
+    slot = (image + cell + index.long()).flatten()
+    hist = torch.zeros(b * nr * nc * orientations, dtype=x.dtype, device=x.device).index_add_(0, slot, mag.flatten())
+    return hist.view(b, nr, nc, orientations) / (cr * cc)
 
 
 @torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
@@ -447,7 +482,8 @@ class _ReferenceRanks:
     An entry is used only for the same tensor object (held weakly: the entry
     goes when the tensor does) whose values still equal a copy taken when it
     was ranked, so a reference changed in place, by any means, is ranked anew.
-    An entry holds the ranks of every variant asked for so far, each under its key.
+    An entry holds what was kept of every variant asked for so far (ranks, SSIM
+    moments), each under its key.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -468,26 +504,39 @@ class _ReferenceRanks:
         computed = compute(missing) if missing else {}
         result = {key: kept[key] if key in kept else computed[key] for key in keys}
         if not computed:
-            self._entries.move_to_end(full_key)
+            if entry is not None:
+                self._entries.move_to_end(full_key)
             return result
         if entry is None:
             entries = self._entries
             forget = lambda _, k=full_key: entries.pop(k, None)  # noqa: E731 - runs when the tensor is freed
             entry = (weakref.ref(reference, forget), reference[rows].detach().clone(), {})
-        if _nbytes(entry[1]) + sum(_nbytes(r) for r in (*entry[2].values(), *computed.values())) <= self.max_bytes:
-            entry[2].update(computed)
-            self._entries[full_key] = entry
-            self._entries.move_to_end(full_key)
-            self._evict()
+        self._entries.pop(full_key, None)
+        grown = (entry[0], entry[1], {**entry[2], **computed})
+        if self._make_room(_entry_bytes(grown), id(reference)):
+            self._entries[full_key] = grown
         return result
 
-    def _evict(self) -> None:
-        sizes = {key: _nbytes(copy) + sum(_nbytes(r) for r in ranks.values())
-                 for key, (_, copy, ranks) in self._entries.items()}
-        total = sum(sizes.values())
-        while total > self.max_bytes:
-            key, _ = self._entries.popitem(last=False)
+    def _make_room(self, size: int, owner: int) -> bool:
+        """Drop the least recently used entries of other tensors until `size` more bytes fit;
+        False (nothing dropped) when they cannot. Chunks of the owner's own tensor stay: a
+        reference bigger than the bound, compared chunk after chunk in every state, then keeps
+        its first chunks for good instead of each chunk pushing out the one needed next."""
+        sizes = {key: _entry_bytes(entry) for key, entry in self._entries.items()}
+        others = [key for key in sizes if key[0] != owner]
+        if sum(sizes.values()) - sum(sizes[key] for key in others) + size > self.max_bytes:
+            return False
+        total = sum(sizes.values()) + size
+        for key in others:  # least recently used first
+            if total <= self.max_bytes:
+                break
+            del self._entries[key]
             total -= sizes[key]
+        return True
+
+
+def _entry_bytes(entry: tuple[weakref.ref, torch.Tensor, dict[tuple, torch.Tensor]]) -> int:
+    return _nbytes(entry[1]) + sum(_nbytes(value) for value in entry[2].values())
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -544,6 +593,19 @@ def _rank_maps(maps: torch.Tensor, variants: Sequence[Variant], single_channel: 
     return out
 
 
+def _reference_values(maps: torch.Tensor, variants: Sequence[Variant], cache_key: dict[Variant, tuple],
+                      single_channel: bool | None, hog_options: dict, sigma: float) -> dict[tuple, torch.Tensor]:
+    """What compare_variants keeps of a reference chunk (B, C, H, W), under each variant's
+    cache key: the ranks of the rank metrics, the SSIM moments (_ssim_moments) for 'ssim'."""
+    values = {cache_key[v]: r for v, r in _rank_maps(maps, [v for v in variants if v[0] != "ssim"],
+                                                      single_channel, hog_options).items()}
+    for variant in variants:
+        if variant[0] == "ssim":
+            values[cache_key[variant]] = _ssim_moments(
+                normalize(maps, "ssim", variant[1], single_channel).to(_F64), sigma)
+    return values
+
+
 def _check_pair(reference: torch.Tensor, other: torch.Tensor) -> None:
     if reference.shape != other.shape:
         raise ValueError(f"shape mismatch: {tuple(reference.shape)} vs {tuple(other.shape)}")
@@ -584,27 +646,25 @@ def compare_variants(
                        cells_per_block=hog_cells_per_block)
     ssim_options = dict(data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance)
     ranked = [variant for variant in variants if variant[0] != "ssim"]
-    cache_key = {variant: (*variant, single_channel,
-                           tuple(sorted(hog_options.items())) if variant[0] == "hog" else ())
-                 for variant in ranked}
+    own_options = {"hog": tuple(sorted(hog_options.items())), "ssim": (ssim_sigma,)}
+    cache_key = {variant: (*variant, single_channel, own_options.get(variant[0], ())) for variant in variants}
     by_key = {key: variant for variant, key in cache_key.items()}
     per_chunk = max(1, COMPARE_CHUNK_VALUES // math.prod(reference.shape[1:]))
     chunks: dict[Variant, list[torch.Tensor]] = {variant: [] for variant in variants}
     for start in range(0, max(len(reference), 1), per_chunk):  # no image: one empty chunk
         rows = slice(start, start + per_chunk)
+        kept = _REFERENCE_RANKS.ranks(reference, rows, list(by_key),
+                                      lambda missing, rows=rows: _reference_values(
+                                          reference[rows], [by_key[k] for k in missing], cache_key,
+                                          single_channel, hog_options, ssim_sigma))
         for metric, scheme in variants:
             if metric == "ssim":
-                a, b = (normalize(maps[rows], metric, scheme, single_channel) for maps in (reference, other))
-                chunks[(metric, scheme)].append(ssim(a, b, **ssim_options))
-        if not ranked:
-            continue
-        reference_ranks = _REFERENCE_RANKS.ranks(
-            reference, rows, list(by_key),
-            lambda missing, rows=rows: {cache_key[v]: r for v, r in _rank_maps(
-                reference[rows], [by_key[k] for k in missing], single_channel, hog_options).items()})
+                a, b = (normalize(maps[rows], metric, scheme, single_channel).to(_F64) for maps in (reference, other))
+                chunks[(metric, scheme)].append(
+                    _ssim_with(kept[cache_key[(metric, scheme)]], a, b, **ssim_options))
         other_ranks = _rank_maps(other[rows], ranked, single_channel, hog_options)
         for variant in ranked:
-            chunks[variant].append(_pearson_of_ranks(reference_ranks[cache_key[variant]], other_ranks[variant]))
+            chunks[variant].append(_pearson_of_ranks(kept[cache_key[variant]], other_ranks[variant]))
     return {variant: torch.cat(values) for variant, values in chunks.items()}
 
 

@@ -100,3 +100,38 @@ def test_robustness_scores_come_from_shared_ranks_and_equal_scipy(single_channel
         for metric, values in by_metric.items():
             np.testing.assert_allclose(values.numpy(), separate(reference, other, metric, scheme, single_channel),
                                        atol=1e-12, err_msg=str((scheme, metric)))
+
+
+@pytest.mark.parametrize("scheme", NORMALIZATIONS)
+def test_ssim_from_a_kept_reference_equals_skimage(scheme):
+    from skimage.metrics import structural_similarity
+
+    reference = maps_of("smooth", 3, 10, size=32)
+    for seed in (11, 12):  # the second call takes the reference's SSIM moments from the cache
+        other = maps_of("smooth", 3, seed, size=32)
+        got = compare_variants(reference, other, [("ssim", scheme)], ssim_sigma=1.0)[("ssim", scheme)]
+        a, b = (normalize(m, "ssim", scheme).numpy() for m in (reference, other))
+        expected = [structural_similarity(x, y, data_range=2.0, gaussian_weights=True, sigma=1.0,
+                                          use_sample_covariance=True) for x, y in zip(a, b, strict=True)]
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_reference_bigger_than_the_bound_keeps_its_first_chunks_for_good():
+    entry = 4 * 8 + 4 * 8  # the copy of one (1, 4) float64 chunk and its float64 ranks
+    cache = metrics._ReferenceRanks(max_bytes=2 * entry)
+    reference = torch.randn(4, 4, dtype=torch.float64)
+    computed = []
+
+    def compute(rows):
+        return lambda missing: computed.append(rows.start) or {key: rankdata(reference[rows]) for key in missing}
+
+    for _ in range(3):  # three states, each comparing the reference's four chunks in order
+        for start in range(4):
+            rows = slice(start, start + 1)
+            cache.ranks(reference, rows, [("m",)], compute(rows))
+    # chunks 0 and 1 were kept from the first pass on; 2 and 3 are ranked in every pass (an LRU
+    # bound would have pushed out each chunk just before it was needed again: 12 rankings)
+    assert computed == [0, 1, 2, 3, 2, 3, 2, 3]
+    other = torch.randn(1, 4, dtype=torch.float64)
+    cache.ranks(other, slice(0, 1), [("m",)], lambda missing: {key: rankdata(other) for key in missing})
+    assert (id(other), 0, 1) in cache._entries  # another tensor may push out the older one's chunks

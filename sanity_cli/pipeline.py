@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from sanity_cli import checks, plugins
 from sanity_cli import data as datasets
+from sanity_cli.batching import chosen_batch
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import explain_all
 from sanity_cli.methods.external import explain_external, is_external, preflight_external
@@ -113,6 +114,9 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     for key, options in method_options(cfg).items():  # plugged methods: tried once before any work
         if is_external(options.get("method") or key):
             preflight_external(model, key, options, prepared.images, prepared.original)
+    if cfg.get("batch", "fixed") == "auto":  # the run's passes then take the measured batch
+        with open_dict(cfg):
+            cfg.max_batch = chosen_batch(model, prepared.images[:1], cfg.max_batch, cfg.cache_dir)
     trained = TrainedWeights(model)
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
                              prepared.num_outputs, blocks, trained)

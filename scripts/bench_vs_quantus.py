@@ -27,9 +27,12 @@ How the work is made the same:
   ``NoiseTunnel(Saliency)``, ``nt_type="smoothgrad"``, raw gradients, noise std
   0.15 x (max - min) of the batch, and ``LayerGradCam`` at ``relu2`` with
   ``relu_attributions=True``, upsampled bilinearly to 28 x 28.
-* Batch sizes: each tool gets the best of several (``--quantus-batches``: Quantus's
-  ``batch_size``; ``--sanity-batches``: sanity's ``max_batch``), picked per item by the
-  least CPU time of one run each before the measured repetitions.
+* Batch sizes: Quantus gets the best of several (``--quantus-batches``, its
+  ``batch_size``), picked per item by the least CPU time of one run each before the
+  measured repetitions. sanity takes the batch its own ``batch=auto`` measures (the
+  smallest batch up to ``--sanity-max-batch`` whose forward + backward per input is
+  within 5% of the least; ``sanity_auto_batch`` in the JSON), or with
+  ``--sanity-batches 64,128,256`` the best of those, as Quantus.
 * The set of five: one sanity call that shares passes; for Quantus, which explains one
   method per MPRT call, the sum of its five calls in the same repetition.
 * Quantus's Spearman is its own ``correlation_spearman``; where that fails (a batch
@@ -85,6 +88,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sanity_cli import batching
 from sanity_cli.data import load_digits
 from sanity_cli.methods import explain_all
 from sanity_cli.metrics import compare
@@ -402,6 +406,7 @@ class Bench:
         self.model = paper_cnn()
         self.x, self.y = digits(args.images)
         check_same_blocks(self.model, self.x)
+        self.auto_batch: dict | None = None  # what batch=auto measured, with --sanity-batches auto
 
     def sanity(self, item: str, batch: int, parts: dict[str, float] | None = None) -> dict[str, Scores]:
         methods = sanity_methods(item, self.args.steps, self.args.samples)
@@ -417,14 +422,29 @@ class Bench:
         return agreement(quantus_scores, on_states[item])
 
 
+def sanity_batches(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[int, dict[int, float]]]:
+    """sanity's batch per item and the CPU time of one run at each batch tried: with
+    ``--sanity-batches auto``, the batch that sanity's own measurement (``batch=auto``,
+    sanity_cli.batching) picks up to ``--sanity-max-batch``, one for all items; else the
+    candidate of the least CPU time, per item."""
+    if args.sanity_batches != "auto":
+        return {item: best_batch(lambda b, item=item: bench.sanity(item, b), args.sanity_batches)
+                for item in args.items}
+    batch, per_input = batching.measure(bench.model, bench.x[:1], args.sanity_max_batch)
+    log(f"sanity batch=auto: {batch} (seconds per input and pass: "
+        + ", ".join(f"{b}: {t:.2e}" for b, t in per_input.items()) + ")")
+    bench.auto_batch = {"batch": batch, "seconds_per_input": per_input}
+    return {item: (batch, {batch: timed(lambda item=item: bench.sanity(item, batch))[0].cpu})
+            for item in args.items}
+
+
 def measure(args: argparse.Namespace) -> dict:
     bench = Bench(args)
     items = [item for item in args.items if item != SET]
     floor = floor_per_pass(bench.model, bench.x, args.floor_batches, args.reps, args.floor_samples)
     log(f"floor: {1e3 * floor['wall'][1]:.3f} ms wall, {1e3 * floor['cpu'][1]:.3f} ms CPU per forward + "
         f"backward and image")
-    tuning = {"sanity": {item: best_batch(lambda b, item=item: bench.sanity(item, b), args.sanity_batches)
-                         for item in args.items},
+    tuning = {"sanity": sanity_batches(bench, args),
               "quantus": {item: best_batch(lambda b, item=item: bench.quantus(item, b), args.quantus_batches)
                           for item in items}}
     log(f"batch sizes: {tuning}")
@@ -470,7 +490,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = [table_row(item, args, least, times, tuning, agreements) for item in args.items]
     return {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "floor": least, "floor_at_start": floor, "floors": floors, "tuning": tuning, "agreement": agreements,
-            "sanity_parts_s": parts, "quantus_profile_s": profile,
+            "sanity_parts_s": parts, "quantus_profile_s": profile, "sanity_auto_batch": bench.auto_batch,
             "runs_per_repetition": runs,
             "times_s": {tool: {item: [t._asdict() for t in kept] for item, kept in by_item.items()}
                         for tool, by_item in times.items()},
@@ -551,7 +571,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=50, help="SmoothGrad samples")
     parser.add_argument("--items", type=lambda t: t.split(","), default=[*ITEMS, SET],
                         help=f"comma-separated, of {', '.join([*ITEMS, SET])}")
-    parser.add_argument("--sanity-batches", type=ints, default=[64, 128, 256], help="sanity max_batch candidates")
+    parser.add_argument("--sanity-batches", type=lambda t: t if t == "auto" else ints(t), default="auto",
+                        help="sanity max_batch candidates, or auto: the batch sanity's batch=auto measures")
+    parser.add_argument("--sanity-max-batch", type=int, default=512, help="the most that batch=auto may pick")
     parser.add_argument("--quantus-batches", type=ints, default=[32, 64, 128, 200],
                         help="Quantus batch_size candidates")
     parser.add_argument("--floor-batches", type=ints, default=[32, 64, 128, 256, 512])

@@ -115,6 +115,18 @@ def test_the_benchmark_writes_its_table_and_ends_with_the_summary_line(tmp_path,
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("item,passes,floor_s")
 
 
+def test_with_batch_auto_sanity_takes_the_batch_its_measurement_picks(tmp_path, monkeypatch):
+    curve = {8: 4.0, 16: 2.0, 32: 1.0, 64: 1.02, 128: 1.5}
+    monkeypatch.setattr(bench.batching, "pass_time", lambda model, example, batch: curve[batch])
+    out = tmp_path / "bench.json"
+    bench.main(["--images", "3", "--reps", "1", "--steps", "2", "--samples", "2", "--items", "gradient",
+                "--sanity-max-batch", "128", "--quantus-batches", "3", "--floor-batches", "4",
+                "--floor-samples", "16", "--out", str(out), "--min-seconds", "0", "--max-runs", "1"])
+    result = json.loads(out.read_text())
+    assert result["sanity_auto_batch"]["batch"] == 32  # 64 is within 5% of 32's time, and bigger
+    assert result["rows"][0]["sanity_batch"] == 32 and result["tuning"]["sanity"]["gradient"][0] == 32
+
+
 def test_a_scaling_point_counts_its_states_and_memory():
     results: queue.Queue = queue.Queue()
     bench_pipeline.scaling_point(4, ["fc1", "fc2"], 8, 2, 1, results)

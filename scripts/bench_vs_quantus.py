@@ -183,7 +183,7 @@ def sanity_cascade(model: nn.Module, x: Tensor, y: Tensor, methods: dict[str, di
             continue
         for name, value in maps.items():
             score = compare(reference[name], value, "spearman_abs", single_channel=True)["spearman_abs"]
-            scores[name][state.block] = score.numpy()
+            scores[name][state.block] = score.cpu().numpy()
         lap("compare")
     lap("randomize")  # the trained weights restored
     return scores
@@ -202,7 +202,7 @@ def sanity_on_states(states, x: Tensor, y: Tensor, methods: dict[str, dict],
             continue
         for method, value in maps.items():
             score = compare(reference[method], value, "spearman_abs", single_channel=True)["spearman_abs"]
-            scores[method][name] = score.numpy()
+            scores[method][name] = score.cpu().numpy()
     return scores
 
 
@@ -211,15 +211,21 @@ def sanity_on_states(states, x: Tensor, y: Tensor, methods: dict[str, dict],
 # --------------------------------------------------------------------------
 
 
+def on_model(model: nn.Module, inputs: np.ndarray, targets: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Quantus's NumPy inputs and targets as tensors on the model's device."""
+    device = next(model.parameters()).device
+    return torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
+
+
 def captum_integrated_gradients(model: nn.Module, inputs: np.ndarray, targets: np.ndarray,
                                 n_steps: int = 50, **_) -> np.ndarray:
     """The explain function a Quantus user writes around Captum's IntegratedGradients
     (its defaults: zero baseline, Gauss-Legendre), (B, C, H, W) -> (B, C, H, W)."""
     from captum.attr import IntegratedGradients
 
-    x = torch.as_tensor(inputs)
-    attribution = IntegratedGradients(model).attribute(x, target=torch.as_tensor(targets), n_steps=n_steps)
-    return attribution.detach().numpy()
+    x, target = on_model(model, inputs, targets)
+    attribution = IntegratedGradients(model).attribute(x, target=target, n_steps=n_steps)
+    return attribution.detach().cpu().numpy()
 
 
 def captum_smoothgrad(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, nt_samples: int = 50,
@@ -228,11 +234,11 @@ def captum_smoothgrad(model: nn.Module, inputs: np.ndarray, targets: np.ndarray,
     noise std ``noise`` x (max - min) of the batch (Captum takes one std per input)."""
     from captum.attr import NoiseTunnel, Saliency
 
-    x = torch.as_tensor(inputs)
+    x, target = on_model(model, inputs, targets)
     std = noise * float(x.max() - x.min())
     attribution = NoiseTunnel(Saliency(model)).attribute(
-        x, nt_type="smoothgrad", nt_samples=nt_samples, stdevs=std, target=torch.as_tensor(targets), abs=False)
-    return attribution.detach().numpy()
+        x, nt_type="smoothgrad", nt_samples=nt_samples, stdevs=std, target=target, abs=False)
+    return attribution.detach().cpu().numpy()
 
 
 def captum_gradcam(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, layer: str = GRADCAM_LAYER,
@@ -241,10 +247,9 @@ def captum_gradcam(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, la
     LayerGradCam, upsampled bilinearly to the input: (B, C, H, W) -> (B, 1, H, W)."""
     from captum.attr import LayerGradCam
 
-    x = torch.as_tensor(inputs)
-    cam = LayerGradCam(model, model.get_submodule(layer)).attribute(
-        x, target=torch.as_tensor(targets), relu_attributions=True)
-    return LayerGradCam.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear").detach().numpy()
+    x, target = on_model(model, inputs, targets)
+    cam = LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=target, relu_attributions=True)
+    return LayerGradCam.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear").detach().cpu().numpy()
 
 
 def quantus_explainer(item: str, steps: int, samples: int) -> tuple[Callable, dict]:
@@ -289,7 +294,8 @@ def quantus_mprt(model: nn.Module, x: np.ndarray, y: np.ndarray, item: str, step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = metric(model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explain_func,
-                        explain_func_kwargs=kwargs, device="cpu", batch_size=batch_size, channel_first=True)
+                        explain_func_kwargs=kwargs, device=str(next(model.parameters()).device),
+                        batch_size=batch_size, channel_first=True)
     return {layer: np.asarray(values, dtype=float) for layer, values in scores.items() if layer != "original"}
 
 
@@ -337,13 +343,15 @@ def floor_per_pass(model: nn.Module, x: Tensor, batch_sizes: list[int], reps: in
     best = {"wall": (0, math.inf), "cpu": (0, math.inf)}
     for batch in batch_sizes:
         inputs = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch]
-        target = torch.zeros(batch, dtype=torch.long)
+        target = torch.zeros(batch, dtype=torch.long, device=x.device)
         n_batches = max(1, samples // batch)
 
         def passes() -> None:
             for _ in range(n_batches):
                 leaf = inputs.detach().requires_grad_(True)
                 torch.autograd.grad(model(leaf).gather(1, target[:, None]).sum(), leaf)
+            if x.device.type == "cuda":  # the time of the work, not of queueing it
+                torch.cuda.synchronize(x.device)
 
         passes()  # warm-up
         runs = [timed(passes)[0] for _ in range(reps)]
@@ -403,8 +411,8 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.model = paper_cnn()
-        self.x, self.y = digits(args.images)
+        self.model = paper_cnn().to(args.device)
+        self.x, self.y = (t.to(args.device) for t in digits(args.images))
         check_same_blocks(self.model, self.x)
         self.auto_batch: dict | None = None  # what batch=auto measured, with --sanity-batches auto
 
@@ -413,7 +421,7 @@ class Bench:
         return sanity_cascade(self.model, self.x, self.y, methods, batch, parts)
 
     def quantus(self, item: str, batch: int) -> Scores:
-        return quantus_mprt(self.model, self.x.numpy(), self.y.numpy(), item, self.args.steps, self.args.samples,
+        return quantus_mprt(self.model, self.x.cpu().numpy(), self.y.cpu().numpy(), item, self.args.steps, self.args.samples,
                             batch)
 
     def agreement(self, item: str, quantus_scores: Scores, batch: int) -> dict:
@@ -578,6 +586,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Quantus batch_size candidates")
     parser.add_argument("--floor-batches", type=ints, default=[32, 64, 128, 256, 512])
     parser.add_argument("--floor-samples", type=int, default=2048, help="images per timing of the floor")
+    parser.add_argument("--device", default="cpu", help="where both tools run the model (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=HERE / "bench_vs_quantus.json")
     args = parser.parse_args(argv)
     unknown = set(args.items) - {*ITEMS, SET}

@@ -5,7 +5,8 @@ al. 2018): Spearman rank correlation with and without absolute value, SSIM
 and HOG similarity, each after a per-image normalization.
 
 Everything runs in float64 on the device of the inputs, batched over images:
-no NumPy, no host round trip, no Python loop over images or pixels.
+no host round trip, no Python loop over images or pixels (on the CPU the sorts
+go through NumPy's argsort on the tensors' own memory, see ``_sort``).
 
 Reference behaviour matched (see tests/test_metrics.py):
   * ``rankdata``  == ``scipy.stats.rankdata(x, method="average")``
@@ -19,10 +20,14 @@ NaN policy: a correlation with a constant input (undefined), an SSIM of maps
 smaller than the Gaussian window, and a HOG similarity of maps too small to
 hold one block are NaN; nothing raises or warns for those cases.
 
-Cost: a rank correlation is mostly its two sorts. A check compares every state
-with the same step-0 maps, so ``compare`` keeps the ranks of the reference maps
-it has seen (``REFERENCE_CACHE_BYTES`` at most, see ``_ReferenceRanks``) and
-ranks only the other maps when the same reference comes again. Memory: every
+Cost: a rank correlation is mostly its two sorts. Every normalization is a
+non-decreasing function of a map's channel sum, so ``compare_variants`` sorts
+each map once with and once without absolute value and derives the ranks of
+every normalization (the paper's clipped one included) from those two sorts.
+A check compares every state with the same step-0 maps, so the ranks of the
+reference maps it has seen are kept (``REFERENCE_CACHE_BYTES`` at most, see
+``_ReferenceRanks``) and only the other maps are ranked when the same
+reference comes again. Memory: every
 metric is per image, so ``compare`` works through the images in chunks of at
 most ``COMPARE_CHUNK_VALUES`` map values; its float64 temporaries stay bounded
 however many images are compared.
@@ -35,6 +40,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 METRICS = ("spearman_abs", "spearman", "ssim", "hog")
@@ -49,8 +55,9 @@ _HOG_EPS = 1e-5
 _HOG_CLIP = 0.2
 _F64 = torch.float64
 _EXACT_IN_F64 = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # every value converts exactly
-# Most bytes of reference ranks (and the copies that validate them) kept between compare() calls.
-REFERENCE_CACHE_BYTES = 64 * 2**20
+# Most bytes of reference ranks and SSIM moments (and the copies that validate them) kept between
+# compare() calls: about 2.1 MiB an image of 224 x 224, so a check's 64 such references fit whole.
+REFERENCE_CACHE_BYTES = 256 * 2**20
 # Most map values compared at once (an 8 MiB float64 temporary; a handful are alive at a time).
 COMPARE_CHUNK_VALUES = 2**20
 
@@ -97,13 +104,33 @@ def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     (..., N) -> (..., 1). Sort-based rather than torch.quantile, which
     refuses inputs of more than 2**24 elements (a big batch of 299x299 maps).
     """
-    s = x.sort(dim=-1).values
-    pos = q * (x.shape[-1] - 1)
+    return _quantile_of_sorted(x.sort(dim=-1).values, q)
+
+
+def _quantile_of_sorted(s: torch.Tensor, q: float) -> torch.Tensor:
+    """_quantile() of values already sorted along the last dim: (..., N) -> (..., 1)."""
+    pos = q * (s.shape[-1] - 1)
     i0 = math.floor(pos)
-    i1 = min(i0 + 1, x.shape[-1] - 1)
-    t = pos - i0
-    a, b = s[..., i0 : i0 + 1], s[..., i1 : i1 + 1]
-    # NumPy's _lerp: interpolate from the nearer end for accuracy.
+    i1 = min(i0 + 1, s.shape[-1] - 1)
+    return _lerp(s[..., i0 : i0 + 1], s[..., i1 : i1 + 1], pos - i0)
+
+
+def _upper_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """_quantile(x, q) for q near 1 from the largest values only: (..., N) -> (..., 1).
+
+    topk returns the same elements a full sort puts at those positions (NaN counts as
+    the largest in both), at a fraction of the sort's cost for the 99th percentile.
+    """
+    n = x.shape[-1]
+    pos = q * (n - 1)
+    i0 = math.floor(pos)
+    i1 = min(i0 + 1, n - 1)
+    top = x.topk(n - i0, dim=-1, sorted=True).values  # descending: position i of the sort is top[n - 1 - i]
+    return _lerp(top[..., n - 1 - i0 : n - i0], top[..., n - 1 - i1 : n - i1], pos - i0)
+
+
+def _lerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """NumPy's _lerp: interpolate from the nearer end for accuracy."""
     return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
 
 
@@ -120,24 +147,47 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     ``scipy.stats.rankdata(x, method='average', axis=-1)``; a row with a NaN
     is all NaN (scipy's nan_policy='propagate').
     """
-    n = x.shape[-1]
-    if n == 0:
+    if x.shape[-1] == 0:
         return torch.empty(x.shape, dtype=_F64, device=x.device)
     # Floats sort in their own dtype (every one of them is exact in float64, so the order and
     # the ties are the same); other dtypes as float64, as the ranks are.
-    s, order = (x if x.dtype in _EXACT_IN_F64 else x.to(_F64)).sort(dim=-1)
+    return _ranks_of_sorted(*_sort(x if x.dtype in _EXACT_IN_F64 else x.to(_F64)))
+
+
+def _sort(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x sorted along the last dim, and where each value was (int64): x.sort()'s two outputs.
+
+    On the CPU, float32 and float64 go through NumPy's argsort on the tensor's own memory
+    (its vectorized quicksort takes about half the time of torch's sort there); elsewhere
+    torch.sort. Any sorting permutation serves the ranks (equal values get their mean rank),
+    and both put NaN last.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.ndim > 0:
+        order = torch.from_numpy(np.argsort(x.detach().numpy(), axis=-1))
+        return x.gather(-1, order), order
+    return x.sort(dim=-1)
+
+
+def _ranks_of_sorted(s: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """rankdata() of x from s, x's values in ascending order along the last dim, and
+    order, where they were in x (x.sort()'s two outputs): (..., N) -> (..., N) float64.
+
+    Only the sorted values and the permutation matter, so the ranks of f(x) for any
+    non-decreasing f come from the same sort: f(s) is sorted and `order` sorts f(x).
+    """
+    n = s.shape[-1]
+    nan_rows = torch.isnan(s).any(dim=-1, keepdim=True)
     new = s[..., 1:] != s[..., :-1]
     if bool(new.all()):  # no ties, the usual case for real-valued maps: the ranks are the positions
-        del s, new
-        positions = torch.arange(1, n + 1, dtype=_F64, device=x.device).expand(order.shape)
-        ranks = torch.empty(order.shape, dtype=_F64, device=x.device).scatter_(-1, order, positions)
-        return ranks.masked_fill(torch.isnan(x).any(dim=-1, keepdim=True), math.nan)
+        del new
+        positions = torch.arange(1, n + 1, dtype=_F64, device=s.device).expand(order.shape)
+        ranks = torch.empty(order.shape, dtype=_F64, device=s.device).scatter_(-1, order, positions)
+        return ranks.masked_fill(nan_rows, math.nan)
     edge = torch.ones_like(s[..., :1], dtype=torch.bool)
-    del s  # temporaries go as soon as they are used: a big batch holds few (..., N) arrays at once
     starts = torch.cat([edge, new], dim=-1)  # first element of a tie group
     ends = torch.cat([new, edge], dim=-1)  # last element of a tie group
-    del new
-    pos = torch.arange(n, device=x.device, dtype=torch.int32 if n < 2**31 else torch.int64).expand(order.shape)
+    del new  # temporaries go as soon as they are used: a big batch holds few (..., N) arrays at once
+    pos = torch.arange(n, device=s.device, dtype=torch.int32 if n < 2**31 else torch.int64).expand(order.shape)
     # Propagate each group's first index forward and last index backward.
     first = torch.where(starts, pos, 0).cummax(dim=-1).values
     del starts
@@ -146,7 +196,7 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
     mean_rank = first.to(_F64).add_(last).div_(2).add_(1)
     del first, last
     ranks = torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
-    return ranks.masked_fill(torch.isnan(x).any(dim=-1, keepdim=True), math.nan)
+    return ranks.masked_fill(nan_rows, math.nan)
 
 
 def _pearson_of_ranks(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
@@ -154,6 +204,7 @@ def _pearson_of_ranks(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:
     n = ra.shape[-1]
     if n < 2:
         return _nan(ra.shape[0], ra)
+    ra, rb = ra.to(_F64), rb.to(_F64)  # kept ranks may be float32 (see _compact)
     # Average ranks of N values always sum to N(N+1)/2: the exact mean.
     ca, cb = ra - (n + 1) / 2, rb - (n + 1) / 2
     den = torch.sqrt((ca * ca).sum(-1) * (cb * cb).sum(-1))
@@ -231,16 +282,41 @@ def ssim(
         raise ValueError(f"ssim expects two (B, H, W) tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if sigma <= 0 or data_range <= 0:
         raise ValueError("ssim needs sigma > 0 and data_range > 0")
-    radius = int(_SSIM_TRUNCATE * sigma + 0.5)
-    win = 2 * radius + 1
-    if min(a.shape[-2:]) < win:
-        return _nan(a.shape[0], a)
-    x, y = a.to(_F64), b.to(_F64)
-    w = _gaussian_weights(sigma, radius)
-    stack = torch.stack([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
-    # Rows then columns, like scipy's separable gaussian_filter.
-    ux, uy, uxx, uyy, uxy = _correlate1d_valid(_correlate1d_valid(stack, w, -2), w, -1).unbind(1)
-    npix = win**2
+    x = a.to(_F64)
+    return _ssim_with(_ssim_moments(x, sigma), x, b.to(_F64), data_range=data_range, sigma=sigma,
+                      use_sample_covariance=use_sample_covariance, k1=k1, k2=k2)
+
+
+def _ssim_radius(sigma: float) -> int:
+    return int(_SSIM_TRUNCATE * sigma + 0.5)
+
+
+def _ssim_moments(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The Gaussian-filtered x and x**2 of float64 (B, H, W) maps: (B, 2, H - 2r, W - 2r),
+    the part of SSIM that depends on one map only (compare keeps a reference's).
+    Maps smaller than the window: an empty (B, 2, 0, 0)."""
+    radius = _ssim_radius(sigma)
+    if min(x.shape[-2:]) < 2 * radius + 1:
+        return x.new_empty((x.shape[0], 2, 0, 0))
+    return _gaussian_filter_valid(torch.stack([x, x * x], dim=1), sigma)
+
+
+def _gaussian_filter_valid(planes: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, P, H, W) -> (B, P, H - 2r, W - 2r): rows then columns, like scipy's separable
+    gaussian_filter, the valid part only. Each plane on its own: the same numbers whichever
+    planes are filtered together."""
+    w = _gaussian_weights(sigma, _ssim_radius(sigma))
+    return _correlate1d_valid(_correlate1d_valid(planes, w, -2), w, -1)
+
+
+def _ssim_with(moments: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, data_range: float, sigma: float,
+               use_sample_covariance: bool, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+    """ssim(x, y) from _ssim_moments(x, sigma): float64 (B, H, W) maps -> (B,)."""
+    if moments.shape[-1] == 0:
+        return _nan(x.shape[0], x)
+    ux, uxx = moments.unbind(1)
+    uy, uyy, uxy = _gaussian_filter_valid(torch.stack([y, y * y, x * y], dim=1), sigma).unbind(1)
+    npix = (2 * _ssim_radius(sigma) + 1) ** 2
     cov_norm = npix / (npix - 1) if use_sample_covariance else 1.0
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
@@ -276,12 +352,21 @@ def _cell_histograms(
     # Same expression as skimage (rad2deg(arctan2) % 180) so bin edges agree.
     angle = torch.remainder(torch.atan2(g_row, g_col) * (180.0 / math.pi), 180.0)
     width = 180.0 / orientations
-    bins = []
-    for i in range(orientations):  # a handful of bins, vectorized over pixels
-        inside = (angle >= width * i) & (angle < width * (i + 1))
-        votes = torch.where(inside, mag, 0.0).view(b, nr, cr, nc, cc)
-        bins.append(votes.sum(dim=(2, 4)) / (cr * cc))
-    return torch.stack(bins, dim=-1)
+    # The bin i with width * i <= angle < width * (i + 1): angle / width rounded down, then
+    # moved by one where that rounding crossed an edge, so the edges are skimage's exactly.
+    unknown = torch.isnan(angle)  # a NaN gradient is in no bin: it votes nothing, as in skimage
+    mag = mag.masked_fill(unknown, 0.0)
+    index = torch.floor(angle / width).nan_to_num_(0.0).clamp_(0, orientations - 1)
+    index -= (angle < width * index).to(index.dtype)
+    index += ((angle >= width * (index + 1)) & (index < orientations - 1)).to(index.dtype)
+    # Each pixel's vote goes to (image, cell row, cell column, bin) in one scatter.
+    cell_row = torch.arange(nr * cr, device=x.device) // cr
+    cell_col = torch.arange(nc * cc, device=x.device) // cc
+    cell = (cell_row[:, None] * nc + cell_col[None, :]) * orientations  # (H', W')
+    image = torch.arange(b, device=x.device)[:, None, None] * (nr * nc * orientations)
+    slot = (image + cell + index.long()).flatten()
+    hist = torch.zeros(b * nr * nc * orientations, dtype=x.dtype, device=x.device).index_add_(0, slot, mag.flatten())
+    return hist.view(b, nr, nc, orientations) / (cr * cc)
 
 
 @torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
@@ -372,47 +457,86 @@ def normalize(maps: torch.Tensor, metric: str, scheme: str = "paper",
 # entry point
 # --------------------------------------------------------------------------
 
+# (metric, normalization): one score of compare_variants().
+Variant = tuple[str, str]
+# The metrics that correlate the ranks of the normalized map's own values: every
+# normalization is a non-decreasing function of one channel sum, so one sort serves all.
+RANK_METRICS = ("spearman_abs", "spearman")
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _compact(ranks: torch.Tensor) -> torch.Tensor:
+    """Average ranks in float32 where that is exact (multiples of 1/2 up to N < 2**23): half the
+    memory for the ranks kept between calls; _pearson_of_ranks widens them back to float64."""
+    return ranks.float() if ranks.shape[-1] < 2**23 else ranks
+
+
 class _ReferenceRanks:
-    """Ranks of reference maps that compare() has seen, kept for the next call
-    with the same reference (the next state of a check), least recently used
+    """Ranks of reference maps that compare_variants() has seen, kept for the next
+    call with the same reference (the next state of a check), least recently used
     dropped first beyond ``max_bytes``.
 
     An entry is used only for the same tensor object (held weakly: the entry
     goes when the tensor does) whose values still equal a copy taken when it
     was ranked, so a reference changed in place, by any means, is ranked anew.
+    An entry holds what was kept of every variant asked for so far (ranks, SSIM
+    moments), each under its key.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor, dict[tuple, torch.Tensor]]] = OrderedDict()
 
-    def ranks(self, reference: torch.Tensor, rows: slice, key: tuple,
-              compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """compute()'s ranks of ``reference[rows]`` for ``key``, from the cache when they are there."""
-        full_key = (id(reference), rows.start, rows.stop, *key)
+    def ranks(self, reference: torch.Tensor, rows: slice, keys: Sequence[tuple],
+              compute: Callable[[list[tuple]], dict[tuple, torch.Tensor]]) -> dict[tuple, torch.Tensor]:
+        """{key: ranks} of ``reference[rows]``: from the cache where they are there, the
+        others from compute(missing keys), which returns {key: ranks} for those keys."""
+        full_key = (id(reference), rows.start, rows.stop)
         entry = self._entries.get(full_key)
-        if entry is not None and entry[0]() is reference and _same(entry[1], reference[rows]):
-            self._entries.move_to_end(full_key)
-            return entry[2]
-        ranks = compute()
-        copy = reference[rows].detach().clone()
-        if _nbytes(ranks) + _nbytes(copy) <= self.max_bytes:
+        if entry is not None and not (entry[0]() is reference and _same(entry[1], reference[rows])):
+            del self._entries[full_key]
+            entry = None
+        kept = entry[2] if entry is not None else {}
+        missing = [key for key in keys if key not in kept]
+        computed = compute(missing) if missing else {}
+        result = {key: kept[key] if key in kept else computed[key] for key in keys}
+        if not computed:
+            if entry is not None:
+                self._entries.move_to_end(full_key)
+            return result
+        if entry is None:
             entries = self._entries
             forget = lambda _, k=full_key: entries.pop(k, None)  # noqa: E731 - runs when the tensor is freed
-            self._entries[full_key] = (weakref.ref(reference, forget), copy, ranks)
-            self._evict()
-        return ranks
+            entry = (weakref.ref(reference, forget), reference[rows].detach().clone(), {})
+        self._entries.pop(full_key, None)
+        grown = (entry[0], entry[1], {**entry[2], **computed})
+        if self._make_room(_entry_bytes(grown), id(reference)):
+            self._entries[full_key] = grown
+        return result
 
-    def _evict(self) -> None:
-        total = sum(_nbytes(copy) + _nbytes(ranks) for _, copy, ranks in self._entries.values())
-        while total > self.max_bytes:
-            _, (_, copy, ranks) = self._entries.popitem(last=False)
-            total -= _nbytes(copy) + _nbytes(ranks)
+    def _make_room(self, size: int, owner: int) -> bool:
+        """Drop the least recently used entries of other tensors until `size` more bytes fit;
+        False (nothing dropped) when they cannot. Chunks of the owner's own tensor stay: a
+        reference bigger than the bound, compared chunk after chunk in every state, then keeps
+        its first chunks for good instead of each chunk pushing out the one needed next."""
+        sizes = {key: _entry_bytes(entry) for key, entry in self._entries.items()}
+        others = [key for key in sizes if key[0] != owner]
+        if sum(sizes.values()) - sum(sizes[key] for key in others) + size > self.max_bytes:
+            return False
+        total = sum(sizes.values()) + size
+        for key in others:  # least recently used first
+            if total <= self.max_bytes:
+                break
+            del self._entries[key]
+            total -= sizes[key]
+        return True
+
+
+def _entry_bytes(entry: tuple[weakref.ref, torch.Tensor, dict[tuple, torch.Tensor]]) -> int:
+    return _nbytes(entry[1]) + sum(_nbytes(value) for value in entry[2].values())
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -422,12 +546,64 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 _REFERENCE_RANKS = _ReferenceRanks(REFERENCE_CACHE_BYTES)
 
 
-def _vectors(maps: torch.Tensor, metric: str, normalization: str, single_channel: bool | None,
-             hog_options: dict) -> torch.Tensor:
-    """What a rank metric correlates: (B, C, H, W) maps -> (B, F), the normalized
-    maps flattened, or for 'hog' the HOG features of the normalized maps."""
-    normalized = normalize(maps, metric, normalization, single_channel)
-    return hog(normalized, **hog_options) if metric == "hog" else normalized.flatten(1)
+def _normalized_sorted(v: torch.Tensor, s: torch.Tensor, metric: str, scheme: str, single: bool) -> torch.Tensor:
+    """normalize()'s values of the channel sums v (B, N), in the ascending order of s = v sorted.
+
+    Each scheme maps every value by one non-decreasing function per image (a positive
+    scale, a shift, a clip), computed from the same denominators as normalize(); so the
+    result is sorted, and the same numbers normalize() gives, only in sorted order.
+    """
+    if scheme == "none":
+        return s
+    if scheme == "max_abs" or (scheme == "paper" and single):
+        return _safe_div(s, v.abs().amax(-1, keepdim=True))
+    if scheme == "second_moment":
+        return _safe_div(s, v.square().mean(-1, keepdim=True).sqrt())
+    if metric == "spearman_abs":  # the paper's: (v - min) / (p99 - min), clipped to [0, 1]
+        lo = v.amin(-1, keepdim=True)
+        return _clip_div(s - lo, _quantile_of_sorted(s, 0.99) - lo, 0.0, 1.0)
+    return _clip_div(s, _upper_quantile(v.abs(), 0.99), -1.0, 1.0)  # v / p99(|v|), clipped to [-1, 1]
+
+
+def _rank_maps(maps: torch.Tensor, variants: Sequence[Variant], single_channel: bool | None,
+               hog_options: dict) -> dict[Variant, torch.Tensor]:
+    """Ranks of what each rank variant correlates: (B, C, H, W) maps -> {variant: (B, F)}.
+
+    Spearman variants: one sort of the channel sum per metric (with or without absolute
+    value), each normalization's ranks derived from it (_ranks_of_sorted); equal to
+    rankdata(normalize(maps, metric, scheme).flatten(1)). HOG: the ranks of the HOG
+    features of each normalization's map.
+    """
+    single = maps.shape[1] == 1 if single_channel is None else single_channel
+    x = maps.to(_F64)
+    out: dict[Variant, torch.Tensor] = {}
+    for metric in RANK_METRICS:
+        schemes = [scheme for m, scheme in variants if m == metric]
+        if not schemes:
+            continue
+        v = (x.abs().sum(1) if metric == "spearman_abs" else x.sum(1)).flatten(1)
+        s, order = _sort(v)
+        for scheme in schemes:
+            out[(metric, scheme)] = _compact(_ranks_of_sorted(_normalized_sorted(v, s, metric, scheme, single), order))
+        del s, order
+    for metric, scheme in variants:
+        if metric == "hog":
+            out[(metric, scheme)] = _compact(rankdata(hog(normalize(maps, "hog", scheme, single_channel),
+                                                          **hog_options)))
+    return out
+
+
+def _reference_values(maps: torch.Tensor, variants: Sequence[Variant], cache_key: dict[Variant, tuple],
+                      single_channel: bool | None, hog_options: dict, sigma: float) -> dict[tuple, torch.Tensor]:
+    """What compare_variants keeps of a reference chunk (B, C, H, W), under each variant's
+    cache key: the ranks of the rank metrics, the SSIM moments (_ssim_moments) for 'ssim'."""
+    values = {cache_key[v]: r for v, r in _rank_maps(maps, [v for v in variants if v[0] != "ssim"],
+                                                      single_channel, hog_options).items()}
+    for variant in variants:
+        if variant[0] == "ssim":
+            values[cache_key[variant]] = _ssim_moments(
+                normalize(maps, "ssim", variant[1], single_channel).to(_F64), sigma)
+    return values
 
 
 def _check_pair(reference: torch.Tensor, other: torch.Tensor) -> None:
@@ -440,11 +616,10 @@ def _check_pair(reference: torch.Tensor, other: torch.Tensor) -> None:
 
 
 @torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
-def compare(
+def compare_variants(
     reference: torch.Tensor,
     other: torch.Tensor,
-    metrics: Iterable[str] | str = METRICS,
-    normalization: str = "paper",
+    variants: Iterable[Variant],
     *,
     ssim_data_range: float = 2.0,
     ssim_sigma: float = 1.5,
@@ -453,11 +628,60 @@ def compare(
     hog_cells_per_block: int = 3,
     hog_orientations: int = 9,
     single_channel: bool | None = None,
+) -> dict[Variant, torch.Tensor]:
+    """Similarity of ``other`` to ``reference`` per image, for each (metric, normalization).
+
+    reference, other: (B, C, H, W) maps, any float dtype, one device.
+    Returns {(metric, normalization): (B,) float64 tensor on that device}, each equal to
+    compare(reference, other, metric, normalization)[metric]: the Spearman variants of
+    one map share its two sorts (with and without absolute value), and the reference's
+    ranks are kept for the next call with the same reference.
+    """
+    variants = tuple(dict.fromkeys(variants))
+    for metric, scheme in variants:
+        _check_choice(metric, METRICS, "metric")
+        _check_choice(scheme, NORMALIZATIONS, "normalization")
+    _check_pair(reference, other)
+    hog_options = dict(orientations=hog_orientations, pixels_per_cell=hog_pixels_per_cell,
+                       cells_per_block=hog_cells_per_block)
+    ssim_options = dict(data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance)
+    ranked = [variant for variant in variants if variant[0] != "ssim"]
+    own_options = {"hog": tuple(sorted(hog_options.items())), "ssim": (ssim_sigma,)}
+    cache_key = {variant: (*variant, single_channel, own_options.get(variant[0], ())) for variant in variants}
+    by_key = {key: variant for variant, key in cache_key.items()}
+    per_chunk = max(1, COMPARE_CHUNK_VALUES // math.prod(reference.shape[1:]))
+    chunks: dict[Variant, list[torch.Tensor]] = {variant: [] for variant in variants}
+    for start in range(0, max(len(reference), 1), per_chunk):  # no image: one empty chunk
+        rows = slice(start, start + per_chunk)
+        kept = _REFERENCE_RANKS.ranks(reference, rows, list(by_key),
+                                      lambda missing, rows=rows: _reference_values(
+                                          reference[rows], [by_key[k] for k in missing], cache_key,
+                                          single_channel, hog_options, ssim_sigma))
+        for metric, scheme in variants:
+            if metric == "ssim":
+                a, b = (normalize(maps[rows], metric, scheme, single_channel).to(_F64) for maps in (reference, other))
+                chunks[(metric, scheme)].append(
+                    _ssim_with(kept[cache_key[(metric, scheme)]], a, b, **ssim_options))
+        other_ranks = _rank_maps(other[rows], ranked, single_channel, hog_options)
+        for variant in ranked:
+            chunks[variant].append(_pearson_of_ranks(kept[cache_key[variant]], other_ranks[variant]))
+    return {variant: torch.cat(values) for variant, values in chunks.items()}
+
+
+@torch.no_grad()  # a metric, not a loss: no autograd graph (in-place ops are safe)
+def compare(
+    reference: torch.Tensor,
+    other: torch.Tensor,
+    metrics: Iterable[str] | str = METRICS,
+    normalization: str = "paper",
+    **options,
 ) -> dict[str, torch.Tensor]:
     """Similarity of ``other`` to ``reference``, per image and metric.
 
     reference, other: (B, C, H, W) maps, any float dtype, one device.
-    single_channel: see normalize(); None infers it from the maps' C.
+    options: compare_variants()'s (ssim_data_range, ssim_sigma, ssim_sample_covariance,
+    hog_pixels_per_cell, hog_cells_per_block, hog_orientations, single_channel;
+    single_channel: see normalize(), None infers it from the maps' C).
     Returns {metric: (B,) float64 tensor on that device}. NaN marks an
     undefined value (constant map for the correlations, maps smaller than
     the SSIM window or than one HOG block).
@@ -466,28 +690,8 @@ def compare(
     for m in metrics:
         _check_choice(m, METRICS, "metric")
     _check_choice(normalization, NORMALIZATIONS, "normalization")
-    _check_pair(reference, other)
-    hog_options = dict(orientations=hog_orientations, pixels_per_cell=hog_pixels_per_cell,
-                       cells_per_block=hog_cells_per_block)
-    ssim_options = dict(data_range=ssim_data_range, sigma=ssim_sigma, use_sample_covariance=ssim_sample_covariance)
-    per_chunk = max(1, COMPARE_CHUNK_VALUES // math.prod(reference.shape[1:]))
-    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in metrics}
-    for start in range(0, max(len(reference), 1), per_chunk):  # no image: one empty chunk
-        rows = slice(start, start + per_chunk)
-        for m in metrics:
-            if m == "ssim":
-                a, b = (normalize(maps[rows], m, normalization, single_channel) for maps in (reference, other))
-                chunks[m].append(ssim(a, b, **ssim_options))
-                continue
-            options = hog_options if m == "hog" else {}
-            key = (m, normalization, single_channel, tuple(sorted(options.items())))
-            reference_ranks = _REFERENCE_RANKS.ranks(
-                reference, rows, key,
-                lambda m=m, rows=rows, options=options: rankdata(
-                    _vectors(reference[rows], m, normalization, single_channel, options)))
-            other_ranks = rankdata(_vectors(other[rows], m, normalization, single_channel, options))
-            chunks[m].append(_pearson_of_ranks(reference_ranks, other_ranks))
-    return {m: torch.cat(values) for m, values in chunks.items()}
+    scores = compare_variants(reference, other, [(m, normalization) for m in metrics], **options)
+    return {m: scores[(m, normalization)] for m in metrics}
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from sanity_cli import checks, plugins
 from sanity_cli import data as datasets
+from sanity_cli.batching import chosen_batch
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import explain_all
 from sanity_cli.methods.external import explain_external, is_external, preflight_external
@@ -115,6 +116,9 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     for key, options in method_options(cfg).items():  # plugged methods: tried once before any work
         if is_external(options.get("method") or key):
             preflight_external(model, key, options, prepared.images, prepared.original)
+    if cfg.get("batch", "fixed") == "auto":  # the run's passes then take the measured batch
+        with open_dict(cfg):
+            cfg.max_batch = chosen_batch(model, prepared.images[:1], cfg.max_batch, cfg.cache_dir)
     trained = TrainedWeights(model)
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
                              prepared.num_outputs, blocks, trained)
@@ -194,11 +198,13 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                         continue
                     tick = _now(device)
                     base = maps if step == 0 else reference.get(index, device)
-                    scores = {name: check.score(base[name], value, compare_fn, cfg.test)
-                              for name, value in maps.items()}
                     variants = {name: robustness_scores(base[name], value,
                                                         single_channel=compare_options["single_channel"])
                                 for name, value in maps.items()}
+                    scores = {name: check.score(base[name], value,
+                                                _reusing(compare_fn, compare_options, base[name], value,
+                                                         variants[name]), cfg.test)
+                              for name, value in maps.items()}
                     clock["compare"] += _now(device) - tick
                     chunk_ids, labels = prepared.image_ids[part], prepared.labels[part]
                     rows = state_rows(context, step, block, scores, chunk_ids, labels, targets)
@@ -221,6 +227,25 @@ def _predicted(model: nn.Module, images: Tensor, max_batch: int, name: str, stat
         logits = torch.cat([logits_of(model, chunk) for chunk in images.split(max_batch)])
     check_logits(logits, name, state)
     return logits.argmax(dim=1)
+
+
+def _reusing(compare_fn: checks.Compare, options: dict, reference: Tensor, maps: Tensor,
+             variants: dict[str, dict[str, Tensor]]) -> checks.Compare:
+    """compare_fn, but the scores of (reference, maps) that robustness_scores has already
+    computed under the run's normalization (the same numbers, from the same ranks) are
+    taken from `variants` rather than ranked again; every other call goes to compare_fn.
+    `options`: compare_fn's own keyword arguments (metric_options)."""
+    normalization = options["normalization"]
+    known = variants.get(normalization, {}) if normalization in ("paper", "none") else {}
+
+    def compare_again(a: Tensor, b: Tensor, **overrides) -> dict[str, Tensor]:
+        names = list(overrides.pop("metrics", options["metrics"]))
+        if a is not reference or b is not maps or overrides:
+            return compare_fn(a, b, metrics=names, **overrides)
+        rest = [name for name in names if name not in known]
+        computed = compare_fn(a, b, metrics=rest) if rest else {}
+        return {name: known[name] if name in known else computed[name] for name in names}
+    return compare_again
 
 
 def image_chunks(n: int, size: int | None) -> list[slice]:

@@ -56,7 +56,7 @@ RECEIPT_COLUMNS = ["accuracy", "weights", "params_randomized", "tensors_left_tra
 SCALE = "/scale"  # maps.npz: "{state}/{method}/scale" holds the (E,) scales of "{state}/{method}"
 # Settings that do not change a run's numbers: where things are kept, how they are batched,
 # and the device of the run (a resumed run may change those; see settings_for_fingerprint).
-NOT_RESULTS = ("resume", "device", "max_batch", "image_chunk", "reuse_activations", "data_dir", "cache_dir",
+NOT_RESULTS = ("resume", "device", "max_batch", "batch", "image_chunk", "reuse_activations", "data_dir", "cache_dir",
                "hydra")
 NEW_DIRECTORY = "rerun into a new directory with hydra.run.dir=PATH"
 

@@ -11,6 +11,7 @@ import difflib
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sanity_cli import checks
+from sanity_cli.batching import BATCH_CHOICES
 from sanity_cli.configs import top_level_keys
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import METHODS, resolve_call
@@ -87,7 +88,7 @@ def _check_file_names(cfg: DictConfig) -> None:
 
 
 def _check_names(cfg: DictConfig) -> None:
-    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
+    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS), ("batch", cfg.batch, BATCH_CHOICES),
              ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
     if cfg.test.name in checks.MODEL_CHECKS:
         names.append(("init", cfg.test.init, INIT_POLICIES))

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from sanity_cli import checks
 from sanity_cli.errors import SanityError
-from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare
+from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare_variants
 from sanity_cli.results import read_info, read_results, read_run_file
 
 RANDOM_LOGIT_METRICS = ("ssim_positive", "ssim_negative")
@@ -285,16 +285,14 @@ def robustness_scores(reference: Tensor, maps: Tensor, *, single_channel: bool) 
     Returns normalization -> metric (spearman_abs, spearman) -> (B,) float64 scores,
     for the run's maps as they are (no second explanation pass). The rescalings
     (none, max_abs, second_moment) multiply each map by a positive number, which
-    changes no rank: their scores are computed once.
+    changes no rank: their scores are computed once. Every variant's ranks come from one
+    sort of each map with and without absolute value (compare_variants).
     """
-    scores: dict[str, dict[str, Tensor]] = {}
-    for scheme in NORMALIZATIONS:
-        shared = next((scores[done] for done in RESCALINGS if done in scores), None)
-        if scheme in RESCALINGS and shared is not None:
-            scores[scheme] = dict(shared)
-        else:
-            scores[scheme] = compare(reference, maps, ROBUSTNESS_METRICS, scheme, single_channel=single_channel)
-    return scores
+    computed = {scheme: RESCALINGS[0] if scheme in RESCALINGS else scheme for scheme in NORMALIZATIONS}
+    scores = compare_variants(reference, maps, [(metric, scheme) for scheme in dict.fromkeys(computed.values())
+                                                for metric in ROBUSTNESS_METRICS], single_channel=single_channel)
+    return {scheme: {metric: scores[(metric, done)] for metric in ROBUSTNESS_METRICS}
+            for scheme, done in computed.items()}
 
 
 def variant_outcomes(robustness: pd.DataFrame, *, threshold: float = 0.5, level: float = 0.95,

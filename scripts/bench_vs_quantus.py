@@ -27,9 +27,12 @@ How the work is made the same:
   ``NoiseTunnel(Saliency)``, ``nt_type="smoothgrad"``, raw gradients, noise std
   0.15 x (max - min) of the batch, and ``LayerGradCam`` at ``relu2`` with
   ``relu_attributions=True``, upsampled bilinearly to 28 x 28.
-* Batch sizes: each tool gets the best of several (``--quantus-batches``: Quantus's
-  ``batch_size``; ``--sanity-batches``: sanity's ``max_batch``), picked per item by the
-  least CPU time of one run each before the measured repetitions.
+* Batch sizes: Quantus gets the best of several (``--quantus-batches``, its
+  ``batch_size``), picked per item by the least CPU time of one run each before the
+  measured repetitions. sanity takes the batch its own ``batch=auto`` measures (the
+  smallest batch up to ``--sanity-max-batch`` whose forward + backward per input is
+  within 5% of the least; ``sanity_auto_batch`` in the JSON), or with
+  ``--sanity-batches 64,128,256`` the best of those, as Quantus.
 * The set of five: one sanity call that shares passes; for Quantus, which explains one
   method per MPRT call, the sum of its five calls in the same repetition.
 * Quantus's Spearman is its own ``correlation_spearman``; where that fails (a batch
@@ -85,6 +88,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sanity_cli import batching
 from sanity_cli.data import load_digits
 from sanity_cli.methods import explain_all
 from sanity_cli.metrics import compare
@@ -179,7 +183,7 @@ def sanity_cascade(model: nn.Module, x: Tensor, y: Tensor, methods: dict[str, di
             continue
         for name, value in maps.items():
             score = compare(reference[name], value, "spearman_abs", single_channel=True)["spearman_abs"]
-            scores[name][state.block] = score.numpy()
+            scores[name][state.block] = score.cpu().numpy()
         lap("compare")
     lap("randomize")  # the trained weights restored
     return scores
@@ -198,7 +202,7 @@ def sanity_on_states(states, x: Tensor, y: Tensor, methods: dict[str, dict],
             continue
         for method, value in maps.items():
             score = compare(reference[method], value, "spearman_abs", single_channel=True)["spearman_abs"]
-            scores[method][name] = score.numpy()
+            scores[method][name] = score.cpu().numpy()
     return scores
 
 
@@ -207,15 +211,21 @@ def sanity_on_states(states, x: Tensor, y: Tensor, methods: dict[str, dict],
 # --------------------------------------------------------------------------
 
 
+def on_model(model: nn.Module, inputs: np.ndarray, targets: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Quantus's NumPy inputs and targets as tensors on the model's device."""
+    device = next(model.parameters()).device
+    return torch.as_tensor(inputs, device=device), torch.as_tensor(targets, device=device)
+
+
 def captum_integrated_gradients(model: nn.Module, inputs: np.ndarray, targets: np.ndarray,
                                 n_steps: int = 50, **_) -> np.ndarray:
     """The explain function a Quantus user writes around Captum's IntegratedGradients
     (its defaults: zero baseline, Gauss-Legendre), (B, C, H, W) -> (B, C, H, W)."""
     from captum.attr import IntegratedGradients
 
-    x = torch.as_tensor(inputs)
-    attribution = IntegratedGradients(model).attribute(x, target=torch.as_tensor(targets), n_steps=n_steps)
-    return attribution.detach().numpy()
+    x, target = on_model(model, inputs, targets)
+    attribution = IntegratedGradients(model).attribute(x, target=target, n_steps=n_steps)
+    return attribution.detach().cpu().numpy()
 
 
 def captum_smoothgrad(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, nt_samples: int = 50,
@@ -224,11 +234,11 @@ def captum_smoothgrad(model: nn.Module, inputs: np.ndarray, targets: np.ndarray,
     noise std ``noise`` x (max - min) of the batch (Captum takes one std per input)."""
     from captum.attr import NoiseTunnel, Saliency
 
-    x = torch.as_tensor(inputs)
+    x, target = on_model(model, inputs, targets)
     std = noise * float(x.max() - x.min())
     attribution = NoiseTunnel(Saliency(model)).attribute(
-        x, nt_type="smoothgrad", nt_samples=nt_samples, stdevs=std, target=torch.as_tensor(targets), abs=False)
-    return attribution.detach().numpy()
+        x, nt_type="smoothgrad", nt_samples=nt_samples, stdevs=std, target=target, abs=False)
+    return attribution.detach().cpu().numpy()
 
 
 def captum_gradcam(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, layer: str = GRADCAM_LAYER,
@@ -237,10 +247,9 @@ def captum_gradcam(model: nn.Module, inputs: np.ndarray, targets: np.ndarray, la
     LayerGradCam, upsampled bilinearly to the input: (B, C, H, W) -> (B, 1, H, W)."""
     from captum.attr import LayerGradCam
 
-    x = torch.as_tensor(inputs)
-    cam = LayerGradCam(model, model.get_submodule(layer)).attribute(
-        x, target=torch.as_tensor(targets), relu_attributions=True)
-    return LayerGradCam.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear").detach().numpy()
+    x, target = on_model(model, inputs, targets)
+    cam = LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=target, relu_attributions=True)
+    return LayerGradCam.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear").detach().cpu().numpy()
 
 
 def quantus_explainer(item: str, steps: int, samples: int) -> tuple[Callable, dict]:
@@ -285,7 +294,8 @@ def quantus_mprt(model: nn.Module, x: np.ndarray, y: np.ndarray, item: str, step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scores = metric(model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explain_func,
-                        explain_func_kwargs=kwargs, device="cpu", batch_size=batch_size, channel_first=True)
+                        explain_func_kwargs=kwargs, device=str(next(model.parameters()).device),
+                        batch_size=batch_size, channel_first=True)
     return {layer: np.asarray(values, dtype=float) for layer, values in scores.items() if layer != "original"}
 
 
@@ -333,13 +343,15 @@ def floor_per_pass(model: nn.Module, x: Tensor, batch_sizes: list[int], reps: in
     best = {"wall": (0, math.inf), "cpu": (0, math.inf)}
     for batch in batch_sizes:
         inputs = x.repeat(math.ceil(batch / len(x)), 1, 1, 1)[:batch]
-        target = torch.zeros(batch, dtype=torch.long)
+        target = torch.zeros(batch, dtype=torch.long, device=x.device)
         n_batches = max(1, samples // batch)
 
         def passes() -> None:
             for _ in range(n_batches):
                 leaf = inputs.detach().requires_grad_(True)
                 torch.autograd.grad(model(leaf).gather(1, target[:, None]).sum(), leaf)
+            if x.device.type == "cuda":  # the time of the work, not of queueing it
+                torch.cuda.synchronize(x.device)
 
         passes()  # warm-up
         runs = [timed(passes)[0] for _ in range(reps)]
@@ -399,16 +411,17 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.model = paper_cnn()
-        self.x, self.y = digits(args.images)
+        self.model = paper_cnn().to(args.device)
+        self.x, self.y = (t.to(args.device) for t in digits(args.images))
         check_same_blocks(self.model, self.x)
+        self.auto_batch: dict | None = None  # what batch=auto measured, with --sanity-batches auto
 
     def sanity(self, item: str, batch: int, parts: dict[str, float] | None = None) -> dict[str, Scores]:
         methods = sanity_methods(item, self.args.steps, self.args.samples)
         return sanity_cascade(self.model, self.x, self.y, methods, batch, parts)
 
     def quantus(self, item: str, batch: int) -> Scores:
-        return quantus_mprt(self.model, self.x.numpy(), self.y.numpy(), item, self.args.steps, self.args.samples,
+        return quantus_mprt(self.model, self.x.cpu().numpy(), self.y.cpu().numpy(), item, self.args.steps, self.args.samples,
                             batch)
 
     def agreement(self, item: str, quantus_scores: Scores, batch: int) -> dict:
@@ -417,14 +430,29 @@ class Bench:
         return agreement(quantus_scores, on_states[item])
 
 
+def sanity_batches(bench: Bench, args: argparse.Namespace) -> dict[str, tuple[int, dict[int, float]]]:
+    """sanity's batch per item and the CPU time of one run at each batch tried: with
+    ``--sanity-batches auto``, the batch that sanity's own measurement (``batch=auto``,
+    sanity_cli.batching) picks up to ``--sanity-max-batch``, one for all items; else the
+    candidate of the least CPU time, per item."""
+    if args.sanity_batches != "auto":
+        return {item: best_batch(lambda b, item=item: bench.sanity(item, b), args.sanity_batches)
+                for item in args.items}
+    batch, per_input = batching.measure(bench.model, bench.x[:1], args.sanity_max_batch)
+    log(f"sanity batch=auto: {batch} (seconds per input and pass: "
+        + ", ".join(f"{b}: {t:.2e}" for b, t in per_input.items()) + ")")
+    bench.auto_batch = {"batch": batch, "seconds_per_input": per_input}
+    return {item: (batch, {batch: timed(lambda item=item: bench.sanity(item, batch))[0].cpu})
+            for item in args.items}
+
+
 def measure(args: argparse.Namespace) -> dict:
     bench = Bench(args)
     items = [item for item in args.items if item != SET]
     floor = floor_per_pass(bench.model, bench.x, args.floor_batches, args.reps, args.floor_samples)
     log(f"floor: {1e3 * floor['wall'][1]:.3f} ms wall, {1e3 * floor['cpu'][1]:.3f} ms CPU per forward + "
         f"backward and image")
-    tuning = {"sanity": {item: best_batch(lambda b, item=item: bench.sanity(item, b), args.sanity_batches)
-                         for item in args.items},
+    tuning = {"sanity": sanity_batches(bench, args),
               "quantus": {item: best_batch(lambda b, item=item: bench.quantus(item, b), args.quantus_batches)
                           for item in items}}
     log(f"batch sizes: {tuning}")
@@ -470,7 +498,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = [table_row(item, args, least, times, tuning, agreements) for item in args.items]
     return {"machine": machine(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "floor": least, "floor_at_start": floor, "floors": floors, "tuning": tuning, "agreement": agreements,
-            "sanity_parts_s": parts, "quantus_profile_s": profile,
+            "sanity_parts_s": parts, "quantus_profile_s": profile, "sanity_auto_batch": bench.auto_batch,
             "runs_per_repetition": runs,
             "times_s": {tool: {item: [t._asdict() for t in kept] for item, kept in by_item.items()}
                         for tool, by_item in times.items()},
@@ -551,11 +579,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=50, help="SmoothGrad samples")
     parser.add_argument("--items", type=lambda t: t.split(","), default=[*ITEMS, SET],
                         help=f"comma-separated, of {', '.join([*ITEMS, SET])}")
-    parser.add_argument("--sanity-batches", type=ints, default=[64, 128, 256], help="sanity max_batch candidates")
+    parser.add_argument("--sanity-batches", type=lambda t: t if t == "auto" else ints(t), default="auto",
+                        help="sanity max_batch candidates, or auto: the batch sanity's batch=auto measures")
+    parser.add_argument("--sanity-max-batch", type=int, default=512, help="the most that batch=auto may pick")
     parser.add_argument("--quantus-batches", type=ints, default=[32, 64, 128, 200],
                         help="Quantus batch_size candidates")
     parser.add_argument("--floor-batches", type=ints, default=[32, 64, 128, 256, 512])
     parser.add_argument("--floor-samples", type=int, default=2048, help="images per timing of the floor")
+    parser.add_argument("--device", default="cpu", help="where both tools run the model (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=HERE / "bench_vs_quantus.json")
     args = parser.parse_args(argv)
     unknown = set(args.items) - {*ITEMS, SET}

@@ -392,6 +392,8 @@ TOP = {
     "target": Effect(("target=label",), explains_the_labels),
     "labels": Effect(("labels=shuffled",), learns_no_classes, weights=True),
     "max_batch": Inert("how many inputs share one forward pass", ("max_batch=3",), base=("target=original",)),
+    "batch": Inert("which batch up to max_batch the passes take, measured (test_batching.py)",
+                   ("batch=auto", "max_batch=16"), base=("target=original",)),
     "image_chunk": Inert("how many images' maps are held at once; a run in chunks writes the same numbers "
                          "up to float rounding (test_chunks.py)", ("image_chunk=3",)),
     "reuse_activations": Inert("keeps the trained blocks' activations for later states; the maps are those of "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,18 @@ def test_the_benchmark_writes_its_table_and_ends_with_the_summary_line(tmp_path,
     assert out.with_suffix(".csv").read_text().splitlines()[0].startswith("item,passes,floor_s")
 
 
+def test_with_batch_auto_sanity_takes_the_batch_its_measurement_picks(tmp_path, monkeypatch):
+    curve = {8: 4.0, 16: 2.0, 32: 1.0, 64: 1.02, 128: 1.5}
+    monkeypatch.setattr(bench.batching, "pass_time", lambda model, example, batch: curve[batch])
+    out = tmp_path / "bench.json"
+    bench.main(["--images", "3", "--reps", "1", "--steps", "2", "--samples", "2", "--items", "gradient",
+                "--sanity-max-batch", "128", "--quantus-batches", "3", "--floor-batches", "4",
+                "--floor-samples", "16", "--out", str(out), "--min-seconds", "0", "--max-runs", "1"])
+    result = json.loads(out.read_text())
+    assert result["sanity_auto_batch"]["batch"] == 32  # 64 is within 5% of 32's time, and bigger
+    assert result["rows"][0]["sanity_batch"] == 32 and result["tuning"]["sanity"]["gradient"][0] == 32
+
+
 def test_a_scaling_point_counts_its_states_and_memory():
     results: queue.Queue = queue.Queue()
     bench_pipeline.scaling_point(4, ["fc1", "fc2"], 8, 2, 1, results)
@@ -174,3 +187,35 @@ def test_the_sustained_benchmark_times_the_passes_sanity_needs(tmp_path, capsys)
         assert row["burst_floor_s"] == pytest.approx(floor * row["passes"])
         assert row["sanity_of_burst_floor"] == pytest.approx(row["burst_floor_s"] / row["sanity_min_s"])
     assert capsys.readouterr().out.splitlines()[-1].startswith("smoothgrad")
+
+
+def test_the_224_pixel_benchmark_runs_both_tools_on_the_same_cascade(tmp_path, capsys):
+    import bench_224
+
+    out = tmp_path / "bench_224.json"
+    result = bench_224.main(["--images", "2", "--size", "16", "--samples", "2", "--classes", "5", "--device", "cpu",
+                             "--floor-batches", "2", "--auto-limit", "8", "--quantus-batch", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    model = bench_224.resnet18(5, torch.device("cpu"))
+    assert result["modules"] == len(bench_224.quantus_order(model)) == 41  # 20 conv, 20 batch norm, fc
+    rows = {(row["item"], row["tool"]): row for row in result["rows"]}
+    assert set(rows) == {(item, tool) for item in bench_224.ITEMS for tool in ("sanity", "quantus")}
+    for (item, tool), row in rows.items():
+        assert row["states"] == 41  # both tools scored every randomized state
+        assert row["passes"] == 2 * 42 * (2 if item == "smprt" else 1)
+        assert row["floor_s"] == pytest.approx(row["passes"] * result["floor"]["seconds_per_pass"])
+        assert row["of_floor"] == pytest.approx(row["floor_s"] / row["seconds"])
+        assert row["images_per_s"] == pytest.approx(2 / row["seconds"])
+        assert row["peak_mib"] > 0
+    assert 0 < rows[("mprt", "sanity")]["compare_share"] and rows[("mprt", "sanity")]["batch"] in (2, 8)
+    assert "mprt: sanity" in capsys.readouterr().out
+
+
+def test_peak_memory_counts_what_a_block_holds_at_its_height():
+    import bench_224
+
+    with bench_224.PeakMemory(torch.device("cpu")) as memory:
+        held = torch.ones(16 * 2**20 // 4)  # 16 MiB
+        time.sleep(0.05)
+        del held
+    assert 15 * 2**20 < memory.peak < 24 * 2**20

@@ -24,15 +24,16 @@ def maps():
 
 @pytest.fixture
 def rank_calls(monkeypatch):
-    """How many (B, N) rankings compare() makes."""
+    """How many (B, N) sorts compare() makes (a ranking is one sort: each map's every
+    Spearman normalization comes from one sort with and one without absolute value)."""
     calls = []
-    original = metrics.rankdata
+    original = metrics._sort
 
     def counting(x):
         calls.append(tuple(x.shape))
         return original(x)
 
-    monkeypatch.setattr(metrics, "rankdata", counting)
+    monkeypatch.setattr(metrics, "_sort", counting)
     return calls
 
 
@@ -93,11 +94,16 @@ def test_hog_features_of_the_reference_are_cached_with_their_options(rank_calls)
     assert rank_calls == [(2, 324), (2, 324), (2, 324), (2, 2916), (2, 2916)]
 
 
+def rank(reference: torch.Tensor):
+    """A compute() for the cache: rankdata of the reference under every missing key."""
+    return lambda missing: {key: metrics.rankdata(reference) for key in missing}
+
+
 def test_entries_go_with_their_reference_and_stay_under_the_byte_bound():
     cache = metrics._ReferenceRanks(max_bytes=3 * (10 * 8 + 10 * 4))  # three (1, 10) entries
     references = [torch.randn(1, 10) for _ in range(5)]
     for reference in references:
-        cache.ranks(reference, slice(0, 1), ("m",), lambda reference=reference: metrics.rankdata(reference))
+        cache.ranks(reference, slice(0, 1), [("m",)], rank(reference))
     assert len(cache._entries) == 3  # the two least recently used were dropped
     kept = [entry[1] for entry in cache._entries.values()]
     assert all(torch.equal(a, b) for a, b in zip(kept, references[2:], strict=True))
@@ -106,10 +112,27 @@ def test_entries_go_with_their_reference_and_stay_under_the_byte_bound():
     assert len(cache._entries) == 2  # a freed reference's entry is gone with it
 
 
+def test_an_entry_gathers_the_keys_asked_for_and_computes_only_the_missing_ones():
+    cache = metrics._ReferenceRanks(max_bytes=2**20)
+    reference = torch.randn(2, 10)
+    asked = []
+
+    def compute(missing):
+        asked.append(list(missing))
+        return {key: metrics.rankdata(reference) * len(key) for key in missing}
+
+    first = cache.ranks(reference, slice(0, 2), [("a",), ("b", 1)], compute)
+    again = cache.ranks(reference, slice(0, 2), [("b", 1), ("c",)], compute)
+    assert asked == [[("a",), ("b", 1)], [("c",)]]
+    assert again[("b", 1)] is first[("b", 1)]
+    assert torch.equal(again[("c",)], metrics.rankdata(reference))
+    assert len(cache._entries) == 1 and set(next(iter(cache._entries.values()))[2]) == {("a",), ("b", 1), ("c",)}
+
+
 def test_a_reference_larger_than_the_bound_is_not_kept():
     cache = metrics._ReferenceRanks(max_bytes=100)
     reference = torch.randn(1, 50)
-    ranks = cache.ranks(reference, slice(0, 1), ("m",), lambda: metrics.rankdata(reference))
+    ranks = cache.ranks(reference, slice(0, 1), [("m",)], rank(reference))[("m",)]
     assert torch.equal(ranks, metrics.rankdata(reference))
     assert not cache._entries
 

@@ -17,15 +17,24 @@ class SmoothCascade(Cascade):
 
     def maps(self, explain: Explain, model: nn.Module, images: Tensor, targets: Tensor, seed: int,
              settings: Mapping, ids: Tensor) -> dict[str, Tensor]:
-        """The same noisy copies in every state (seeded per image), so only the model differs."""
+        """The same noisy copies in every state (seeded per image), so only the model differs.
+
+        Memory: one noisy copy of the images and one sum of maps per method at a time,
+        whatever `samples` (the copies are drawn, explained and added one after another,
+        in place; explain chunks each copy by max_batch)."""
         sigma = noise_scale(images, settings["noise"])
         generators = image_generators(len(images), seed, images.device, ids)
         total: dict[str, Tensor] = {}
         for _ in range(settings["samples"]):
-            noisy = images + sigma * draw_noise(generators, images.shape[1:], images.dtype, images.device)
+            # sigma * noise + images, computed in the noise's own memory (the same numbers)
+            noisy = draw_noise(generators, images.shape[1:], images.dtype, images.device).mul_(sigma).add_(images)
             for name, maps in explain(model, noisy, targets).items():
-                total[name] = total[name] + maps if name in total else maps
-        return {name: value / settings["samples"] for name, value in total.items()}
+                if name in total:
+                    total[name].add_(maps)
+                else:
+                    total[name] = maps.clone()  # a sum of our own: explain's tensor is never written to
+            del noisy
+        return {name: value.div_(settings["samples"]) for name, value in total.items()}
 
 
 CHECK = SmoothCascade()

@@ -1,0 +1,137 @@
+"""compare_variants() ranks each map once per (with, without absolute value) and derives
+every normalization's Spearman ranks from that one sort; the scores equal those of each
+variant computed on its own (normalize, then rank) and scipy's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from sanity_cli import metrics
+from sanity_cli.metrics import NORMALIZATIONS, RANK_METRICS, compare_variants, normalize, rankdata
+from sanity_cli.verdict import robustness_scores
+
+ALL_RANK_VARIANTS = [(m, s) for m in (*RANK_METRICS, "hog") for s in NORMALIZATIONS]
+
+
+def maps_of(kind: str, channels: int, seed: int, size: int = 48) -> torch.Tensor:
+    """(3, channels, size, size) maps: smooth, with many ties, or with a big outlier (so the
+    paper's 99th-percentile clip ties a whole top percent)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, channels, size, size, generator=generator)
+    if kind == "ties":
+        x = (x * 2).round() / 2
+    elif kind == "outliers":
+        x[:, :, :3, :3] *= 50
+    elif kind == "gradcam_like":  # non-negative, zero in most places
+        x = x.clamp(min=0) ** 3
+    return x
+
+
+def separate(reference: torch.Tensor, other: torch.Tensor, metric: str, scheme: str,
+             single_channel: bool | None) -> np.ndarray:
+    """One variant on its own: normalize each map, then scipy's Spearman per image."""
+    a, b = (normalize(m, metric, scheme, single_channel).flatten(1).numpy() for m in (reference, other))
+    return np.array([scipy.stats.spearmanr(x, y)[0] for x, y in zip(a, b, strict=True)])
+
+
+@pytest.mark.parametrize("single_channel", [None, False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", ["smooth", "ties", "outliers", "gradcam_like"])
+def test_every_spearman_variant_equals_its_separate_computation_and_scipy(kind, channels, single_channel):
+    reference, other = maps_of(kind, channels, 3), maps_of(kind, channels, 4)
+    variants = [(m, s) for m in RANK_METRICS for s in NORMALIZATIONS]
+    shared = compare_variants(reference.clone(), other, variants, single_channel=single_channel)
+    for metric, scheme in variants:
+        own = metrics._pearson_of_ranks(*(rankdata(normalize(m, metric, scheme, single_channel).flatten(1))
+                                          for m in (reference, other)))
+        assert torch.equal(shared[(metric, scheme)], own), (metric, scheme)  # bit for bit
+        np.testing.assert_allclose(shared[(metric, scheme)].numpy(),
+                                   separate(reference, other, metric, scheme, single_channel), atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_the_ranks_of_each_normalization_equal_rankdata_of_the_normalized_map(seed):
+    maps = maps_of("outliers", 3, seed, size=32)
+    ranks = metrics._rank_maps(maps, ALL_RANK_VARIANTS, None, {"pixels_per_cell": 8})
+    for metric, scheme in ALL_RANK_VARIANTS:
+        normalized = normalize(maps, metric, scheme)
+        vectors = metrics.hog(normalized, pixels_per_cell=8) if metric == "hog" else normalized.flatten(1)
+        expected = scipy.stats.rankdata(vectors.numpy(), axis=-1)
+        np.testing.assert_array_equal(ranks[(metric, scheme)].double().numpy(), expected, err_msg=str((metric, scheme)))
+    # the clipped variant really has its top percent tied, the plain one none
+    assert len(torch.unique(ranks[("spearman_abs", "paper")][0])) < len(torch.unique(ranks[("spearman_abs", "none")][0]))
+
+
+def test_one_sort_per_map_and_sign_serves_every_normalization(monkeypatch):
+    sorts = []
+    original = metrics._sort
+    monkeypatch.setattr(metrics, "_sort", lambda x: sorts.append(tuple(x.shape)) or original(x))
+    reference, other = maps_of("smooth", 3, 1), maps_of("smooth", 3, 2)
+    variants = [(m, s) for m in RANK_METRICS for s in NORMALIZATIONS]
+    compare_variants(reference, other, variants)
+    assert len(sorts) == 2 * 2  # (reference, other) x (with, without absolute value)
+    sorts.clear()
+    compare_variants(reference, maps_of("smooth", 3, 5), variants)
+    assert len(sorts) == 2  # the reference's ranks were kept: only the new map is sorted
+
+
+def test_upper_quantile_equals_the_sort_based_one():
+    generator = torch.Generator().manual_seed(5)
+    for n in (1, 2, 3, 100, 101, 5000):
+        x = torch.randn(4, n, generator=generator, dtype=torch.float64)
+        x[1, : n // 2] = 0.0  # ties
+        if n > 3:
+            x[2, -2:] = float("inf")
+            x[3, 0] = float("nan")
+        for q in (0.5, 0.9, 0.99, 1.0):
+            got, want = metrics._upper_quantile(x, q), metrics._quantile(x, q)
+            assert torch.equal(got.isnan(), want.isnan()), (n, q)
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), (n, q)
+
+
+@pytest.mark.parametrize("single_channel", [False, True])
+def test_robustness_scores_come_from_shared_ranks_and_equal_scipy(single_channel):
+    reference, other = maps_of("outliers", 3, 8), maps_of("outliers", 3, 9)
+    scores = robustness_scores(reference, other, single_channel=single_channel)
+    for scheme, by_metric in scores.items():
+        for metric, values in by_metric.items():
+            np.testing.assert_allclose(values.numpy(), separate(reference, other, metric, scheme, single_channel),
+                                       atol=1e-12, err_msg=str((scheme, metric)))
+
+
+@pytest.mark.parametrize("scheme", NORMALIZATIONS)
+def test_ssim_from_a_kept_reference_equals_skimage(scheme):
+    from skimage.metrics import structural_similarity
+
+    reference = maps_of("smooth", 3, 10, size=32)
+    for seed in (11, 12):  # the second call takes the reference's SSIM moments from the cache
+        other = maps_of("smooth", 3, seed, size=32)
+        got = compare_variants(reference, other, [("ssim", scheme)], ssim_sigma=1.0)[("ssim", scheme)]
+        a, b = (normalize(m, "ssim", scheme).numpy() for m in (reference, other))
+        expected = [structural_similarity(x, y, data_range=2.0, gaussian_weights=True, sigma=1.0,
+                                          use_sample_covariance=True) for x, y in zip(a, b, strict=True)]
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_reference_bigger_than_the_bound_keeps_its_first_chunks_for_good():
+    entry = 4 * 8 + 4 * 8  # the copy of one (1, 4) float64 chunk and its float64 ranks
+    cache = metrics._ReferenceRanks(max_bytes=2 * entry)
+    reference = torch.randn(4, 4, dtype=torch.float64)
+    computed = []
+
+    def compute(rows):
+        return lambda missing: computed.append(rows.start) or {key: rankdata(reference[rows]) for key in missing}
+
+    for _ in range(3):  # three states, each comparing the reference's four chunks in order
+        for start in range(4):
+            rows = slice(start, start + 1)
+            cache.ranks(reference, rows, [("m",)], compute(rows))
+    # chunks 0 and 1 were kept from the first pass on; 2 and 3 are ranked in every pass (an LRU
+    # bound would have pushed out each chunk just before it was needed again: 12 rankings)
+    assert computed == [0, 1, 2, 3, 2, 3, 2, 3]
+    other = torch.randn(1, 4, dtype=torch.float64)
+    cache.ranks(other, slice(0, 1), [("m",)], lambda missing: {key: rankdata(other) for key in missing})
+    assert (id(other), 0, 1) in cache._entries  # another tensor may push out the older one's chunks

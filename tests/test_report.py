@@ -307,7 +307,7 @@ def test_a_run_with_only_its_results_still_gets_a_report(tmp_path):
     html = write_report(tmp_path).read_text(encoding="utf-8")
     text = " ".join(Page(html).text)
     assert "This run has no signal.csv" in text and "This run has no robustness.csv" in text
-    assert "only 3 values: the interval is optimistic" in text  # said once, above the table
+    assert "not valid: only 3 values: too few for a bootstrap interval" in text  # said once, above the table
     assert len(Page(html).images) == 1  # the verdict figure, drawn from results.csv
     assert (tmp_path / "verdict.csv").is_file()
 

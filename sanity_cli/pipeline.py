@@ -126,6 +126,11 @@ def _execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: floa
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
                              prepared.num_outputs, blocks, trained)
     check.check_fit(subject)
+    size = tuple(prepared.images.shape[-2:])
+    if hog_left_out(cfg, size):
+        log.info("hog left out: the %dx%d maps are smaller than one HOG block (%d pixels); lower "
+                 "metrics.hog.pixels_per_cell to compute it", *size,
+                 cfg.metrics.hog.pixels_per_cell * cfg.metrics.hog.cells_per_block)
     store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()},
                         {name: {"source": m.source, "outputs": prepared.num_outputs}
                          for name, m in prepared.models.items()})
@@ -344,7 +349,11 @@ def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
+    """The randomization's seeds: `test.seeds` as a list, or as a number of draws from the
+    run's seed on (seed, seed + 1, ...); the run's seed alone when null."""
     seeds = cfg.test.get("seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        return [int(cfg.seed) + k for k in range(seeds)]
     return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
 
 
@@ -355,17 +364,21 @@ def metric_options(cfg: DictConfig, single_channel: bool | None = None,
     HOG is left out of maps of `size` (H, W) smaller than one HOG block, where it is NaN
     for every image, unless it is the only metric or the verdict's."""
     m = cfg.metrics
-    names = list(m.names)
-    block = m.hog.pixels_per_cell * m.hog.cells_per_block
-    if "hog" in names and size is not None and min(size) < block and len(names) > 1 and cfg.verdict.metric != "hog":
-        names.remove("hog")
-        log.info("hog left out: the %dx%d maps are smaller than one HOG block (%d pixels); lower "
-                 "metrics.hog.pixels_per_cell to compute it", size[0], size[1], block)
+    names = [name for name in m.names if not (name == "hog" and hog_left_out(cfg, size))]
     return {"metrics": names, "normalization": m.normalization, "single_channel": single_channel,
             "ssim_data_range": m.ssim.data_range,
             "ssim_sigma": m.ssim.sigma, "ssim_sample_covariance": m.ssim.sample_covariance,
             "hog_pixels_per_cell": m.hog.pixels_per_cell, "hog_cells_per_block": m.hog.cells_per_block,
             "hog_orientations": m.hog.orientations}
+
+
+def hog_left_out(cfg: DictConfig, size: tuple[int, int] | None) -> bool:
+    """HOG is not computed on maps of `size` (H, W) smaller than one HOG block (it would be NaN
+    for every image), unless it is the only metric or the verdict's."""
+    m = cfg.metrics
+    block = m.hog.pixels_per_cell * m.hog.cells_per_block
+    return ("hog" in m.names and size is not None and min(size) < block and len(m.names) > 1
+            and cfg.verdict.metric != "hog")
 
 
 def prepare(cfg: DictConfig, device: torch.device) -> Prepared:

@@ -34,7 +34,6 @@ METRIC_TITLES = {
     "ssim": "SSIM",
     "hog": "HOG similarity",
 }
-SPEARMAN = ("spearman_abs", "spearman")
 UNBOUNDED = ("entropy", "entropy_rise")  # scores of the entropy test: nats, and a relative rise
 # Tests that compare two maps once (two models, or two target classes): bars, not curves.
 PAIR_YLABELS = {
@@ -154,11 +153,8 @@ def summary_figures(summary: pd.DataFrame, run: Run, out: Path) -> list[Path]:
         return []
     if run.test in PAIR_YLABELS:
         return [save(bars_figure(summary, run), out / f"{run.test}_similarity.png")]
-    paths = [save(curves_figure(summary, run), out / f"{run.test}_curves.png")]
-    spearman = [m for m in SPEARMAN if m in metrics]
-    if spearman:  # the two panels of the paper's Fig. 3
-        paths.append(save(curves_figure(summary, run, spearman), out / f"{run.test}_spearman.png"))
-    return paths
+    # one figure of every metric: the paper's Fig. 3 panels (the two rank correlations) are its first two
+    return [save(curves_figure(summary, run), out / f"{run.test}_curves.png")]
 
 
 def metrics_present(table: pd.DataFrame) -> list[str]:

@@ -299,7 +299,7 @@ def _figures(run_dir: Path, suffix: str = "") -> dict[str, list[dict]]:
     """The run's PNGs as data URIs, by section ("curves", "maps"), in FIGURE_SECTIONS' order;
     the verdict figure of this judgement (`suffix`) only, and each figure once."""
     found = sorted(p for p in (run_dir / "figures").glob("*.png")
-                   if not p.name.endswith("_spearman.png")  # two panels of _curves.png again
+                   if not p.name.endswith("_spearman.png")  # older runs' two panels of _curves.png again
                    and (not p.name.split(".")[0].endswith("_verdict") or p.name.endswith(f"_verdict{suffix}.png")))
     sections: dict[str, list[dict]] = {"curves": [], "maps": []}
     for section, caption, ending in FIGURE_SECTIONS:

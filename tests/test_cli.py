@@ -28,7 +28,7 @@ def test_run_writes_results_summary_and_figure(isolated):
     summary = pd.read_csv(run_dir / "summary.csv")
     assert {"method", "step", "block", "metric", "mean", "std", "n"} <= set(summary.columns)
     assert ((summary["n"] + summary["n_nan"]) == 4).all()
-    assert (run_dir / "figures" / "cascade_spearman.png").stat().st_size > 10_000
+    assert (run_dir / "figures" / "cascade_curves.png").stat().st_size > 10_000
     # figures redraw from the run directory alone
     for figure in (run_dir / "figures").iterdir():
         figure.unlink()

@@ -193,17 +193,30 @@ def test_the_command_prefers_what_hydra_recorded(run_dir, tmp_path):
     assert reproduce_command(tmp_path, {}) == ""
 
 
-def test_sanity_report_judges_again_with_other_settings(run_dir, tmp_path, capsys):
+def test_sanity_report_judges_again_with_other_settings_and_keeps_the_original(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    own_csv, own_html = (copy / "verdict.csv").read_bytes(), (copy / "report.html").read_bytes()
+    assert main(["report", str(copy), "verdict.threshold=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient  " in out and "fail" in out and f"report:  {copy / 'report.threshold=0.05.html'}" in out
+    verdicts = pd.read_csv(copy / "verdict.threshold=0.05.csv")
+    assert verdicts.loc[verdicts["decides"] & (verdicts["method"] == "gradient"), "verdict"].item() == "fail"
+    assert (copy / "verdict.csv").read_bytes() == own_csv and (copy / "report.html").read_bytes() == own_html
+    text = " ".join(Page((copy / "report.threshold=0.05.html").read_text(encoding="utf-8")).text)
+    assert "Re-judged" in text and "with threshold=0.05 (the run's own verdict settings" in text
+    assert (copy / "figures" / "cascade_verdict.threshold=0.05.png").is_file()
+    assert "Re-judged" not in (copy / "report.html").read_text(encoding="utf-8")
+
+
+def test_sanity_report_with_the_runs_own_settings_rewrites_its_own_files(run_dir, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "verdict.csv").unlink()
     (copy / "report.html").unlink()
-    assert main(["report", str(copy), "verdict.threshold=0.05"]) == 0
-    out = capsys.readouterr().out
-    assert "gradient  " in out and "fail" in out and f"report:  {copy / 'report.html'}" in out
-    verdicts = pd.read_csv(copy / "verdict.csv")
-    assert verdicts.loc[verdicts["decides"] & (verdicts["method"] == "gradient"), "verdict"].item() == "fail"
-    assert (copy / "report.html").is_file()
+    assert main(["report", str(copy), "verdict.threshold=0.5"]) == 0
+    assert (copy / "verdict.csv").is_file() and (copy / "report.html").is_file()
+    assert not list(copy.glob("verdict.*.csv"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -195,9 +195,13 @@ def collect(args: list[str]) -> int:
     print(f"collected {len(collected.runs)} runs (swept: {swept}) into {collected.out}")
     for note in collected.notes:
         print(f"note: {note}")
-    for name in ("results.csv", "summary.csv", "verdict.csv", "runs.csv"):
+    from sanity_cli.report import verdict_lines
+
+    for line in verdict_lines(collected.pooled.rename(columns={"n_draws": "n_seeds"})):
+        print(f"pooled: {line}")
+    for name in ("results.csv", "summary.csv", "verdict.csv", "pooled.csv", "runs.csv", "report.html"):
         if (collected.out / name).is_file():
-            print(f"{name[:-4] + ':':9}{collected.out / name}")
+            print(f"{name.split('.')[0] + ':':9}{collected.out / name}")
     for figure in collected.figures:
         print(f"figure:  {figure}")
     return 0

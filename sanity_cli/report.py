@@ -120,6 +120,40 @@ def report_context(run_dir: Path, verdicts: pd.DataFrame, suffix: str = "") -> d
     }
 
 
+def write_collection_report(out: Path, per_run: pd.DataFrame, pooled: pd.DataFrame, runs: list[str],
+                            figures: list[Path]) -> Path:
+    """out/report.html of `sanity collect`: per test, a method by run table of the runs' own
+    verdicts (verdict.csv, its `run` column naming the run), the pooled verdict beside it."""
+    tests = []
+    for test, part in pooled[pooled["decides"].astype(bool)].groupby("test", sort=False):
+        own = per_run[per_run["decides"].astype(bool) & (per_run["test"] == test)]
+        per_block = bool(part.groupby("method")["block"].nunique().max() > 1)
+        rows = []
+        for row in part.to_dict("records"):
+            same = own[(own["method"] == row["method"]) & (own["block"] == row["block"])]
+            by_run = {r["run"]: r for r in same.to_dict("records")}
+            cells = [{"verdict": by_run[run]["verdict"], "borderline": _true(by_run[run].get("borderline")),
+                      "mean": number(by_run[run]["mean"], 2)} if run in by_run else None for run in runs]
+            rows.append({"method": row["method"], "block": row["block"], "is_control": _true(row["is_control"]),
+                         "cells": cells, "pooled": row["verdict"], "borderline": _true(row["borderline"]),
+                         "mean": number(row["mean"]), "interval": f"[{number(row['ci_low'])}, {number(row['ci_high'])}]",
+                         "draws_agree": "" if pd.isna(row["draws_agree"]) else row["draws_agree"],
+                         "runs_agree": row["runs_agree"], "note": "" if pd.isna(row["note"]) else row["note"]})
+        first = part.iloc[0]
+        tests.append({"name": test, "metric": first["metric"], "threshold": number(first["threshold"], 2),
+                      "per_block": per_block, "rows": rows})
+    title = ", ".join(dict.fromkeys(f"{r.test}: {r.model} on {r.dataset}" for r in pooled.itertuples()))
+    level = f"{pooled['level'].iloc[0]:.0%}" if len(pooled) else ""
+    html = _environment().get_template("collect.html.j2").render(
+        title=title, runs=runs, tests=tests, level=level,
+        figures=[{"name": path.name, "uri": data_uri(path)} for path in figures if path.suffix == ".png"])
+    path = Path(out) / "report.html"
+    partial = path.with_suffix(".partial")
+    partial.write_text(html, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
 def verdict_lines(verdicts: pd.DataFrame) -> list[str]:
     """One line per deciding row, for the terminal: method (block), verdict, mean and interval."""
     deciding = verdicts[verdicts["decides"].astype(bool)]

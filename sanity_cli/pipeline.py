@@ -38,7 +38,7 @@ from sanity_cli.rundir import replace_atomically
 from sanity_cli.sharding import parse_shard, shard_images
 from sanity_cli.signal import figures_by_method, join_figures, table_of, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
-from sanity_cli.validation import validate
+from sanity_cli.validation import draw_seeds, validate
 
 log = logging.getLogger(__name__)
 CONTROLS = ("edge", "random")
@@ -353,7 +353,7 @@ def _seeds(cfg: DictConfig) -> list[int]:
     run's seed on (seed, seed + 1, ...); the run's seed alone when null."""
     seeds = cfg.test.get("seeds")
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return [int(cfg.seed) + k for k in range(seeds)]
+        return draw_seeds(int(cfg.seed), seeds)
     return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
 
 

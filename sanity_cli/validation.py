@@ -43,6 +43,12 @@ MAX_DRAWS = 100  # test.seeds as a number: each draw explains every state again
 MAXIMA = {"seed": SEED_LIMIT}
 
 
+def draw_seeds(seed: int, draws: int) -> list[int]:
+    """The seeds of `draws` randomization draws from the run's seed on: seed, seed + 1, ...
+    (past the largest seed, on from 0)."""
+    return [(seed + k) % (SEED_LIMIT + 1) for k in range(draws)]
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise SanityError for the first unknown name or bad value in `cfg`."""
     _check_keys(cfg)
@@ -142,7 +148,7 @@ def _check_lists(cfg: DictConfig) -> None:
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         if not 1 <= seeds <= MAX_DRAWS:
             raise SanityError(f"test.seeds as a number of draws must lie between 1 and {MAX_DRAWS}; got {seeds}")
-        seeds = [cfg.seed + k for k in range(seeds)] if isinstance(cfg.seed, int) else None
+        seeds = draw_seeds(cfg.seed, seeds) if isinstance(cfg.seed, int) else None
     elif seeds is not None and (not isinstance(seeds, ListConfig) or not seeds
                                 or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise SanityError(f"test.seeds must be a number of draws or a list of whole numbers, e.g. test.seeds=3 or "

@@ -408,11 +408,11 @@ def variant_outcomes(robustness: pd.DataFrame, *, threshold: float = 0.5, level:
     for decisive in _decisive_parts(robustness):
         for (test, model, dataset, method, block, scheme, metric), part in decisive.groupby(
                 [*KEYS, "block", "normalization", "metric"], sort=False):
-            summary = summarize_scores(part, level=level, resamples=resamples, seed=seed)
+            # judged as the verdict's own rows are (more resamples for an end near the threshold)
+            settings = VerdictSettings(threshold=threshold, level=level, resamples=resamples)
+            summary, outcome, _ = judged_summary(part, threshold, False, settings, seed)
             rows.append({"test": test, "model": model, "dataset": dataset, "method": method, "block": block,
-                         "normalization": scheme, "metric": metric, **summary,
-                         "outcome": judge(summary["ci_low"], summary["ci_high"], threshold, False, summary["n"],
-                                          margin=_error_near(summary, threshold))})
+                         "normalization": scheme, "metric": metric, **summary, "outcome": outcome})
     return pd.DataFrame(rows)
 
 

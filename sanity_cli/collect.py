@@ -90,7 +90,7 @@ def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collec
     pooled.to_csv(out / "pooled.csv", index=False)
     runs_csv = run_table(combos, swept)
     runs_csv.to_csv(out / "runs.csv", index=False)
-    figures = comparison_figures(results, swept, out / "figures")
+    figures = comparison_figures(results, swept, out / "figures", verdict)
     from sanity_cli.report import write_collection_report
 
     report = write_collection_report(out, verdict, pooled, run_labels(combos, swept), figures)
@@ -445,10 +445,17 @@ def decisive_rows(results: pd.DataFrame, swept: Sequence[str]) -> pd.DataFrame:
     return results[(results["step"] == last) & (results["step"] > 0)]
 
 
-def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -> list[Path]:
+VERDICT_SYMBOLS = {"pass": "✓", "fail": "✗", "inconclusive": "?", "uninformative": "∅", "not valid": "⊘",
+                   "undefined": "–"}
+
+
+def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path,
+                       verdicts: pd.DataFrame | None = None) -> list[Path]:
     """One figure per (test, metric): a panel per method, a bar per combination of the
-    swept settings (seeds pooled), mean ± std over images at the decisive step."""
-    from sanity_cli.figures import METRIC_TITLES, panels, save, style_panel, y_limits
+    swept settings (seeds pooled; the swept setting on the x-axis), mean ± std over images
+    at the decisive step; for the metric that decides, the threshold and each run's verdict
+    (`verdicts`: verdict.csv with its `run` column) above its bar."""
+    from sanity_cli.figures import METRIC_TITLES, THRESHOLD_COLOR, method_style, panels, save, style_panel, y_limits
 
     names = [n for k, n in swept_columns(swept).items() if not _is_seed(k)]
     decisive = decisive_rows(results, swept)
@@ -461,19 +468,42 @@ def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -
         combos, methods = list(dict.fromkeys(table["combo"])), list(dict.fromkeys(table["method"]))
         fig, axes = panels(len(methods), (max(3.0, 0.35 * len(combos) + 1.4), 3.8),
                            f"{METRIC_TITLES.get(metric, metric)}\nat the last step of {test}")
+        by = ", ".join(k for k in swept if not _is_seed(k)) or "run"
+        judged = _deciding(verdicts, test, metric)
         for ax, method in zip(axes, methods):
             bars = table[table["method"] == method].set_index("combo").reindex(combos)
-            ax.bar(range(len(combos)), bars["mean"], yerr=bars["std"].fillna(0), capsize=2, color="tab:blue",
-                   error_kw={"elinewidth": 1})
+            ax.bar(range(len(combos)), bars["mean"], yerr=bars["std"].fillna(0), capsize=2,
+                   color=method_style(method)[0], error_kw={"elinewidth": 1})
             ax.set_xticks(range(len(combos)), combos, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
             ax.set_ylim(*y_limits(metric, bars["mean"] - bars["std"].fillna(0)))
             style_panel(ax, metric)
             ax.set_title(method, fontsize=11)
-        by = ", ".join(k for k in swept if not _is_seed(k)) or "run"
+            ax.set_xlabel(by, fontsize=9)
+            if judged is not None:
+                ax.axhline(judged["threshold"].iloc[0], color=THRESHOLD_COLOR, linestyle="--", linewidth=1.2)
+                # a bar pools the seeds of a sweep, but each run has its own verdict: then none is drawn
+                words = (judged[judged["method"] == method].groupby("combo")["verdict"].first()
+                         if not any(_is_seed(k) for k in swept) else {})
+                for x, combo in enumerate(combos):
+                    if combo in words:
+                        ax.annotate(VERDICT_SYMBOLS.get(words[combo], "?"), (x, 1.0), ha="center", va="bottom",
+                                    fontsize=10, annotation_clip=False)
         pooled = " (seeds pooled)" if any(_is_seed(k) for k in swept) else ""
         fig.suptitle(f"{test}: {METRIC_TITLES.get(metric, metric)} by {by}{pooled}", fontsize=12)
         paths.append(save(fig, out / f"compare_{test}_{metric}.png"))
     return paths
+
+
+def _deciding(verdicts: pd.DataFrame | None, test: str, metric: str) -> pd.DataFrame | None:
+    """The deciding verdict rows of `test` when `metric` decides them, with a `combo` label
+    like the figure's; None otherwise."""
+    if verdicts is None or verdicts.empty or "run" not in verdicts:
+        return None
+    rows = verdicts[verdicts["decides"].astype(bool) & (verdicts["test"] == test) & (verdicts["metric"] == metric)]
+    if rows.empty:
+        return None
+    return rows.assign(combo=rows["run"].str.replace(r"(^|, )[^=,]*seed=[^,]*", "", regex=True)
+                       .str.replace(r"(^|, )[^=,]*=", r"\1", regex=True).str.strip(", ").replace("", "all runs"))
 
 
 def _is_seed(key: str) -> bool:

@@ -236,11 +236,16 @@ def _matrix(deciding: pd.DataFrame) -> dict:
 
 
 def qualified_warnings(warnings: list[str], deciding: pd.DataFrame) -> list[dict]:
-    """Each warning of the run with the verdicts it qualifies: the methods it names, else all."""
+    """Each warning of the run with the verdicts it qualifies: the method it opens with
+    ("gradcam: ..."), else the methods it names (controls only by that opening: their names,
+    random and edge, are words of other warnings too), else all."""
     methods = list(dict.fromkeys(deciding["method"])) if len(deciding) else []
+    controls = set(deciding.loc[deciding["is_control"].astype(bool), "method"]) if len(deciding) else set()
     found = []
     for text in warnings:
-        named = [m for m in methods if re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", text)]
+        opening = text.split(":", 1)[0].strip()
+        named = [opening] if opening in methods else [
+            m for m in methods if m not in controls and re.search(rf"(?<![\w.]){re.escape(m)}(?![\w])", text)]
         found.append({"text": text, "methods": ", ".join(named) if named else "all verdicts"})
     return found
 

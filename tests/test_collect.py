@@ -44,7 +44,7 @@ def test_collect_merges_a_joblib_sweep_with_the_swept_setting_as_a_column(sweep,
     assert list(merged.columns) == ["cfg.target", *jobs[0].columns]
     assert merged["cfg.target"].tolist() == ["predicted"] * len(jobs[0]) + ["original"] * len(jobs[1])
     pd.testing.assert_frame_equal(merged.drop(columns="cfg.target"), pd.concat(jobs, ignore_index=True))
-    assert len(merged) == 2 * 4 * 5 * 4  # jobs x images x states x metrics
+    assert len(merged) == 2 * 4 * 5 * 3  # jobs x images x states x metrics (no HOG on 28x28 maps)
 
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     models = json.loads((sweep / "0" / "run.json").read_text())["models"]
@@ -53,12 +53,16 @@ def test_collect_merges_a_joblib_sweep_with_the_swept_setting_as_a_column(sweep,
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
-    assert runs["cfg.target"].tolist() == ["predicted", "original"] and runs["rows"].tolist() == [80, 80]
+    assert runs["cfg.target"].tolist() == ["predicted", "original"] and runs["rows"].tolist() == [60, 60]
     assert runs["train_accuracy"].tolist() == [models["trained"]["train_accuracy"]] * 2
     verdict = pd.read_csv(tmp_path / "out" / "verdict.csv")
     assert set(verdict["cfg.target"]) == {"predicted", "original"} and set(verdict["method"]) == {"gradient"}
     for metric in ("spearman_abs", "ssim"):
         assert (tmp_path / "out" / "figures" / f"compare_cascade_{metric}.png").stat().st_size > 0
+    pooled = pd.read_csv(tmp_path / "out" / "pooled.csv")
+    gradient = pooled[pooled["decides"]].iloc[0]
+    assert gradient["n_draws"] == 2 and gradient["runs_agree"].endswith("/2")  # one draw in each run
+    assert "pooled: gradient" in done.stdout and (tmp_path / "out" / "report.html").is_file()
 
 
 def test_figures_compare_the_last_step_of_each_run(sweep, tmp_path):

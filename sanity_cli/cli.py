@@ -33,7 +33,8 @@ verbs:
   figures RUN_DIR [verdict.KEY=VALUE ...]
                     redraw the figures, summary and verdicts of a run from its results.csv
   report RUN_DIR [verdict.KEY=VALUE ...]
-                    judge each method again and write the run's report.html (opens in a browser)
+                    write the run's report.html (opens in a browser); with other verdict settings, judge
+                    again into verdict.KEY=VALUE.csv and report.KEY=VALUE.html beside the run's own
   paper FIG [OVERRIDES] [--out DIR]
                     rerun a figure of the paper (fig1 .. fig6, or all) into DIR (outputs/paper)
   collect DIR [DIR ...] [--out DIR]
@@ -92,24 +93,28 @@ def redraw(args: list[str]) -> int:
     from sanity_cli.pipeline import finish
     from sanity_cli.report import interval_settings, write_report
     from sanity_cli.results import check_maps
-    from sanity_cli.verdict import parse_overrides, write_verdicts
+    from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         overrides = parse_overrides(args[1:])
         check_maps(run_dir)
         figures = finish(run_dir).figures
-        verdicts = write_verdicts(run_dir, overrides)
-        figures.append(draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts)))
-        if (run_dir / "report.html").is_file():  # keep it in step with verdict.csv
-            figures.append(write_report(run_dir))
+        # other verdict settings than the run's own: judged beside its own verdict.csv, which stays
+        name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
+        csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
+        verdicts = write_verdicts(run_dir, overrides, name=csv_name)
+        figures.append(draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts),
+                                           suffix=f".{name}" if name else ""))
+        if (run_dir / "report.html").is_file():  # keep it in step with the verdicts
+            figures.append(write_report(run_dir, verdicts, rejudged=name))
     except SanityError as error:
         return fail(str(error))
     except OSError as error:  # a read-only directory or file system, a full disk
         return fail(unwritable(run_dir, error, "figures"))
     for path in filter(None, figures):
         print(path)
-    print(run_dir / "verdict.csv")
+    print(run_dir / csv_name)
     return 0
 
 
@@ -122,20 +127,24 @@ def report(args: list[str]) -> int:
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
     from sanity_cli.report import verdict_lines, write_report
     from sanity_cli.results import check_maps
-    from sanity_cli.verdict import parse_overrides, write_verdicts
+    from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         check_maps(run_dir)
-        verdicts = write_verdicts(run_dir, parse_overrides(args[1:]))
-        path = write_report(run_dir)
+        overrides = parse_overrides(args[1:])
+        # other verdict settings than the run's own: written beside its own files, which stay
+        name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
+        csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
+        verdicts = write_verdicts(run_dir, overrides, name=csv_name)
+        path = write_report(run_dir, verdicts, rejudged=name)
     except SanityError as error:
         return fail(str(error))
     except OSError as error:  # a read-only directory or file system, a full disk
         return fail(unwritable(run_dir, error, "report"))
     for line in verdict_lines(verdicts):
         print(line)
-    print(f"verdict: {run_dir / 'verdict.csv'}")
+    print(f"verdict: {run_dir / csv_name}")
     print(f"report:  {path}")
     return 0
 
@@ -206,9 +215,13 @@ def collect(args: list[str]) -> int:
     print(f"collected {len(collected.runs)} runs (swept: {swept}) into {collected.out}")
     for note in collected.notes:
         print(f"note: {note}")
-    for name in ("results.csv", "summary.csv", "verdict.csv", "runs.csv"):
+    from sanity_cli.report import verdict_lines
+
+    for line in verdict_lines(collected.pooled.rename(columns={"n_draws": "n_seeds"})):
+        print(f"pooled: {line}")
+    for name in ("results.csv", "summary.csv", "verdict.csv", "pooled.csv", "runs.csv", "report.html"):
         if (collected.out / name).is_file():
-            print(f"{name[:-4] + ':':9}{collected.out / name}")
+            print(f"{name.split('.')[0] + ':':9}{collected.out / name}")
     for figure in collected.figures:
         print(f"figure:  {figure}")
     return 0

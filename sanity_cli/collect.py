@@ -6,6 +6,10 @@ refuses any that is unfinished or failed, and writes into `out`:
   results.csv   every run's rows, with one column per swept setting in front
   summary.csv   sanity_cli.results.summarize per combination of swept settings
   verdict.csv   sanity_cli.verdict.verdict_table per combination, under the runs' verdict settings
+  pooled.csv    one verdict per test, model, dataset, method (and block, metric) over all the runs: each
+                run's randomization seeds are draws of their own, resampled first, then the images
+                within each (`pooled_verdicts`); `runs_agree` counts the runs whose own verdict is the same
+  report.html   the runs' verdicts as a method by run table, with the pooled verdict beside them
   runs.csv      one line per run: its directory, swept settings, shard, rows, accuracies
   figures/      per test and metric: each method's similarity at the decisive (last) step,
                 one bar per combination of swept settings (seeds pooled)
@@ -62,6 +66,8 @@ class Collected:
     verdict: pd.DataFrame
     figures: list[Path]
     notes: list[str]
+    pooled: pd.DataFrame | None = None
+    report: Path | None = None
 
 
 def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collected:
@@ -84,9 +90,15 @@ def collect(dirs: Sequence[str | Path], out: str | Path | None = None) -> Collec
     results.to_csv(out / "results.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     verdict.to_csv(out / "verdict.csv", index=False)
-    run_table(combos, swept).to_csv(out / "runs.csv", index=False)
-    figures = comparison_figures(results, swept, out / "figures")
-    return Collected(out, runs, swept, results, summary, verdict, figures, notes)
+    pooled = pooled_verdicts(combos, tables, verdict, swept)
+    pooled.to_csv(out / "pooled.csv", index=False)
+    runs_csv = run_table(combos, swept)
+    runs_csv.to_csv(out / "runs.csv", index=False)
+    figures = comparison_figures(results, swept, out / "figures", verdict)
+    from sanity_cli.report import write_collection_report
+
+    report = write_collection_report(out, verdict, pooled, run_labels(combos, swept), figures)
+    return Collected(out, runs, swept, results, summary, verdict, figures, notes, pooled, report)
 
 
 # -- finding and reading runs -------------------------------------------------------------------
@@ -378,10 +390,69 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
         if len(combo) > 1 and any((run.path / "signal.csv").is_file() for run in combo):
             notes.append(f"signal.csv of the shards of {first.path.parent} is per shard and not merged: "
                          "their verdicts do not mark uninformative methods")
-        judged = verdict.verdict_table(table, **asdict(verdict.settings_of(first.settings)), **extra,
+        settings = verdict.settings_of(first.settings)
+        if len(combo) == 1:  # a shard's record holds its own images' accuracy only: no preconditions of shards
+            extra["evidence"] = verdict.evidence_of(first.path, table, settings.level)
+        else:
+            notes.append(f"the preconditions of the shards of {first.path.parent} are not tested (each shard "
+                         "records its own images only)")
+        judged = verdict.verdict_table(table, **asdict(settings), **extra,
                                        controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)))
-        parts.append(_with_swept(judged.reset_index(drop=True), first, swept))
+        parts.append(_with_swept(judged.reset_index(drop=True), first, swept).assign(run=_label(first, swept)))
     return pd.concat(parts, ignore_index=True), notes
+
+
+def _label(run: FoundRun, swept: Sequence[str]) -> str:
+    """A run's name in the collection: its swept values, else its directory's name."""
+    return ", ".join(f"{key}={run.swept[key]}" for key in swept) or run.path.name
+
+
+def run_labels(combos: Sequence[Sequence[FoundRun]], swept: Sequence[str]) -> list[str]:
+    return [_label(combo[0], swept) for combo in combos]
+
+
+POOLED_KEYS = ["test", "model", "dataset", "method", "block", "metric"]
+
+
+def pooled_verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame], per_run: pd.DataFrame,
+                    swept: Sequence[str]) -> pd.DataFrame:
+    """One verdict per (test, model, dataset, method, block, metric) over all runs collected.
+
+    Every run's randomization seeds become draws of their own (two runs' seed 0 are two
+    draws: another model, another sweep value), so the bootstrap resamples draws first,
+    then the images within each (`verdict.bootstrap_interval`). Judged under the first
+    run's verdict settings. `runs_agree` says how many runs' own verdicts (`per_run`,
+    verdict.csv) are the same; a row that is `not valid` in any run is not valid pooled.
+    """
+    from sanity_cli import verdict
+
+    draws, parts = {}, []
+    for index, table in enumerate(tables):
+        ids = [draws.setdefault((index, seed), len(draws)) for seed in table["seed"]]
+        parts.append(table.assign(seed=ids))
+    pooled_rows = pd.concat(parts, ignore_index=True)
+    settings = verdict.settings_of(combos[0][0].settings)
+    controls = set().union(*(verdict.controls_of_run(run.path) for combo in combos for run in combo))
+    pooled = verdict.verdict_table(pooled_rows, **asdict(settings), controls=controls)
+    pooled = pooled.rename(columns={"seeds_agree": "draws_agree", "n_seeds": "n_draws"})
+    return _runs_agree(pooled, per_run, len(tables))
+
+
+def _runs_agree(pooled: pd.DataFrame, per_run: pd.DataFrame, n_runs: int) -> pd.DataFrame:
+    """`runs_agree` ('k/R') beside each pooled row; rows not valid in some run become not valid."""
+    own = per_run.groupby(POOLED_KEYS, sort=False)["verdict"].agg(list)
+    notes = per_run.groupby(POOLED_KEYS, sort=False)["note"].agg(list)
+    agree, verdicts, pooled_notes = [], list(pooled["verdict"]), list(pooled["note"])
+    for i, row in enumerate(pooled.itertuples(index=False)):
+        key = tuple(getattr(row, k) for k in POOLED_KEYS)
+        words = own.get(key, [])
+        if "not valid" in words:
+            reason = next(n for w, n in zip(words, notes[key]) if w == "not valid")
+            verdicts[i] = "not valid"
+            pooled_notes[i] = "; ".join(filter(None, [f"not valid in {words.count('not valid')} of {len(words)} "
+                                                      f"runs ({reason})", pooled_notes[i]]))
+        agree.append(f"{sum(w == verdicts[i] for w in words)}/{n_runs}")
+    return pooled.assign(verdict=verdicts, note=pooled_notes, runs_agree=agree)
 
 
 def decisive_rows(results: pd.DataFrame, swept: Sequence[str]) -> pd.DataFrame:
@@ -392,10 +463,17 @@ def decisive_rows(results: pd.DataFrame, swept: Sequence[str]) -> pd.DataFrame:
     return results[(results["step"] == last) & (results["step"] > 0)]
 
 
-def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -> list[Path]:
+VERDICT_SYMBOLS = {"pass": "✓", "fail": "✗", "inconclusive": "?", "uninformative": "∅", "not valid": "⊘",
+                   "undefined": "–"}
+
+
+def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path,
+                       verdicts: pd.DataFrame | None = None) -> list[Path]:
     """One figure per (test, metric): a panel per method, a bar per combination of the
-    swept settings (seeds pooled), mean ± std over images at the decisive step."""
-    from sanity_cli.figures import METRIC_TITLES, panels, save, style_panel, y_limits
+    swept settings (seeds pooled; the swept setting on the x-axis), mean ± std over images
+    at the decisive step; for the metric that decides, the threshold and each run's verdict
+    (`verdicts`: verdict.csv with its `run` column) above its bar."""
+    from sanity_cli.figures import METRIC_TITLES, THRESHOLD_COLOR, method_style, panels, save, style_panel, y_limits
 
     names = [n for k, n in swept_columns(swept).items() if not _is_seed(k)]
     decisive = decisive_rows(results, swept)
@@ -408,20 +486,43 @@ def comparison_figures(results: pd.DataFrame, swept: Sequence[str], out: Path) -
         combos, methods = list(dict.fromkeys(table["combo"])), list(dict.fromkeys(table["method"]))
         fig, axes = panels(len(methods), (max(3.0, 0.35 * len(combos) + 1.4), 3.8),
                            f"{METRIC_TITLES.get(metric, metric)}\nat the last step of {test}")
+        by = ", ".join(k for k in swept if not _is_seed(k)) or "run"
+        judged = _deciding(verdicts, test, metric)
         for ax, method in zip(axes, methods):
             bars = table[table["method"] == method].set_index("combo").reindex(combos)
-            ax.bar(range(len(combos)), bars["mean"], yerr=bars["std"].fillna(0), capsize=2, color="tab:blue",
-                   error_kw={"elinewidth": 1})
+            ax.bar(range(len(combos)), bars["mean"], yerr=bars["std"].fillna(0), capsize=2,
+                   color=method_style(method)[0], error_kw={"elinewidth": 1})
             ax.set_xticks(range(len(combos)), combos, rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
             ax.set_ylim(*y_limits(metric, bars["mean"] - bars["std"].fillna(0)))
             style_panel(ax, metric)
             ax.set_title(method, fontsize=11)
-        by = ", ".join(k for k in swept if not _is_seed(k)) or "run"
+            ax.set_xlabel(by, fontsize=9)
+            if judged is not None:
+                ax.axhline(judged["threshold"].iloc[0], color=THRESHOLD_COLOR, linestyle="--", linewidth=1.2)
+                # a bar pools the seeds of a sweep, but each run has its own verdict: then none is drawn
+                words = (judged[judged["method"] == method].groupby("combo")["verdict"].first()
+                         if not any(_is_seed(k) for k in swept) else {})
+                for x, combo in enumerate(combos):
+                    if combo in words:
+                        ax.annotate(VERDICT_SYMBOLS.get(words[combo], "?"), (x, 1.0), ha="center", va="bottom",
+                                    fontsize=10, annotation_clip=False)
         pooled = " (seeds pooled)" if any(_is_seed(k) for k in swept) else ""
         fig.suptitle(f"{test}: {METRIC_TITLES.get(metric, metric)} by {by}{pooled}", fontsize=12)
         name = f"compare_{plain_name(test, 'test')}_{plain_name(metric, 'metric')}.png"  # names read from files
         paths.append(save(fig, out / name))
     return paths
+
+
+def _deciding(verdicts: pd.DataFrame | None, test: str, metric: str) -> pd.DataFrame | None:
+    """The deciding verdict rows of `test` when `metric` decides them, with a `combo` label
+    like the figure's; None otherwise."""
+    if verdicts is None or verdicts.empty or "run" not in verdicts:
+        return None
+    rows = verdicts[verdicts["decides"].astype(bool) & (verdicts["test"] == test) & (verdicts["metric"] == metric)]
+    if rows.empty:
+        return None
+    return rows.assign(combo=rows["run"].str.replace(r"(^|, )[^=,]*seed=[^,]*", "", regex=True)
+                       .str.replace(r"(^|, )[^=,]*=", r"\1", regex=True).str.strip(", ").replace("", "all runs"))
 
 
 def _is_seed(key: str) -> bool:

@@ -19,16 +19,18 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")  # figures are files; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from sanity_cli.errors import SanityError
+from sanity_cli.results import read_info, read_results, read_run_file
+from sanity_cli.rundir import plain_name
 
-from sanity_cli.results import read_results, read_run_file  # noqa: E402
-from sanity_cli.rundir import plain_name  # noqa: E402
+# Figures are built as matplotlib Figure objects, never through pyplot: drawing them
+# neither needs nor changes the caller's backend (a notebook keeps its own).
 
 METRIC_TITLES = {
     "spearman_abs": "Rank correlation (absolute value)",
@@ -36,14 +38,7 @@ METRIC_TITLES = {
     "ssim": "SSIM",
     "hog": "HOG similarity",
 }
-SPEARMAN = ("spearman_abs", "spearman")
 UNBOUNDED = ("entropy", "entropy_rise")  # scores of the entropy test: nats, and a relative rise
-STEP_XLABELS = {
-    "cascade": "blocks re-initialized, cumulative from the top (logits) down",
-    "smooth_cascade": "blocks re-initialized, cumulative from the top (logits) down",
-    "entropy": "blocks re-initialized, cumulative from the top (logits) down",
-    "independent": "block re-initialized alone (the rest trained)",
-}
 # Tests that compare two maps once (two models, or two target classes): bars, not curves.
 PAIR_YLABELS = {
     "data": "similarity: true-label vs shuffled-label model",
@@ -65,6 +60,7 @@ class Run:
     title: str  # model, dataset, test and seed(s)
     methods: list[str]  # display order, controls included
     controls: list[str]
+    xlabel: str = "model state"  # the check's, for the order the states were made in
 
     @property
     def explainers(self) -> list[str]:
@@ -90,14 +86,15 @@ def draw_all(run_dir: Path) -> list[Path]:
     # Inception run holds hundreds of MB of maps, never all needed at once.
     with (np.load(maps_path) if maps_path.exists() else contextlib.nullcontext()) as npz:
         meta = json.loads(str(npz["meta"][()])) if npz is not None else None
-        run = describe_run(summary, meta)
+        run = describe_run(summary, meta, run_order(run_dir))
         paths = summary_figures(summary, run, out) if summary is not None else []
         return paths + (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
                         if npz is not None and meta.get("states") else [])  # no states: every map was lost
 
 
-def describe_run(summary: pd.DataFrame | None, meta: dict | None) -> Run:
-    """Test, title, method order and controls: from maps.npz's meta when present, else summary.csv."""
+def describe_run(summary: pd.DataFrame | None, meta: dict | None, order: str = "top_down") -> Run:
+    """Test, title, method order, controls and x-axis label: from maps.npz's meta when present,
+    else summary.csv; `order` is the run's test.order."""
     if meta is not None:
         controls = list(meta.get("controls", []))
         methods = list(dict.fromkeys([*meta["methods"], *controls]))
@@ -111,7 +108,27 @@ def describe_run(summary: pd.DataFrame | None, meta: dict | None) -> Run:
         methods += [m for m in dict.fromkeys(summary["method"]) if m not in methods]
     seeds = summary["seed"] if summary is not None else [s["seed"] for s in meta["states"]]
     plain_name(test, "test")  # it names the figures' files, and comes from the run's files
-    return Run(test, with_seeds(title, sorted(set(int(s) for s in seeds))), methods, controls)
+    return Run(test, with_seeds(title, sorted(set(int(s) for s in seeds))), methods, controls,
+               axis_label(test, order))
+
+
+def run_order(run_dir: Path) -> str:
+    """The run's test.order (run.json), top_down when it has none."""
+    try:
+        settings = read_info(run_dir).get("settings", {})
+    except SanityError:  # a damaged run.json: its own reader says so where it matters
+        return "top_down"
+    return (settings.get("test") or {}).get("order") or "top_down"
+
+
+def axis_label(test: str, order: str) -> str:
+    """The check's x-axis label for the order its states were made in."""
+    from sanity_cli import checks
+
+    try:
+        return checks.get(test).axis_label(order)
+    except SanityError:  # a run of a check this installation lacks: a neutral label
+        return "model state"
 
 
 def with_seeds(title: str, seeds: Sequence[int]) -> str:
@@ -122,13 +139,10 @@ def with_seeds(title: str, seeds: Sequence[int]) -> str:
 
 
 def save(fig: Figure, png: Path, dpi: int = 120) -> Path:
-    """Write `fig` as `png` and its PDF twin, close it, return `png`."""
-    try:
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png, dpi=dpi)
-        fig.savefig(png.with_suffix(".pdf"))
-    finally:
-        plt.close(fig)
+    """Write `fig` as `png` and its PDF twin, return `png` (a pyplot-free figure needs no closing)."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=dpi)
+    fig.savefig(png.with_suffix(".pdf"))
     return png
 
 
@@ -142,11 +156,8 @@ def summary_figures(summary: pd.DataFrame, run: Run, out: Path) -> list[Path]:
         return []
     if run.test in PAIR_YLABELS:
         return [save(bars_figure(summary, run), out / f"{run.test}_similarity.png")]
-    paths = [save(curves_figure(summary, run), out / f"{run.test}_curves.png")]
-    spearman = [m for m in SPEARMAN if m in metrics]
-    if spearman:  # the two panels of the paper's Fig. 3
-        paths.append(save(curves_figure(summary, run, spearman), out / f"{run.test}_spearman.png"))
-    return paths
+    # one figure of every metric: the paper's Fig. 3 panels (the two rank correlations) are its first two
+    return [save(curves_figure(summary, run), out / f"{run.test}_curves.png")]
 
 
 def metrics_present(table: pd.DataFrame) -> list[str]:
@@ -167,18 +178,37 @@ def mean_over_seeds(summary: pd.DataFrame) -> pd.DataFrame:
         block=("block", "first"), mean=("mean", "mean"), std=("std", "mean"))
 
 
-def method_colors(methods: Sequence[str]) -> dict[str, tuple]:
-    """One colour per method, the same in every figure of a run."""
-    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
-    return {m: palette[i % len(palette)] for i, m in enumerate(methods)}
+# One colour and marker per method, the same in every run and figure: the paper's methods
+# and the controls have their own; any other method takes the first free one, by name.
+# None is red or black, the colours of the threshold line.
+METHOD_STYLES = {
+    "gradient": ("#1f77b4", "o"), "input_x_gradient": ("#ff7f0e", "s"), "integrated_gradients": ("#2ca02c", "^"),
+    "guided_backprop": ("#9467bd", "D"), "gradcam": ("#8c564b", "v"), "guided_gradcam": ("#e377c2", "P"),
+    "smoothgrad": ("#17becf", "X"), "vargrad": ("#bcbd22", "*"), "edge": ("#4d4d4d", "h"), "random": ("#999999", "p"),
+}
+EXTRA_STYLES = [("#393b79", "<"), ("#637939", ">"), ("#8c6d31", "d"), ("#7b4173", "H"), ("#3182bd", "8"),
+                ("#31a354", "1"), ("#756bb1", "2"), ("#636363", "3"), ("#e6550d", "4"), ("#6baed6", "+")]
+THRESHOLD_COLOR = "#d62728"  # red: no method's colour
+
+
+def method_style(method: str) -> tuple[str, str]:
+    """(colour, marker) of a method: fixed for the known ones, else from a hash of its name."""
+    if method in METHOD_STYLES:
+        return METHOD_STYLES[method]
+    return EXTRA_STYLES[sum(map(ord, method)) % len(EXTRA_STYLES)]
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """One colour per method, the same in every figure and every run."""
+    return {m: method_style(m)[0] for m in methods}
 
 
 def y_limits(metric: str, lows: Iterable[float]) -> tuple[float, float]:
-    """Similarities are at most 1; the floor is 0 unless a signed rank correlation or the data go lower."""
-    floor = -1.05 if metric == "spearman" else -0.05
+    """Similarities are at most 1; the floor is 0 unless the data go lower (a signed rank
+    correlation reaches down only as far as its values do, not to -1 regardless)."""
     lows = np.asarray(list(lows), dtype=float)
-    lowest = np.nanmin(lows) - 0.05 if np.isfinite(lows).any() else floor
-    return max(-1.05, min(floor, lowest)), 1.05
+    lowest = np.nanmin(lows) - 0.05 if np.isfinite(lows).any() else -0.05
+    return max(-1.05, min(-0.05, lowest)), 1.05
 
 
 def limit_y(ax: Axes, metric: str, lows: Iterable[float]) -> None:
@@ -206,8 +236,8 @@ def curves_figure(summary: pd.DataFrame, run: Run, metrics: list[str] | None = N
         ax.set_xticks(blocks["step"], blocks["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
         limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0))
         style_panel(ax, metric)
-    fig.supxlabel(STEP_XLABELS.get(run.test, "model state"), fontsize=10)
-    fig.suptitle(run.title, fontsize=12)
+    fig.supxlabel(run.xlabel, fontsize=10)
+    fig.suptitle(f"{run.title}\nbands: one standard deviation over images", fontsize=12)
     figure_legend(fig, axes)
     return fig
 
@@ -216,8 +246,8 @@ def panels(n: int, size: tuple[float, float], ylabel: str) -> tuple[Figure, list
     """n panels of `size` inches, as many a row as fit in about 16 inches, with room for the legend."""
     per_row = max(1, min(n, int(16 // size[0])))
     n_rows = -(-n // per_row)
-    fig, grid = plt.subplots(n_rows, per_row, figsize=(size[0] * per_row + 2.4, size[1] * n_rows + 0.6),
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=(size[0] * per_row + 2.4, size[1] * n_rows + 0.6), layout="constrained")
+    grid = fig.subplots(n_rows, per_row, squeeze=False)
     for ax in grid.flat[n:]:
         ax.remove()
     for row in grid:
@@ -232,7 +262,8 @@ def draw_curves(ax: Axes, rows: pd.DataFrame, methods: Sequence[str], colors: di
         if line.empty:
             continue
         std = line["std"].fillna(0)  # one image: no spread to draw
-        ax.plot(line["step"], line["mean"], marker="o", markersize=3, color=colors[method], label=method)
+        ax.plot(line["step"], line["mean"], marker=method_style(method)[1], markersize=4, color=colors[method],
+                label=method)
         ax.fill_between(line["step"], line["mean"] - std, line["mean"] + std, color=colors[method],
                         alpha=0.15, linewidth=0)
 
@@ -377,7 +408,7 @@ def image_tile(image: np.ndarray) -> np.ndarray:
 def map_tile(saliency: np.ndarray, signed: bool, shape: tuple[int, int]) -> np.ndarray:
     """(C_m, H, W) map -> (h, w, 3) uint8: grayscale of |map|, or the signed map in blue-white-red."""
     if signed:
-        rgb = plt.get_cmap("bwr")((normalize_signed(saliency) + 1) / 2)[..., :3]
+        rgb = matplotlib.colormaps["bwr"]((normalize_signed(saliency) + 1) / 2)[..., :3]
     else:
         rgb = np.repeat(normalize_abs(saliency)[..., None], 3, axis=-1)
     return fit(rgb, shape)
@@ -420,7 +451,7 @@ def map_grid_figure(mosaic: np.ndarray, row_labels: list[str], column_labels: li
     grid would otherwise spend seconds creating and drawing 190 axes.
     """
     figsize, rect, rotate = grid_layout(row_labels, column_labels, title)
-    fig = plt.figure(figsize=figsize)
+    fig = Figure(figsize=figsize)
     ax = fig.add_axes(rect)
     ax.imshow(mosaic)
     height, width = mosaic.shape[:2]
@@ -465,9 +496,9 @@ CHANGE_WORDS = {"below": "pass below", "above": "pass above"}
 
 
 def draw_verdict_figure(run_dir: Path, verdicts: pd.DataFrame, *, level: float = 0.95, resamples: int = 1000,
-                        seed: int = 0) -> Path | None:
+                        seed: int = 0, suffix: str = "") -> Path | None:
     """The deciding metric of `verdicts` at every state, with its bootstrap interval and the
-    threshold: run_dir/figures/{test}_verdict.png (and .pdf). None when nothing decides."""
+    threshold: run_dir/figures/{test}_verdict{suffix}.png (and .pdf). None when nothing decides."""
     from sanity_cli.verdict import interval_table  # the verdict module draws nothing; only this figure needs it
 
     deciding = verdicts[verdicts["decides"].astype(bool)]
@@ -477,9 +508,9 @@ def draw_verdict_figure(run_dir: Path, verdicts: pd.DataFrame, *, level: float =
     results = read_results(run_dir)
     first = deciding.iloc[0]
     intervals = interval_table(results, str(first["metric"]), level=level, resamples=resamples, seed=seed)
-    run = describe_run(results, read_meta(run_dir / "maps.npz"))
+    run = describe_run(results, read_meta(run_dir / "maps.npz"), run_order(run_dir))
     fig = verdict_figure(intervals, deciding, run, level)
-    return save(fig, run_dir / "figures" / f"{run.test}_verdict.png")
+    return save(fig, run_dir / "figures" / f"{run.test}_verdict{suffix}.png")
 
 
 def read_meta(maps_path: Path) -> dict | None:
@@ -515,19 +546,20 @@ def verdict_figure(intervals: pd.DataFrame, deciding: pd.DataFrame, run: Run, le
     else:
         for method in methods:
             draw_interval_curve(ax, rows[rows["method"] == method].sort_values("step"), colors[method],
-                                method in run.controls, label[method])
+                                method in run.controls, label[method], method_style(method)[1])
         ax.set_xticks(steps["step"], steps["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor",
                       fontsize=9)
-        fig.supxlabel(STEP_XLABELS.get(run.test, "model state"), fontsize=10)
-    ax.axhline(threshold, color="crimson", linestyle="--", linewidth=1.5,
+        fig.supxlabel(run.xlabel, fontsize=10)
+    ax.axhline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
                label=f"threshold {threshold:g} ({CHANGE_WORDS.get(change, change)})")
     limit_y(ax, metric, [*rows["ci_low"], threshold])
     style_panel(ax, metric)
-    ax.set_title(f"{METRIC_TITLES.get(metric, metric)}\nmean over images and {level:.0%} bootstrap interval",
-                 fontsize=10)
+    draws = "images and draws" if deciding["n_seeds"].max() > 1 else "images"
+    ax.set_title(f"{METRIC_TITLES.get(metric, metric)}\nmean; {'bars' if pair else 'bands'}: {level:.0%} "
+                 f"bootstrap interval over {draws}", fontsize=10)
     fig.suptitle(run.title, fontsize=12)
     if pair:
-        handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods]
+        handles = [Rectangle((0, 0), 1, 1, color=colors[m]) for m in methods]
         fig.legend([*handles, *ax.get_legend_handles_labels()[0]], [*(label[m] for m in methods),
                    *ax.get_legend_handles_labels()[1]], loc="outside right upper", fontsize=9)
     else:
@@ -535,11 +567,12 @@ def verdict_figure(intervals: pd.DataFrame, deciding: pd.DataFrame, run: Run, le
     return fig
 
 
-def draw_interval_curve(ax: Axes, line: pd.DataFrame, color, is_control: bool, label: str) -> None:
+def draw_interval_curve(ax: Axes, line: pd.DataFrame, color, is_control: bool, label: str,
+                        marker: str = "o") -> None:
     """A method's mean over the states with its interval as a band; controls dashed and grey-banded."""
     if line.empty:
         return
-    ax.plot(line["step"], line["mean"], marker="o", markersize=3, color=color, label=label,
+    ax.plot(line["step"], line["mean"], marker=marker, markersize=4, color=color, label=label,
             linestyle="--" if is_control else "-", linewidth=1.2 if is_control else 1.6)
     ax.fill_between(line["step"], line["ci_low"], line["ci_high"], color=color, alpha=0.1 if is_control else 0.2,
                     linewidth=0)

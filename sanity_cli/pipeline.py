@@ -41,7 +41,7 @@ from sanity_cli.rundir import replace_atomically, writing
 from sanity_cli.sharding import parse_shard, shard_images
 from sanity_cli.signal import figures_by_method, join_figures, table_of, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
-from sanity_cli.validation import validate
+from sanity_cli.validation import draw_seeds, validate
 
 log = logging.getLogger(__name__)
 CONTROLS = ("edge", "random")
@@ -94,14 +94,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> RunResult:
     started = time.perf_counter()
     validate(cfg)
     device = resolve_device(cfg.device)
-    with RunStore(Path(run_dir), settings_for_fingerprint(cfg, device), resume=cfg.resume) as store:
+    with RunStore(Path(run_dir), settings_for_fingerprint(cfg, device), resume=cfg.resume) as store, \
+            store.recording_warnings():
         torch.manual_seed(cfg.seed)
         prepared = prepare(cfg, device)
-        return execute(cfg, prepared, store, started)
+        return execute(cfg, prepared, store, started, prepared_s=time.perf_counter() - started)
 
 
-def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float | None = None) -> RunResult:
-    """The check that `cfg.test` names, on prepared models and images, into `store`."""
+def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float | None = None,
+            prepared_s: float | None = None) -> RunResult:
+    """The check that `cfg.test` names, on prepared models and images, into `store`.
+    prepared_s: the seconds that loading the data and training (or loading) the models took."""
+    with store.recording_warnings():
+        return _execute(cfg, prepared, store, started, prepared_s)
+
+
+def _execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float | None,
+             prepared_s: float | None) -> RunResult:
     started = time.perf_counter() if started is None else started
     check = checks.get(cfg.test.name)
     model = prepared.models["trained"].model
@@ -123,9 +132,17 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     subject = checks.Subject(cfg.test, {name: m.model for name, m in prepared.models.items()},
                              prepared.num_outputs, blocks, trained)
     check.check_fit(subject)
-    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()})
+    size = tuple(prepared.images.shape[-2:])
+    if hog_left_out(cfg, size):
+        log.info("hog left out: the %dx%d maps are smaller than one HOG block (%d pixels); lower "
+                 "metrics.hog.pixels_per_cell to compute it", *size,
+                 cfg.metrics.hog.pixels_per_cell * cfg.metrics.hog.cells_per_block)
+    store.record_models({name: (m.train_accuracy, m.test_accuracy) for name, m in prepared.models.items()},
+                        {name: {"source": m.source, "outputs": prepared.num_outputs}
+                         for name, m in prepared.models.items()})
     store.record_states_expected(check.n_states(subject) * len(_seeds(cfg)))
-    clock = {"explain": 0.0, "compare": 0.0}
+    clock = {"data and models": prepared_s} if prepared_s is not None else {}
+    clock.update({"explain": 0.0, "compare": 0.0})
     for seed in _seeds(cfg):
         conditions = tqdm(check.conditions(subject, seed), total=check.n_states(subject),
                           desc=f"{cfg.test.name} (seed {seed})", unit="state", disable=progress_disabled())
@@ -139,6 +156,7 @@ def execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: float
     log.info("time: %.1fs in all, %.1fs explaining, %.1fs comparing", clock["total"], clock["explain"],
              clock["compare"])
     result = finish(store.run_dir, clock)
+    store.record_warnings()
     result.verdict = write_verdicts(store.run_dir)
     result.report = write_report(store.run_dir)
     return result
@@ -163,7 +181,8 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
     device = prepared.images.device
     ids = prepared.image_ids.to(device)
     explain = explainer(cfg, seed, reuse)
-    compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1)
+    compare_options = metric_options(cfg, single_channel=prepared.spec.channels == 1,
+                                     size=tuple(prepared.images.shape[-2:]))
     compare_fn = lambda a, b, **overrides: compare(a, b, **{**compare_options, **overrides})  # noqa: E731
     chunks = image_chunks(len(prepared.images), cfg.image_chunk)
     with ReferenceMaps(store.run_dir, in_memory=len(chunks) == 1) as reference:
@@ -373,19 +392,36 @@ def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
 
 
 def _seeds(cfg: DictConfig) -> list[int]:
+    """The randomization's seeds: `test.seeds` as a list, or as a number of draws from the
+    run's seed on (seed, seed + 1, ...); the run's seed alone when null."""
     seeds = cfg.test.get("seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        return draw_seeds(int(cfg.seed), seeds)
     return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
 
 
-def metric_options(cfg: DictConfig, single_channel: bool | None = None) -> dict:
+def metric_options(cfg: DictConfig, single_channel: bool | None = None,
+                   size: tuple[int, int] | None = None) -> dict:
     """compare()'s keyword arguments from the `metrics` settings; the paper's one-channel
-    normalization follows the input images (a GradCAM map of an RGB image is not one)."""
+    normalization follows the input images (a GradCAM map of an RGB image is not one).
+    HOG is left out of maps of `size` (H, W) smaller than one HOG block, where it is NaN
+    for every image, unless it is the only metric or the verdict's."""
     m = cfg.metrics
-    return {"metrics": list(m.names), "normalization": m.normalization, "single_channel": single_channel,
+    names = [name for name in m.names if not (name == "hog" and hog_left_out(cfg, size))]
+    return {"metrics": names, "normalization": m.normalization, "single_channel": single_channel,
             "ssim_data_range": m.ssim.data_range,
             "ssim_sigma": m.ssim.sigma, "ssim_sample_covariance": m.ssim.sample_covariance,
             "hog_pixels_per_cell": m.hog.pixels_per_cell, "hog_cells_per_block": m.hog.cells_per_block,
             "hog_orientations": m.hog.orientations}
+
+
+def hog_left_out(cfg: DictConfig, size: tuple[int, int] | None) -> bool:
+    """HOG is not computed on maps of `size` (H, W) smaller than one HOG block (it would be NaN
+    for every image), unless it is the only metric or the verdict's."""
+    m = cfg.metrics
+    block = m.hog.pixels_per_cell * m.hog.cells_per_block
+    return ("hog" in m.names and size is not None and min(size) < block and len(m.names) > 1
+            and cfg.verdict.metric != "hog")
 
 
 def prepare(cfg: DictConfig, device: torch.device) -> Prepared:

@@ -265,9 +265,38 @@ class RunStore:
         shutil.rmtree(self.parts, ignore_errors=True)
         return path
 
-    def record_models(self, accuracies: Mapping[str, tuple[float | None, float | None]]) -> None:
-        self._update_info({"models": {name: {"train_accuracy": train, "test_accuracy": test}
+    def record_models(self, accuracies: Mapping[str, tuple[float | None, float | None]],
+                      details: Mapping[str, Mapping] | None = None) -> None:
+        """Each model's accuracies, and `details` of it (where its weights came from, its
+        outputs) that the verdict's preconditions read back."""
+        details = details or {}
+        self._update_info({"models": {name: {"train_accuracy": train, "test_accuracy": test,
+                                             **details.get(name, {})}
                                       for name, (train, test) in accuracies.items()}})
+
+    @contextlib.contextmanager
+    def recording_warnings(self):
+        """Keep every warning the package logs meanwhile (`record_warnings` writes them to
+        run.json), so that a run's files say what the terminal said. Nested use keeps each once."""
+        if getattr(self, "_warning_log", None) is not None:
+            yield
+            return
+        self._warning_log = _WarningLog()
+        logger = logging.getLogger("sanity_cli")
+        logger.addHandler(self._warning_log)
+        try:
+            yield
+        finally:
+            logger.removeHandler(self._warning_log)
+            self._warning_log = None
+
+    def record_warnings(self) -> list[str]:
+        """run.json's `warnings`: those of earlier sessions of a resumed run, then this one's, each once."""
+        found = list(self.info_values.get("warnings") or [])
+        if getattr(self, "_warning_log", None) is not None:
+            found += [text for text in self._warning_log.texts if text not in found]
+        self._update_info({"warnings": found})
+        return found
 
     def record_states_expected(self, count: int) -> None:
         """How many states the finished run holds (for `sanity collect` to tell a finished run)."""
@@ -292,6 +321,17 @@ class RunStore:
 
     def _write_info(self) -> None:
         replace_atomically(self.info, json.dumps(self.info_values, indent=2, default=str).encode())
+
+
+class _WarningLog(logging.Handler):
+    """The text of every WARNING (or worse) record it sees."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.texts.append(record.getMessage())
 
 
 def _read_info(path: Path) -> dict:

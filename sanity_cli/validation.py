@@ -43,7 +43,14 @@ NUMBERS = [
 INCLUSIVE = {"test.noise", "test.memorization_threshold"}
 # Upper bounds (inclusive): seeds fit the 32 bits that every random generator used here takes.
 SEED_LIMIT = 2**32 - 1
+MAX_DRAWS = 100  # test.seeds as a number: each draw explains every state again
 MAXIMA = {"seed": SEED_LIMIT}
+
+
+def draw_seeds(seed: int, draws: int) -> list[int]:
+    """The seeds of `draws` randomization draws from the run's seed on: seed, seed + 1, ...
+    (past the largest seed, on from 0)."""
+    return [(seed + k) % (SEED_LIMIT + 1) for k in range(draws)]
 
 
 def validate(cfg: DictConfig) -> None:
@@ -159,9 +166,14 @@ def _check_lists(cfg: DictConfig) -> None:
         raise SanityError("test.granularity=[] names no module to randomize; give block, layer, or a list of the "
                           "model's module names, e.g. test.granularity=[fc2,conv1]")
     seeds = OmegaConf.select(cfg, "test.seeds")
-    if seeds is not None and (not isinstance(seeds, ListConfig) or not seeds
-                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise SanityError(f"test.seeds must be a list of whole numbers, e.g. test.seeds=[0,1,2]; got '{seeds}'")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if not 1 <= seeds <= MAX_DRAWS:
+            raise SanityError(f"test.seeds as a number of draws must lie between 1 and {MAX_DRAWS}; got {seeds}")
+        seeds = draw_seeds(cfg.seed, seeds) if isinstance(cfg.seed, int) else None
+    elif seeds is not None and (not isinstance(seeds, ListConfig) or not seeds
+                                or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise SanityError(f"test.seeds must be a number of draws or a list of whole numbers, e.g. test.seeds=3 or "
+                          f"test.seeds=[0,1,2]; got '{seeds}'")
     if seeds is not None and not all(0 <= s <= SEED_LIMIT for s in seeds):
         raise SanityError(f"test.seeds must lie between 0 and {SEED_LIMIT}; got '{seeds}'")
     classes = OmegaConf.select(cfg, "dataset.classes")

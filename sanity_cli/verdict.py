@@ -10,10 +10,16 @@ within each seed, when the randomization was repeated). The rule:
     pass          the interval lies entirely on the "changed" side of the threshold
                   (below it for similarities, above it for the entropy rise)
     fail          entirely on the other side: the map stays like the trained model's
-    inconclusive  the interval contains the threshold, or there is one value only
+    inconclusive  the interval contains the threshold, or there is one value only; or an
+                  end lies within the bootstrap's own Monte Carlo error of the threshold
+                  (then `borderline`: another draw of the resamples could put it either side)
     undefined     every value is NaN (e.g. a constant map has no rank correlation)
     uninformative the trained model's maps are no better than noise (signal.csv);
                   replaces any outcome, since a noise map "changes" whatever the model
+    not valid     a precondition of the check failed (`Check.preconditions`: the model is
+                  random weights or no better than chance, the shuffled-label model did not
+                  memorize, tensors were left trained, too few values): the outcome shows
+                  nothing, and the note says why
 
 A pass is necessary, not sufficient: a map with no information can pass (Binder et
 al., CVPR 2023), and the outcome depends on the normalization and on the absolute
@@ -40,6 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sanity_cli import checks
+from sanity_cli.checks.base import Evidence, Precondition
 from sanity_cli.errors import SanityError
 from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare_variants
 from sanity_cli.results import read_info, read_results, read_run_file
@@ -51,9 +58,16 @@ ROBUSTNESS_METRICS = ("spearman_abs", "spearman")  # with and without absolute v
 RESCALINGS = ("none", "max_abs", "second_moment")  # normalizations that multiply a map by a positive number
 CONTROL_KINDS = ("edge", "random")
 FEW_IMAGES = 10  # below this a percentile bootstrap interval is noticeably too narrow
+# Below this many values the percentile bootstrap's 95% interval covers the mean far less often
+# than it says (about 80% at 5 normal values, less below): no verdict rests on so few.
+MIN_VALUES = 5
+MC_Z = 1.96  # the Monte Carlo error of an interval end: half-width of its 95% band over bootstrap draws
+MAX_RESAMPLES = 20000  # a borderline verdict is recomputed with 10x the resamples, up to this many
+NOT_VALID = "not valid"
 KEYS = ["test", "model", "dataset", "method"]
 COLUMNS = [*KEYS, "is_control", "step", "block", "metric", "decides", "n", "n_nan", "n_seeds", "mean", "ci_low",
-           "ci_high", "seed_std", "level", "resamples", "threshold", "change", "outcome", "verdict", "holds_in", "note"]
+           "ci_high", "seed_std", "level", "resamples", "mc_error", "threshold", "change", "outcome", "borderline",
+           "seeds_agree", "verdict", "holds_in", "note"]
 
 
 @dataclass(frozen=True)
@@ -118,15 +132,19 @@ def _is_number(value) -> bool:
 def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", threshold: float = 0.5,
                   level: float = 0.95, resamples: int = 1000, seed: int = 0, signal: pd.DataFrame | None = None,
                   robustness: pd.DataFrame | None = None, controls: Collection[str] = (),
-                  rise_threshold: float = 0.05) -> pd.DataFrame:
+                  rise_threshold: float = 0.05, evidence: Evidence | None = None) -> pd.DataFrame:
     """One row per (test, model, dataset, method, block, metric) at each check's decisive state.
 
     results: a results.csv table (one or more tests). `metric` decides, unless the
     check decides by a metric of its own (entropy: entropy_rise, judged against
     `rise_threshold`); that row has decides=True. Metrics without a rule (the raw
     entropy) get no row. `signal` (signal.csv) marks uninformative methods;
-    `robustness` (robustness.csv) gives `holds_in`; `controls` names control methods.
-    Columns: see COLUMNS; `change` says on which side of the threshold a change lies.
+    `robustness` (robustness.csv) gives `holds_in`; `controls` names control methods;
+    `evidence` (what the run recorded of its models and states) lets each check test its
+    preconditions (without it only those of the table itself are tested: enough values).
+    Columns: see COLUMNS; `change` says on which side of the threshold a change lies;
+    `mc_error` is the Monte Carlo error of the interval end nearest the threshold;
+    `seeds_agree` says with several seeds how many of them alone give the same outcome.
     """
     settings = VerdictSettings(metric, threshold, rise_threshold, level, resamples)
     settings.check()
@@ -137,7 +155,8 @@ def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", thresh
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["is_control"] = table["method"].isin(controls)
     table["holds_in"] = _holds_in(table, robustness, settings, seed)
-    return _annotate(table, _uninformative(signal)).reset_index(drop=True)
+    table = _annotate(table, _uninformative(signal))
+    return apply_preconditions(table, evidence).reset_index(drop=True)
 
 
 def _decisive_parts(results: pd.DataFrame):
@@ -164,13 +183,61 @@ def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int) -> 
         if rule is None:
             continue
         threshold, higher = rule
-        summary = summarize_scores(part, level=settings.level, resamples=settings.resamples, seed=seed)
-        outcome = judge(summary["ci_low"], summary["ci_high"], threshold, higher, summary["n"])
+        summary, outcome, borderline = judged_summary(part, threshold, higher, settings, seed)
         rows.append({"test": test, "model": model, "dataset": dataset, "method": method,
                      "step": int(part["step"].min()), "block": block, "metric": metric, "decides": metric == deciding,
-                     **summary, "level": settings.level, "resamples": settings.resamples, "threshold": threshold,
-                     "change": "above" if higher else "below", "outcome": outcome, "verdict": outcome})
+                     **summary, "level": settings.level, "threshold": threshold,
+                     "change": "above" if higher else "below", "outcome": outcome, "borderline": borderline,
+                     "seeds_agree": seeds_agree(part, outcome, threshold, higher, settings, seed), "verdict": outcome})
     return rows
+
+
+def judged_summary(part: pd.DataFrame, threshold: float, higher: bool, settings: VerdictSettings,
+                   seed: int) -> tuple[dict, str, bool]:
+    """The summary of one group's scores, its outcome, and whether it is borderline.
+
+    An interval end within its Monte Carlo error of the threshold could fall either side
+    in another draw of the resamples: such a verdict is computed again with ten times
+    the resamples (up to MAX_RESAMPLES), and if an end is still that close it is
+    inconclusive and borderline. summary: summarize_scores's, with `resamples` and
+    `mc_error` (the error of the end nearest the threshold)."""
+    resamples = settings.resamples
+    while True:
+        summary = summarize_scores(part, level=settings.level, resamples=resamples, seed=seed)
+        ends = [(abs(summary["ci_low"] - threshold), summary["mc_low"]),
+                (abs(summary["ci_high"] - threshold), summary["mc_high"])]
+        distance, error = min(ends, key=lambda end: end[0]) if summary["n"] > 1 else (math.nan, math.nan)
+        outcome = judge(summary["ci_low"], summary["ci_high"], threshold, higher, summary["n"], margin=error)
+        borderline = bool(distance <= error)  # NaN compares False: no interval, no borderline
+        if not borderline or resamples >= MAX_RESAMPLES or settings.resamples >= MAX_RESAMPLES:
+            break
+        resamples = min(10 * resamples, MAX_RESAMPLES)
+    summary = {key: value for key, value in summary.items() if key not in ("mc_low", "mc_high")}
+    return {**summary, "resamples": resamples, "mc_error": error}, outcome, borderline
+
+
+def seeds_agree(part: pd.DataFrame, outcome: str, threshold: float, higher: bool, settings: VerdictSettings,
+                seed: int) -> str:
+    """'k/S': of the S seeds of the randomization, how many alone (their images bootstrapped)
+    give `outcome`; '' with one seed."""
+    seeds = part["seed"].unique()
+    if len(seeds) < 2:
+        return ""
+    agree = 0
+    for one in seeds:
+        summary = summarize_scores(part[part["seed"] == one], level=settings.level, resamples=settings.resamples,
+                                   seed=seed)
+        agree += judge(summary["ci_low"], summary["ci_high"], threshold, higher, summary["n"],
+                       margin=_error_near(summary, threshold)) == outcome
+    return f"{agree}/{len(seeds)}"
+
+
+def _error_near(summary: dict, threshold: float) -> float:
+    """The Monte Carlo error of the interval end nearest the threshold."""
+    if not summary["n"] > 1:
+        return math.nan
+    low_nearer = abs(summary["ci_low"] - threshold) <= abs(summary["ci_high"] - threshold)
+    return summary["mc_low"] if low_nearer else summary["mc_high"]
 
 
 def _rule(metric: str, settings: VerdictSettings) -> tuple[float, bool] | None:
@@ -182,16 +249,19 @@ def _rule(metric: str, settings: VerdictSettings) -> tuple[float, bool] | None:
     return None
 
 
-def judge(ci_low: float, ci_high: float, threshold: float, higher_means_change: bool, n: int) -> str:
+def judge(ci_low: float, ci_high: float, threshold: float, higher_means_change: bool, n: int,
+          margin: float = 0.0) -> str:
     """pass / fail / inconclusive / undefined from an interval and a threshold.
 
-    A tie with the threshold counts as containing it (inconclusive).
+    A tie with the threshold counts as containing it (inconclusive), and so does an end
+    within `margin` of it (the interval ends' own Monte Carlo error).
     """
     if n == 0:
         return "undefined"
     if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
         return "inconclusive"
-    above, below = ci_low > threshold, ci_high < threshold
+    margin = margin if math.isfinite(margin) else 0.0
+    above, below = ci_low > threshold + margin, ci_high < threshold - margin
     if above or below:
         return "pass" if above == higher_means_change else "fail"
     return "inconclusive"
@@ -205,16 +275,20 @@ def summarize_scores(rows: pd.DataFrame, *, level: float, resamples: int, seed: 
 
     The mean is the mean of the per-seed means (each repetition of the randomization
     weighs the same); NaN values are left out and counted. Returns n, n_nan,
-    n_seeds, mean, ci_low, ci_high, seed_std (std of the per-seed means; NaN with one seed).
+    n_seeds, mean, ci_low, ci_high, seed_std (std of the per-seed means; NaN with one seed),
+    and mc_low, mc_high: the Monte Carlo error of each end (`monte_carlo_error`).
     """
     values, seeds = rows["value"].to_numpy(dtype=float), rows["seed"].to_numpy()
     finite = ~np.isnan(values)
     groups = [values[finite & (seeds == s)] for s in np.unique(seeds[finite])]
     seed_means = np.array([g.mean() for g in groups])
-    low, high = bootstrap_interval(groups, level=level, resamples=resamples, seed=seed)
+    means = bootstrap_means(groups, resamples=resamples, seed=seed)
+    low, high = _ends(means, level)
+    mc_low, mc_high = monte_carlo_error(means, level)
     return {"n": int(finite.sum()), "n_nan": int((~finite).sum()), "n_seeds": len(groups),
             "mean": float(seed_means.mean()) if len(groups) else math.nan, "ci_low": low, "ci_high": high,
-            "seed_std": float(seed_means.std(ddof=1)) if len(groups) > 1 else math.nan}
+            "seed_std": float(seed_means.std(ddof=1)) if len(groups) > 1 else math.nan,
+            "mc_low": mc_low, "mc_high": mc_high}
 
 
 def bootstrap_interval(groups: list[np.ndarray], *, level: float, resamples: int, seed: int) -> tuple[float, float]:
@@ -225,8 +299,39 @@ def bootstrap_interval(groups: list[np.ndarray], *, level: float, resamples: int
     seed drawn, its images (a two-stage bootstrap). NaN, NaN when there is one value
     in all (no spread can be estimated) or none.
     """
-    if sum(len(g) for g in groups) < 2:
+    return _ends(bootstrap_means(groups, resamples=resamples, seed=seed), level)
+
+
+def _ends(means: np.ndarray | None, level: float) -> tuple[float, float]:
+    if means is None:
         return math.nan, math.nan
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def monte_carlo_error(means: np.ndarray | None, level: float) -> tuple[float, float]:
+    """How far each end of the percentile interval could move in another draw of the
+    resamples: half the width of the band of order statistics that holds the end's
+    quantile with 95% probability (the sample quantile's rank is binomial, R p (1 - p)
+    its variance). (NaN, NaN) without resamples."""
+    if means is None:
+        return math.nan, math.nan
+    ordered = np.sort(means)
+    ranks = np.arange(len(ordered))
+    errors = []
+    for p in ((1 - level) / 2, (1 + level) / 2):
+        rank, spread = p * (len(ordered) - 1), MC_Z * math.sqrt(len(ordered) * p * (1 - p))
+        band = np.interp([rank - spread, rank + spread], ranks, ordered)  # clamped at the extremes
+        errors.append(float(band[1] - band[0]) / 2)
+    return errors[0], errors[1]
+
+
+def bootstrap_means(groups: list[np.ndarray], *, resamples: int, seed: int) -> np.ndarray | None:
+    """The (resamples,) bootstrap replicates of the mean of per-seed means (see
+    bootstrap_interval); None when there is one value in all or none."""
+    if sum(len(g) for g in groups) < 2:
+        return None
     counts, picks = _resamples(tuple(len(g) for g in groups), resamples, seed)
     if picks is None:
         means = counts[0] @ groups[0] / len(groups[0])
@@ -234,9 +339,7 @@ def bootstrap_interval(groups: list[np.ndarray], *, level: float, resamples: int
         # per_seed[s, r, j]: seed s's mean in its own image resample, for draw j of replicate r
         per_seed = np.stack([(c.reshape(-1, len(g)) @ g).reshape(c.shape[:2]) / len(g) for c, g in zip(counts, groups)])
         means = per_seed[picks, np.arange(resamples)[:, None], np.arange(len(groups))].mean(axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return float(low), float(high)
+    return means
 
 
 @functools.lru_cache(maxsize=8)
@@ -304,10 +407,11 @@ def variant_outcomes(robustness: pd.DataFrame, *, threshold: float = 0.5, level:
     for decisive in _decisive_parts(robustness):
         for (test, model, dataset, method, block, scheme, metric), part in decisive.groupby(
                 [*KEYS, "block", "normalization", "metric"], sort=False):
-            summary = summarize_scores(part, level=level, resamples=resamples, seed=seed)
+            # judged as the verdict's own rows are (more resamples for an end near the threshold)
+            settings = VerdictSettings(threshold=threshold, level=level, resamples=resamples)
+            summary, outcome, _ = judged_summary(part, threshold, False, settings, seed)
             rows.append({"test": test, "model": model, "dataset": dataset, "method": method, "block": block,
-                         "normalization": scheme, "metric": metric, **summary,
-                         "outcome": judge(summary["ci_low"], summary["ci_high"], threshold, False, summary["n"])})
+                         "normalization": scheme, "metric": metric, **summary, "outcome": outcome})
     return pd.DataFrame(rows)
 
 
@@ -358,9 +462,45 @@ def _annotate(table: pd.DataFrame, uninformative: set[str]) -> pd.DataFrame:
     return table
 
 
+def apply_preconditions(table: pd.DataFrame, evidence: Evidence | None) -> pd.DataFrame:
+    """Rows whose check's preconditions failed on this run (`Check.preconditions`, not for
+    controls, which use neither model nor data), or that rest on fewer than MIN_VALUES
+    values, get the verdict `not valid`; the reasons open their note."""
+    found = {test: checks.get(str(test)).preconditions(evidence) if evidence is not None else []
+             for test in table["test"].unique()}
+    verdicts, notes = list(table["verdict"]), list(table["note"])
+    for i, row in enumerate(table.itertuples(index=False)):
+        reasons = [] if row.is_control else [c.reason for c in found[row.test]
+                                               if c.holds is False and c.concerns(row.method)]
+        if 0 < row.n < MIN_VALUES:
+            reasons.append(f"only {row.n} value{'s' if row.n > 1 else ''}: too few for a bootstrap interval "
+                           f"(at least {MIN_VALUES}); explain more images (n_images)")
+        if reasons and row.verdict != "undefined":
+            verdicts[i] = NOT_VALID
+            notes[i] = "; ".join([f"not valid: {reasons[0]}", *reasons[1:], *([notes[i]] if notes[i] else [])])
+    table["verdict"], table["note"] = verdicts, notes
+    return table
+
+
+def failed_preconditions(evidence: Evidence | None, tests: Collection[str]) -> list[Precondition]:
+    """The preconditions of these checks that the run failed, each once."""
+    failed: dict[tuple[str, str], Precondition] = {}
+    for test in tests:
+        for condition in (checks.get(str(test)).preconditions(evidence) if evidence is not None else []):
+            if condition.holds is False:
+                failed.setdefault((condition.name, condition.reason), condition)
+    return list(failed.values())
+
+
 def _note(row) -> str:
     """A short note on what this row's verdict does and does not show."""
     notes = []
+    if row.borderline:
+        end = "lower" if abs(row.ci_low - row.threshold) <= abs(row.ci_high - row.threshold) else "upper"
+        value = row.ci_low if end == "lower" else row.ci_high
+        notes.append(f"borderline: the interval's {end} end {value:.4f} lies within the bootstrap's Monte Carlo "
+                     f"error (±{row.mc_error:.4f}) of the threshold {row.threshold:g}, even with {row.resamples} "
+                     "resamples: too close to call")
     if row.is_control and row.method == "random":
         notes.append("noise control: passes trivially, so a pass is necessary, not sufficient" if row.outcome == "pass"
                      else "noise control: noise does not pass this check")
@@ -371,9 +511,7 @@ def _note(row) -> str:
                      f"would say {row.outcome}")
     if row.n == 0:
         notes.append("every value is undefined (NaN), e.g. constant maps have no rank correlation")
-    elif row.n == 1:
-        notes.append("one value: no interval can be estimated; explain more images (n_images)")
-    elif row.n < FEW_IMAGES:
+    elif MIN_VALUES <= row.n < FEW_IMAGES:
         notes.append(f"only {row.n} values: the interval is optimistic; explain more images (n_images)")
     if row.n_nan and row.n:
         notes.append(f"{row.n_nan} of {row.n + row.n_nan} values undefined (NaN), left out")
@@ -383,12 +521,12 @@ def _note(row) -> str:
 # ---------------------------------------------------------------- a run directory
 
 
-def write_verdicts(run_dir: Path, cfg: Mapping | None = None) -> pd.DataFrame:
-    """Judge a run from its files and write run_dir/verdict.csv; return the table.
+def write_verdicts(run_dir: Path, cfg: Mapping | None = None, name: str = "verdict.csv") -> pd.DataFrame:
+    """Judge a run from its files and write run_dir/NAME (verdict.csv); return the table.
 
-    Reads results.csv, and robustness.csv, signal.csv, run.json and maps.npz's list
-    of controls where present. The verdict settings are run.json's, overridden by
-    `cfg["verdict"]` (a config or any mapping with a `verdict` block) when given.
+    Reads results.csv, and robustness.csv, signal.csv, run.json, states.csv and
+    maps.npz's list of controls where present. The verdict settings are run.json's,
+    overridden by `cfg["verdict"]` (a config or any mapping with a `verdict` block) when given.
     """
     run_dir = Path(run_dir)
     results_path = run_dir / "results.csv"
@@ -396,10 +534,31 @@ def write_verdicts(run_dir: Path, cfg: Mapping | None = None) -> pd.DataFrame:
         raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
     run_settings = run_info(run_dir).get("settings", {})
     settings = settings_of(run_settings, cfg)
-    table = verdict_table(read_results(run_dir), **asdict(settings), signal=_read(run_dir / "signal.csv"),
-                          robustness=_read(run_dir / "robustness.csv"), controls=controls_of_run(run_dir))
-    table.to_csv(run_dir / "verdict.csv", index=False)
+    results = read_results(run_dir)
+    table = verdict_table(results, **asdict(settings), signal=_read(run_dir / "signal.csv"),
+                          robustness=_read(run_dir / "robustness.csv"), controls=controls_of_run(run_dir),
+                          evidence=evidence_of(run_dir, results, settings.level))
+    table.to_csv(run_dir / name, index=False)
     return table
+
+
+def evidence_of(run_dir: Path, results: pd.DataFrame, level: float) -> Evidence:
+    """What run_dir's run.json and states.csv record of its models and states, for the preconditions."""
+    info = run_info(run_dir)
+    first = results[(results["step"] == 0) & (results["seed"] == results["seed"].min())] if len(results) else results
+    return Evidence(settings=info.get("settings") or {}, models=info.get("models") or {},
+                    states=_read(Path(run_dir) / "states.csv"), images=int(first["image"].nunique()) or None,
+                    level=level)
+
+
+def rejudged_name(run_settings: Mapping, cfg: Mapping) -> str:
+    """What a re-judged run's files are called after: the verdict settings that differ from
+    the run's own, e.g. "threshold=0.3" (verdict.threshold=0.3.csv, report.threshold=0.3.html);
+    '' when none differs."""
+    own = asdict(settings_of(run_settings))
+    new = asdict(settings_of(run_settings, cfg))
+    return ",".join(f"{key}={new[key]:g}" if isinstance(new[key], float) else f"{key}={new[key]}"
+                    for key in new if new[key] != own[key])
 
 
 def settings_of(run_settings: Mapping, cfg: Mapping | None = None) -> VerdictSettings:

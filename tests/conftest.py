@@ -23,7 +23,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-TINY = ["n_images=4", "train.epochs=1", "device=cpu"]
+# One randomization draw: these runs check what a run does, and the default's three draws triple their time
+TINY = ["n_images=4", "train.epochs=1", "device=cpu", "++test.seeds=1"]
 # A TINY run that draws little: one method and one example image (one grid per colour scheme)
 QUICK = [*TINY, "method=[gradient]", "n_examples=1"]
 

@@ -335,7 +335,8 @@ def narrower_interval(a: Run, b: Run) -> None:
 
 
 def other_interval(a: Run, b: Run) -> None:
-    assert (verdicts(b)["resamples"] == 200).all()
+    # 200, or ten times as many where an end came within its Monte Carlo error of the threshold
+    assert verdicts(b)["resamples"].isin([200, 2000, 20000]).all() and (verdicts(b)["resamples"] == 200).any()
     assert not np.allclose(verdicts(a)["ci_low"], verdicts(b)["ci_low"])
 
 

@@ -17,7 +17,7 @@ from sanity_cli.errors import SanityError
 from sanity_cli.results import summarize
 
 SWEEP = ["-m", "hydra/launcher=joblib", "target=predicted,original", "method=gradient", "n_images=4",
-         "train.epochs=1", "device=cpu", "n_examples=1", "hydra.sweep.dir=sweep"]
+         "++test.seeds=1", "train.epochs=1", "device=cpu", "n_examples=1", "hydra.sweep.dir=sweep"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_collect_merges_a_joblib_sweep_with_the_swept_setting_as_a_column(sweep,
     assert list(merged.columns) == ["cfg.target", *jobs[0].columns]
     assert merged["cfg.target"].tolist() == ["predicted"] * len(jobs[0]) + ["original"] * len(jobs[1])
     pd.testing.assert_frame_equal(merged.drop(columns="cfg.target"), pd.concat(jobs, ignore_index=True))
-    assert len(merged) == 2 * 4 * 5 * 4  # jobs x images x states x metrics
+    assert len(merged) == 2 * 4 * 5 * 3  # jobs x images x states x metrics (no HOG on 28x28 maps)
 
     summary = pd.read_csv(tmp_path / "out" / "summary.csv")
     models = json.loads((sweep / "0" / "run.json").read_text())["models"]
@@ -53,12 +53,16 @@ def test_collect_merges_a_joblib_sweep_with_the_swept_setting_as_a_column(sweep,
     pd.testing.assert_frame_equal(got, expected, check_dtype=False)
 
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
-    assert runs["cfg.target"].tolist() == ["predicted", "original"] and runs["rows"].tolist() == [80, 80]
+    assert runs["cfg.target"].tolist() == ["predicted", "original"] and runs["rows"].tolist() == [60, 60]
     assert runs["train_accuracy"].tolist() == [models["trained"]["train_accuracy"]] * 2
     verdict = pd.read_csv(tmp_path / "out" / "verdict.csv")
     assert set(verdict["cfg.target"]) == {"predicted", "original"} and set(verdict["method"]) == {"gradient"}
     for metric in ("spearman_abs", "ssim"):
         assert (tmp_path / "out" / "figures" / f"compare_cascade_{metric}.png").stat().st_size > 0
+    pooled = pd.read_csv(tmp_path / "out" / "pooled.csv")
+    gradient = pooled[pooled["decides"]].iloc[0]
+    assert gradient["n_draws"] == 2 and gradient["runs_agree"].endswith("/2")  # one draw in each run
+    assert "pooled: gradient" in done.stdout and (tmp_path / "out" / "report.html").is_file()
 
 
 def test_figures_compare_the_last_step_of_each_run(sweep, tmp_path):
@@ -179,3 +183,45 @@ def test_missing_repeated_or_overlapping_shards_are_refused(sweep, tmp_path, cap
     with pytest.raises(SanityError, match="split the images differently"):
         _edit_settings(shards[1], shard="1/2")
         collect(shards, tmp_path / "out")
+
+
+def decisive_table(values: list[float], seed: int = 0) -> pd.DataFrame:
+    """A cascade run's results: step 0 (1.0) and one randomized step holding `values`, one per image."""
+    rows = [{"test": "cascade", "model": "cnn", "dataset": "digits", "method": "gradient", "seed": seed, "step": step,
+             "block": "original" if step == 0 else "conv1", "image": image, "label": 0, "target": 0,
+             "metric": "spearman_abs", "value": 1.0 if step == 0 else value, "init": "paper",
+             "reset_bn_stats": False, "normalization": "paper"}
+            for step in (0, 1) for image, value in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+def test_the_pooled_verdict_resamples_the_runs_draws_first(tmp_path):
+    """Two runs of 8 images, each run's values constant (0.2 and 0.6), both seed 0. The
+    draws are resampled first: a replicate's mean is 0.2, 0.4 or 0.6 with probability
+    1/4, 1/2, 1/4, so the 95% interval is [0.2, 0.6] and the verdict inconclusive. Had the
+    16 images been pooled as one sample, the interval would be about [0.3, 0.5]."""
+    from sanity_cli.collect import FoundRun, pooled_verdicts
+    from sanity_cli.verdict import verdict_table
+
+    tables = [decisive_table([0.2] * 8), decisive_table([0.6] * 8)]
+    combos = [[FoundRun(tmp_path / name, {}, {}, {}, {}, None)] for name in ("a", "b")]
+    per_run = pd.concat([verdict_table(t).assign(run=name) for t, name in zip(tables, "ab")], ignore_index=True)
+    assert per_run.loc[per_run["decides"], "verdict"].tolist() == ["pass", "fail"]
+    pooled = pooled_verdicts(combos, tables, per_run, [])
+    row = pooled[pooled["decides"]].iloc[0]
+    assert row["n_draws"] == 2 and row["n"] == 16
+    assert row["mean"] == pytest.approx(0.4) and (row["ci_low"], row["ci_high"]) == pytest.approx((0.2, 0.6))
+    assert row["verdict"] == "inconclusive" and row["runs_agree"] == "0/2" and row["draws_agree"] == "0/2"
+    one_sample = verdict_table(decisive_table([0.2] * 8 + [0.6] * 8))
+    assert one_sample.loc[one_sample["decides"], "ci_high"].item() < 0.55  # what seeds-last would give
+
+
+def test_a_run_not_valid_makes_the_pooled_verdict_not_valid(tmp_path):
+    from sanity_cli.collect import FoundRun, pooled_verdicts
+    from sanity_cli.verdict import verdict_table
+
+    tables = [decisive_table([0.1, 0.12, 0.11, 0.13, 0.1, 0.12]), decisive_table([0.1, 0.12, 0.11])]
+    combos = [[FoundRun(tmp_path / name, {}, {}, {}, {}, None)] for name in ("a", "b")]
+    per_run = pd.concat([verdict_table(t).assign(run=name) for t, name in zip(tables, "ab")], ignore_index=True)
+    row = pooled_verdicts(combos, tables, per_run, []).query("decides").iloc[0]
+    assert row["verdict"] == "not valid" and row["note"].startswith("not valid in 1 of 2 runs (not valid: only 3")

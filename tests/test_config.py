@@ -48,3 +48,14 @@ def test_wheel_carries_the_configs(tmp_path):
                             cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
                             capture_output=True, text=True, check=True).stdout
     assert str(tmp_path / "site") in listed and "inception_v3" in listed
+
+
+def test_the_default_checks_repeat_the_randomization_three_times(make_cfg):
+    from sanity_cli.pipeline import _seeds
+
+    for test in ("cascade", "independent", "smooth_cascade", "entropy"):
+        assert make_cfg([f"test={test}"]).test.seeds == 3
+    assert _seeds(make_cfg([])) == [0, 1, 2]
+    assert _seeds(make_cfg(["seed=7"])) == [7, 8, 9]
+    assert _seeds(make_cfg(["test.seeds=[4,2]"])) == [4, 2] and _seeds(make_cfg(["test.seeds=null"])) == [0]
+    assert _seeds(make_cfg([f"seed={2**32 - 1}", "test.seeds=2"])) == [2**32 - 1, 0]

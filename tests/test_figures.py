@@ -66,7 +66,7 @@ def assert_figures(paths: list[Path], expected: set[str]) -> None:
 def test_cascade_run_draws_curves_and_both_grids(tmp_path):
     write_summary(tmp_path, "cascade", CASCADE_METHODS, CASCADE_STATES)
     write_maps(tmp_path, "cascade", CASCADE_METHODS, CASCADE_STATES)
-    expected = {"cascade_curves.png", "cascade_spearman.png", "methods.png"}  # methods.png: paper Fig. 1
+    expected = {"cascade_curves.png", "methods.png"}  # methods.png: paper Fig. 1
     expected |= {f"cascade_grid_{style}_{i}.png" for style in ("abs", "diverging") for i in range(2)}
     assert_figures(draw_all(tmp_path), expected)
     assert all(p.parent == tmp_path / "figures" for p in (tmp_path / "figures").iterdir())
@@ -74,7 +74,7 @@ def test_cascade_run_draws_curves_and_both_grids(tmp_path):
 
 def test_without_maps_only_the_curves_are_drawn(tmp_path):
     write_summary(tmp_path, "independent", CASCADE_METHODS, CASCADE_STATES, seeds=(0, 1))
-    assert_figures(draw_all(tmp_path), {"independent_curves.png", "independent_spearman.png"})
+    assert_figures(draw_all(tmp_path), {"independent_curves.png"})
 
 
 def test_data_run_draws_bars_and_map_pairs(tmp_path):
@@ -146,5 +146,6 @@ def test_meta_controls_come_after_the_methods(tmp_path):
     meta = {"test": "cascade", "title": "t, seed 0", "methods": ["gradcam", "gradient"], "controls": ["edge"],
             "states": []}
     run = describe_run(summary, meta)
-    assert run == Run("cascade", "t, seed 0", ["gradcam", "gradient", "edge"], ["edge"])
+    assert run == Run("cascade", "t, seed 0", ["gradcam", "gradient", "edge"], ["edge"],
+                      "blocks randomized cumulatively, from the top (logits) down")
     assert run.explainers == ["gradcam", "gradient"]

@@ -43,6 +43,8 @@ OTHER_LIMITS = {
     "verdict.rise_threshold": ([], False, -1.0, True, None, True),
     "verdict.level": ([], False, 0.0, False, 1.0, False),
     "verdict.resamples": ([], True, 1, True, None, True),
+    # a number of draws (validation.MAX_DRAWS at most), or a list of seeds
+    "test.seeds": ([], True, 1, True, 100, True),
     # a number of classes, or a list of class folder names (so a word is no wrong type)
     "dataset.classes": (["dataset=imagefolder"], True, 1, True, None, True),
 }

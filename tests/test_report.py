@@ -193,17 +193,30 @@ def test_the_command_prefers_what_hydra_recorded(run_dir, tmp_path):
     assert reproduce_command(tmp_path, {}) == ""
 
 
-def test_sanity_report_judges_again_with_other_settings(run_dir, tmp_path, capsys):
+def test_sanity_report_judges_again_with_other_settings_and_keeps_the_original(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    own_csv, own_html = (copy / "verdict.csv").read_bytes(), (copy / "report.html").read_bytes()
+    assert main(["report", str(copy), "verdict.threshold=0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient  " in out and "fail" in out and f"report:  {copy / 'report.threshold=0.05.html'}" in out
+    verdicts = pd.read_csv(copy / "verdict.threshold=0.05.csv")
+    assert verdicts.loc[verdicts["decides"] & (verdicts["method"] == "gradient"), "verdict"].item() == "fail"
+    assert (copy / "verdict.csv").read_bytes() == own_csv and (copy / "report.html").read_bytes() == own_html
+    text = " ".join(Page((copy / "report.threshold=0.05.html").read_text(encoding="utf-8")).text)
+    assert "Re-judged" in text and "with threshold=0.05 (the run's own verdict settings" in text
+    assert (copy / "figures" / "cascade_verdict.threshold=0.05.png").is_file()
+    assert "Re-judged" not in (copy / "report.html").read_text(encoding="utf-8")
+
+
+def test_sanity_report_with_the_runs_own_settings_rewrites_its_own_files(run_dir, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "verdict.csv").unlink()
     (copy / "report.html").unlink()
-    assert main(["report", str(copy), "verdict.threshold=0.05"]) == 0
-    out = capsys.readouterr().out
-    assert "gradient  " in out and "fail" in out and f"report:  {copy / 'report.html'}" in out
-    verdicts = pd.read_csv(copy / "verdict.csv")
-    assert verdicts.loc[verdicts["decides"] & (verdicts["method"] == "gradient"), "verdict"].item() == "fail"
-    assert (copy / "report.html").is_file()
+    assert main(["report", str(copy), "verdict.threshold=0.5"]) == 0
+    assert (copy / "verdict.csv").is_file() and (copy / "report.html").is_file()
+    assert not list(copy.glob("verdict.*.csv"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -320,7 +333,7 @@ def test_a_run_with_only_its_results_still_gets_a_report(tmp_path):
     html = write_report(tmp_path).read_text(encoding="utf-8")
     text = " ".join(Page(html).text)
     assert "This run has no signal.csv" in text and "This run has no robustness.csv" in text
-    assert "only 3 values: the interval is optimistic" in text  # said once, above the table
+    assert "not valid: only 3 values: too few for a bootstrap interval" in text  # said once, above the table
     assert len(Page(html).images) == 1  # the verdict figure, drawn from results.csv
     assert (tmp_path / "verdict.csv").is_file()
 
@@ -328,3 +341,68 @@ def test_a_run_with_only_its_results_still_gets_a_report(tmp_path):
 def settings_of_cfg(cfg) -> dict:
     """What run.json records of a run on the CPU."""
     return settings_for_fingerprint(cfg, torch.device("cpu"))
+
+
+def test_warnings_reach_the_top_of_the_report_with_the_verdicts_they_qualify(tmp_path):
+    synthetic_results(np.random.default_rng(4)).to_csv(tmp_path / "results.csv", index=False)
+    warnings = ["vargrad: the trained model's maps are no more structured than a random map (signal.csv)",
+                "the model cache /x cannot be written (read-only); a model trained now is not cached"]
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {}, "warnings": warnings}))
+    text = " ".join(" ".join(Page(write_report(tmp_path).read_text(encoding="utf-8")).text).split())
+    box = text.index("Warnings of this run")
+    assert box < text.index("Decided by")  # above the verdicts
+    assert f"{warnings[0]} (qualifies: vargrad)" in text
+    assert f"{warnings[1]} (qualifies: all verdicts)" in text
+
+
+def independent_results(rng: np.random.Generator) -> pd.DataFrame:
+    """An independent run: gradient changes with every block, guided_backprop with one only."""
+    blocks = ["original", "fc2", "fc1", "conv1"]
+    ends = {"gradient": [0.1, 0.1, 0.1], "guided_backprop": [0.9, 0.1, 0.9], "random": [0.0, 0.0, 0.0]}
+    rows = []
+    for method, values in ends.items():
+        for step, block in enumerate(blocks):
+            for image in range(12):
+                value = 1.0 if step == 0 else values[step - 1] + rng.uniform(-0.05, 0.05)
+                rows.append({"test": "independent", "model": "cnn", "dataset": "digits", "method": method, "seed": 0,
+                             "step": step, "block": block, "image": image, "label": 0, "target": 0,
+                             "metric": "spearman_abs", "value": value, "init": "paper", "reset_bn_stats": False,
+                             "normalization": "paper"})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_the_independent_test_is_a_method_by_block_matrix_and_its_tally_counts_methods(tmp_path):
+    independent_results(np.random.default_rng(5)).to_csv(tmp_path / "results.csv", index=False)
+    methods = {"gradient": {}, "guided_backprop": {}, "random": {}}  # random: the control
+    (tmp_path / "run.json").write_text(json.dumps({"settings": {"method": methods}}))
+    html = write_report(tmp_path).read_text(encoding="utf-8")
+    page = Page(html)
+    text = " ".join(page.text)
+    # one row per method, a column per block, before the full table (folded)
+    assert "method overall fc2 fc1 conv1" in " ".join(text.split())
+    # gradient passes in every block; guided_backprop fails in two: methods, not 9 method-block pairs
+    counts = html[html.index('<p class="counts">'):html.index("</p>", html.index('<p class="counts">'))]
+    assert "✓ pass</span> 1" in counts and "✗ fail</span> 1" in counts and " 6" not in counts
+
+
+def test_the_x_axis_says_the_order_the_states_were_made_in():
+    from sanity_cli.figures import axis_label
+
+    assert axis_label("cascade", "top_down") == "blocks randomized cumulatively, from the top (logits) down"
+    assert axis_label("cascade", "bottom_up") == "blocks randomized cumulatively, from the input (bottom) up"
+    assert axis_label("independent", "bottom_up") == "block randomized, from the input (bottom) up"
+    assert axis_label("data", "top_down") == "model"
+
+
+def test_a_bottom_up_run_is_labelled_bottom_up_in_its_figures(run_dir, tmp_path):
+    from sanity_cli.figures import curves_figure, describe_run, run_order
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["settings"].setdefault("test", {})["order"] = "bottom_up"
+    (copy / "run.json").write_text(json.dumps(info))
+    assert run_order(copy) == "bottom_up"
+    run = describe_run(pd.read_csv(copy / "summary.csv"), None, run_order(copy))
+    assert curves_figure(pd.read_csv(copy / "summary.csv"), run).get_supxlabel() == (
+        "blocks randomized cumulatively, from the input (bottom) up")

@@ -19,6 +19,7 @@ from sanity_cli.validation import validate
 from sanity_cli.verdict import (
     VerdictSettings,
     bootstrap_interval,
+    judge,
     parse_overrides,
     robustness_scores,
     verdict_table,
@@ -112,10 +113,18 @@ def test_all_nan_is_undefined():
     assert "every value is undefined" in row["note"]
 
 
-def test_one_image_has_no_interval_and_is_inconclusive():
+def test_one_image_has_no_interval_and_is_not_valid():
     row = row_of(verdict_table(results({"m": [0.01]})), "m")
-    assert row["verdict"] == "inconclusive" and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
-    assert row["mean"] == pytest.approx(0.01) and "one value" in row["note"]
+    assert row["outcome"] == "inconclusive" and math.isnan(row["ci_low"]) and math.isnan(row["ci_high"])
+    assert row["verdict"] == "not valid" and row["note"].startswith("not valid: only 1 value")
+    assert row["mean"] == pytest.approx(0.01)
+
+
+def test_fewer_values_than_the_minimum_are_not_valid_however_clear():
+    few = row_of(verdict_table(results({"m": spread(0.05, n=4, width=0.01)})), "m")
+    assert (few["outcome"], few["verdict"]) == ("pass", "not valid") and "only 4 values" in few["note"]
+    enough = row_of(verdict_table(results({"m": spread(0.05, n=5, width=0.01)})), "m")
+    assert enough["verdict"] == "pass"
 
 
 def test_few_images_are_noted():
@@ -319,3 +328,38 @@ def test_a_run_without_its_decisive_state_has_no_verdict_yet():
     started = results({"m": spread(0.1)})
     table = verdict_table(started[started["step"] == 0])
     assert table.empty and list(table.columns)[:4] == ["test", "model", "dataset", "method"]
+
+
+def test_an_interval_end_at_the_threshold_within_monte_carlo_error_is_borderline():
+    """The threshold placed just under the lower end of the interval: by the interval alone
+    a fail, but another draw of the resamples could put the end either side."""
+    values = spread(0.6, n=32, width=0.2)
+    low, high = bootstrap_interval([np.array(values)], level=0.95, resamples=20000, seed=0)
+    threshold = low - 1e-5
+    row = row_of(verdict_table(results({"m": values}), threshold=threshold), "m")
+    assert row["ci_low"] > threshold and judge(row["ci_low"], row["ci_high"], threshold, False, row["n"]) == "fail"
+    assert (row["verdict"], row["borderline"]) == ("inconclusive", True) and "borderline" in row["note"]
+    assert row["resamples"] == 20000 and 0 < row["mc_error"] < 0.01  # tried again with more resamples
+    clear = row_of(verdict_table(results({"m": values}), threshold=high + 0.05), "m")
+    assert (clear["verdict"], clear["borderline"], clear["resamples"]) == ("pass", False, 1000)
+
+
+def test_more_resamples_settle_an_end_that_was_only_near_the_threshold_by_chance():
+    values = spread(0.6, n=32, width=0.2)
+    low, _ = bootstrap_interval([np.array(values)], level=0.95, resamples=1000, seed=0)
+    row = row_of(verdict_table(results({"m": values}), threshold=low), "m")  # at 1000 resamples: on the end
+    assert row["resamples"] > 1000
+    assert row["borderline"] == (abs(row["ci_low"] - low) <= row["mc_error"])
+
+
+def test_monte_carlo_error_matches_the_spread_of_interval_ends_over_bootstrap_draws():
+    """monte_carlo_error is a 95% half-width: about 1.96 standard deviations of the end's
+    value over independent draws of the resamples."""
+    from sanity_cli.verdict import bootstrap_means, monte_carlo_error
+
+    values = [np.random.default_rng(5).normal(0.5, 0.2, 40)]
+    lows = [bootstrap_interval(values, level=0.95, resamples=500, seed=s)[0] for s in range(1, 301)]
+    errors = np.array([monte_carlo_error(bootstrap_means(values, resamples=500, seed=s), 0.95)
+                       for s in range(301, 331)])
+    assert errors[:, 0].mean() == pytest.approx(1.96 * np.std(lows), rel=0.15)
+    assert (errors > 0).all()

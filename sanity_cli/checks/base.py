@@ -1,5 +1,6 @@
 """What every check declares: the conditions it explains, how it makes and scores
-maps where that differs from the default, and the state that decides its verdict.
+maps where that differs from the default, the state that decides its verdict, and the
+preconditions under which that verdict means something.
 
 A check is a `Check` subclass in a module of its own, registered by name in
 `sanity_cli.checks`. The pipeline runs any check through this interface and never
@@ -8,10 +9,12 @@ names one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
+from scipy import stats
 from torch import Tensor, nn
 
 from sanity_cli.errors import SanityError
@@ -51,6 +54,41 @@ class Subject:
     trained: TrainedWeights | None = None
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a finished run tells about the conditions its verdicts rest on (read from its files).
+
+    settings: run.json's settings (the check's own under "test"); models: run.json's
+    models, name -> {train_accuracy, test_accuracy, source, outputs}; states: states.csv
+    (None when absent); images: how many images were explained; level: the verdict's confidence level, also used for the tests
+    of the preconditions.
+    """
+
+    settings: Mapping = field(default_factory=dict)
+    models: Mapping[str, Mapping] = field(default_factory=dict)
+    states: pd.DataFrame | None = None
+    images: int | None = None
+    level: float = 0.95
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """One condition a verdict rests on, and whether the run met it.
+
+    holds: True, False, or None when the run holds nothing to check it by (no labels,
+    a run from before it was recorded); only False invalidates. reason: one line saying
+    what failed and how to fix it. methods: the methods it concerns (None: all).
+    """
+
+    name: str
+    holds: bool | None
+    reason: str = ""
+    methods: frozenset[str] | None = None
+
+    def concerns(self, method: str) -> bool:
+        return self.methods is None or method in self.methods
+
+
 class Check:
     """The default behaviour: explain each condition with the run's methods, compare
     every state's maps with step 0's by the run's metrics, decide on the last state."""
@@ -86,6 +124,48 @@ class Check:
         by default the last step of each seed."""
         last = results.groupby("seed")["step"].transform("max")
         return results[results["step"] == last]
+
+    def axis_label(self, order: str) -> str:
+        """The x-axis of this check's curves, for `test.order` (top_down or bottom_up)."""
+        return "state"
+
+    def preconditions(self, evidence: Evidence) -> list[Precondition]:
+        """The conditions under which this check's verdicts mean something, evaluated on a
+        finished run. By default: the explained model is trained, not random weights, and
+        classifies the explained images better than chance. A check adds its own by
+        extending the list (`super().preconditions(evidence) + [...]`)."""
+        return [trained_model(evidence), above_chance(evidence)]
+
+
+def trained_model(evidence: Evidence, name: str = "trained") -> Precondition:
+    """The model is not random weights (`model.pretrained=false` on a model not trained here)."""
+    source = (evidence.models.get(name) or {}).get("source")
+    if source is None:
+        return Precondition("trained model", None)
+    return Precondition("trained model", source != "random",
+                        "the model has random weights (model.pretrained=false): its maps say nothing about a trained "
+                        "model; load trained weights (model.pretrained=true or model.checkpoint=PATH)")
+
+
+def above_chance(evidence: Evidence, name: str = "trained") -> Precondition:
+    """The model's accuracy on the explained images is above chance (1 / classes) by a margin:
+    a one-sided binomial test at the verdict's level. Unchecked without labels.
+    states.csv's step 0 holds that accuracy."""
+    outputs = (evidence.models.get(name) or {}).get("outputs")
+    states, n = evidence.states, evidence.images
+    if not outputs or states is None or states.empty or not n or outputs < 2:
+        return Precondition("accuracy above chance", None)
+    first = states[states["step"] == 0]
+    accuracy = float(first["accuracy"].iloc[0]) if len(first) else math.nan
+    if not math.isfinite(accuracy):
+        return Precondition("accuracy above chance", None)
+    hits = round(accuracy * n)
+    chance = 1.0 / outputs
+    p_value = stats.binomtest(hits, n, chance, alternative="greater").pvalue
+    return Precondition("accuracy above chance", bool(p_value < 1 - evidence.level),
+                        f"the model classifies {hits} of the {n} explained images right ({accuracy:.2f}), not above "
+                        f"chance ({chance:.2f}) at the {evidence.level:.0%} level: its maps explain a model that has "
+                        "not learnt the task; train it longer (train.epochs) or load trained weights")
 
 
 def unknown_check(name: str, names) -> SanityError:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from sanity_cli.checks.base import Check, Condition, Subject
+import pandas as pd
+
+from sanity_cli.checks.base import Check, Condition, Evidence, Precondition, Subject
 from sanity_cli.randomization import cascading_states
 
 
@@ -23,6 +25,34 @@ class Cascade(Check):
 
     def n_states(self, subject: Subject) -> int:
         return len(subject.blocks) + 1
+
+    def axis_label(self, order: str) -> str:
+        return block_axis_label(order, cumulative=True)
+
+    def preconditions(self, evidence: Evidence) -> list[Precondition]:
+        """The trained model's, and the receipt: no parameter tensor is left trained at the
+        fully randomized state (states.csv), else the decisive state is not full randomization."""
+        return super().preconditions(evidence) + [fully_randomized(evidence)]
+
+
+def block_axis_label(order: str, cumulative: bool) -> str:
+    """The x-axis of block-wise randomization, in the order the states were made."""
+    what = "blocks randomized cumulatively" if cumulative else "block randomized"
+    return f"{what}, from the input (bottom) up" if order == "bottom_up" else f"{what}, from the top (logits) down"
+
+
+def fully_randomized(evidence: Evidence) -> Precondition:
+    states = evidence.states
+    if states is None or states.empty or "tensors_left_trained" not in states:
+        return Precondition("fully randomized", None)
+    last = states[states["step"] == states.groupby("seed")["step"].transform("max")]
+    left = pd.to_numeric(last["tensors_left_trained"], errors="coerce").max()
+    if pd.isna(left):
+        return Precondition("fully randomized", None)
+    return Precondition("fully randomized", int(left) == 0,
+                        f"{int(left)} parameter tensor(s) are still trained at the last state (states.csv, "
+                        "tensors_left_trained): the decisive state is not the fully randomized model; use "
+                        "test.granularity=block or list their modules")
 
 
 CHECK = Cascade()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pandas as pd
 
-from sanity_cli.checks.base import Check, Condition, Subject
+from sanity_cli.checks.base import Check, Condition, Evidence, Precondition, Subject
 from sanity_cli.randomization import State
 
 TRUE_LABELS, SHUFFLED_LABELS = "true labels", "shuffled labels"
@@ -23,6 +23,26 @@ class DataRandomization(Check):
 
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results[results["step"] == 1]
+
+    def axis_label(self, order: str) -> str:
+        return "model"
+
+    def preconditions(self, evidence: Evidence) -> list[Precondition]:
+        """The trained model's, and: the shuffled-label model memorized its labels (train
+        accuracy at least `test.memorization_threshold`); a model that did not has learnt
+        nothing, so that its maps differing from the trained model's shows nothing."""
+        return super().preconditions(evidence) + [memorized(evidence)]
+
+
+def memorized(evidence: Evidence) -> Precondition:
+    accuracy = (evidence.models.get("shuffled") or {}).get("train_accuracy")
+    threshold = (evidence.settings.get("test") or {}).get("memorization_threshold")
+    if accuracy is None or threshold is None:
+        return Precondition("shuffled labels memorized", None)
+    return Precondition("shuffled labels memorized", accuracy >= threshold,
+                        f"the shuffled-label model reached train accuracy {accuracy:.3f} < {threshold:.2f}: it has not "
+                        "memorized its labels, so the data randomization test means little; raise "
+                        "test.shuffled_epochs, or lower test.shuffled_lr if the loss stays at chance")
 
 
 CHECK = DataRandomization()

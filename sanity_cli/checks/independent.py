@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pandas as pd
 
 from sanity_cli.checks.base import Check, Condition, Subject
+from sanity_cli.checks.cascade import block_axis_label
 from sanity_cli.randomization import independent_states
 
 
@@ -23,6 +24,9 @@ class Independent(Check):
 
     def n_states(self, subject: Subject) -> int:
         return len(subject.blocks) + 1
+
+    def axis_label(self, order: str) -> str:
+        return block_axis_label(order, cumulative=False)
 
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results[results["step"] > 0]

@@ -36,6 +36,9 @@ class RandomLogit(Check):
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results[results["step"] == 1]
 
+    def axis_label(self, order: str) -> str:
+        return "class explained"
+
 
 def other_class(targets: Tensor, num_classes: int, seed: int, ids: Tensor | None = None) -> Tensor:
     """A uniformly random class different from each target, (B,) -> (B,), drawn from a

@@ -17,7 +17,6 @@ from sanity_cli.data import DatasetUnavailable, load_torchvision
 from sanity_cli.errors import SanityError
 from sanity_cli.models import InputSpec, build_model
 
-pytest.importorskip("timm", reason="timm models are an extra: pip install 'sanity-cli[timm]'")
 
 WHAT_TO_FETCH = ["timm/inception_v3.tf_in1k/model.safetensors", "hf download timm/inception_v3.tf_in1k",
                  "HF_HUB_CACHE=PATH", "dataset=imagefolder dataset.path=PATH"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import pickle
 import re
@@ -248,6 +249,7 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
     import timm
 
     name, checkpoint = model_cfg.name, model_cfg.get("checkpoint")
+    _hub_warnings_once()
     if not timm.is_model(name):
         raise SanityError(f"unknown timm model '{name}'; see timm.list_models() for the names")
     if checkpoint:
@@ -267,6 +269,18 @@ def _build_timm(model_cfg, num_classes: int) -> nn.Module:
     except Exception as error:  # noqa: BLE001 - hub, network and cache errors all mean "not fetched"
         raise SanityError(f"cannot fetch pretrained weights for '{name}' ({type(error).__name__}); "
                           f"{_fetch_advice(name)}") from None
+
+
+def _hub_warnings_once() -> None:
+    """The hub client prints its warnings through a handler of its own, and again through
+    the root logger's (Hydra's, the CLI's) where there are any: keep only the root's, which
+    also reach the run's log."""
+    import huggingface_hub  # noqa: F401 - its import adds the handler
+
+    if logging.getLogger().handlers:
+        hub_logger = logging.getLogger("huggingface_hub")
+        for handler in [h for h in hub_logger.handlers if type(h) is logging.StreamHandler]:
+            hub_logger.removeHandler(handler)
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a hub repository

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sanity_cli.errors import SanityError
+from sanity_cli.finite import bad_rows
 from sanity_cli.rundir import plain_name
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,11 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, train_cfg, seed: int, device: to
     for epoch in bar:
         order = torch.randperm(len(y), generator=generator)
         correct, total_loss = 0, 0.0
-        for batch in order.split(train_cfg.batch_size):
+        for index, batch in enumerate(order.split(train_cfg.batch_size)):
             inputs, targets = x[batch].to(device), y[batch].to(device)
             logits = model(inputs)
+            if epoch == 0 and index == 0:  # before any step: what is wrong is the model, not train.lr
+                _refuse_nonfinite_start(logits, description)
             loss = nn.functional.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -113,6 +116,14 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, batch
     correct = sum((model(xb.to(device)).argmax(1).cpu() == yb).sum().item()
                   for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return correct / max(len(y), 1)
+
+
+def _refuse_nonfinite_start(logits: Tensor, description: str) -> None:
+    """SanityError when the untrained model's (B, K) logits of its first batch are not finite."""
+    bad, kind = bad_rows(logits)
+    if bad:
+        raise SanityError(f"{description}: the model gives {kind} logits for {bad} of {len(logits)} images of its "
+                          "first batch, before any training step (so not because of train.lr); check its forward")
 
 
 def _refuse_divergence(model: nn.Module, loss: float, epoch: int, description: str, lr: float) -> None:

@@ -147,3 +147,16 @@ def test_undefined_ssim_on_small_maps_still_blames_their_size(warm, make_cfg, tm
         pipeline.run(cfg, tmp_path / "run")
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ssim is undefined")]
     assert said and "smaller than the SSIM window" in said[0], said
+
+
+def test_a_model_that_returns_nan_while_training_is_not_blamed_on_the_learning_rate(user_code, make_cfg, tmp_path):
+    """It read "diverged ... lower train.lr", which no learning rate fixes."""
+    (user_code / "user_always_nan.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass AlwaysNaN(nn.Module):\n"
+        "    def __init__(self, num_classes=10, in_channels=1):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(in_channels, num_classes)\n\n"
+        "    def forward(self, x):\n        return self.fc(x.mean(dim=(2, 3))) * float('nan')\n")
+    message = _error(make_cfg, tmp_path, ["model=custom", "model._target_=user_always_nan.AlwaysNaN",
+                                          "method=gradient"])
+    assert "the model gives NaN logits for" in message and "before any training step" in message, message
+    assert "lower train.lr" not in message

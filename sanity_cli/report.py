@@ -258,9 +258,13 @@ def _with_defaults(verdicts: pd.DataFrame) -> pd.DataFrame:
 
 
 def shared_notes(table: pd.DataFrame) -> list[str]:
-    """The parts of the notes that every row has (e.g. too few images): said once above the table."""
-    parts = [set(_note_parts(note)) for note in table["note"]] if len(table) > 1 else []
-    return sorted(set.intersection(*parts)) if parts else []
+    """The parts of the notes that every method's row has (e.g. too few images, a failed
+    precondition), controls aside when there are two methods or more: said once above the table."""
+    methods = table[~table["is_control"].astype(bool)] if "is_control" in table else table
+    rows = methods if len(methods) > 1 else table
+    parts = [_note_parts(note) for note in rows["note"]] if len(rows) > 1 else []
+    common = set.intersection(*map(set, parts)) if parts else set()
+    return [part for part in parts[0] if part in common] if parts else []  # in the notes' own order
 
 
 def _note_parts(note) -> list[str]:

@@ -64,6 +64,13 @@ MIN_VALUES = 5
 MC_Z = 1.96  # the Monte Carlo error of an interval end: half-width of its 95% band over bootstrap draws
 MAX_RESAMPLES = 20000  # a borderline verdict is recomputed with 10x the resamples, up to this many
 NOT_VALID = "not valid"
+UNDEFINED_WHY = {  # why every value of a metric can be NaN, for the note
+    "hog": "maps smaller than one HOG block (pixels_per_cell x cells_per_block) have no HOG features; lower "
+           "metrics.hog.pixels_per_cell",
+    "ssim": "maps smaller than the SSIM window have no SSIM; lower metrics.ssim.sigma",
+    "spearman": "constant maps have no rank correlation",
+    "spearman_abs": "constant maps have no rank correlation",
+}
 KEYS = ["test", "model", "dataset", "method"]
 COLUMNS = [*KEYS, "is_control", "step", "block", "metric", "decides", "n", "n_nan", "n_seeds", "mean", "ci_low",
            "ci_high", "seed_std", "level", "resamples", "mc_error", "threshold", "change", "outcome", "borderline",
@@ -510,7 +517,7 @@ def _note(row) -> str:
         notes.append(f"maps no better than noise on the trained model (signal.csv); alone the randomization "
                      f"would say {row.outcome}")
     if row.n == 0:
-        notes.append("every value is undefined (NaN), e.g. constant maps have no rank correlation")
+        notes.append(f"every value is undefined (NaN): {UNDEFINED_WHY.get(row.metric, 'e.g. constant maps')}")
     elif MIN_VALUES <= row.n < FEW_IMAGES:
         notes.append(f"only {row.n} values: the interval is optimistic; explain more images (n_images)")
     if row.n_nan and row.n:

@@ -110,7 +110,12 @@ def test_nans_are_left_out_and_counted():
 def test_all_nan_is_undefined():
     row = row_of(verdict_table(results({"m": [math.nan] * 5})), "m")
     assert row["verdict"] == "undefined" and row["n"] == 0 and math.isnan(row["mean"])
-    assert "every value is undefined" in row["note"]
+    assert "every value is undefined (NaN): constant maps have no rank correlation" in row["note"]
+
+
+def test_undefined_hog_says_the_maps_are_smaller_than_a_block():
+    table = verdict_table(results({"m": [math.nan] * 5}, metric="hog"), metric="hog")
+    assert "maps smaller than one HOG block" in row_of(table, "m")["note"]
 
 
 def test_one_image_has_no_interval_and_is_not_valid():

@@ -89,7 +89,7 @@ from PIL import Image
 from skimage import data
 
 root, n = Path(sys.argv[1]), int(sys.argv[2])
-photos = [getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left")]
+photos = [getattr(data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")]
 photos = [p if p.ndim == 3 else np.stack([p] * 3, -1) for p in photos]
 generator = np.random.default_rng(0)
 for i in range(n):
@@ -103,7 +103,7 @@ for i in range(n):
 print(f"{n} images of 299 px in 10 class folders")
 EOF
 step "Fig. 2: Inception v3, random weights" "${LIMITS[4]}" "$PY" -m sanity_cli.cli run \
-  experiment=fig3_cascade_inception model.pretrained=false dataset.path="$WORK/images" device="$DEVICE" \
+  +experiment=fig3_cascade_inception model.pretrained=false dataset.path="$WORK/images" device="$DEVICE" \
   cache_dir="$WORK/cache" hydra.run.dir="$DIR/fig2_run" "${FIG2[@]}"
 if [ -f "$DIR/fig2_run/run.json" ]; then
   "$PY" -c 'import json, sys; t = json.load(open(sys.argv[1]))["timing_s"]

@@ -361,7 +361,8 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
             notes.append(f"signal.csv of the shards of {first.path.parent} is per shard and not merged: "
                          "their verdicts do not mark uninformative methods")
         judged = verdict.verdict_table(table, **asdict(verdict.settings_of(first.settings)), **extra,
-                                       controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)))
+                                       controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)),
+                                       run_settings=first.settings)
         parts.append(_with_swept(judged.reset_index(drop=True), first, swept))
     return pd.concat(parts, ignore_index=True), notes
 

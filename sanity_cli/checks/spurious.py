@@ -165,7 +165,8 @@ class Spurious(Check):
                 if block == KSSD_GAIN and not located:
                     note = "blur changes the whole image: it has no mask, so K-SSD is undefined"
                 if block == KSSD_GAIN and kind in CONTROL_KINDS and outcome == "detects":
-                    verdict, note = "does not detect", "a control's maps do not follow the model: never detects"
+                    outcome = verdict = "does not detect"
+                    note = "a control's maps do not follow the model: never detects"
                 if words and not valid:
                     verdict, note = "not valid", "; ".join(p for p in (reason, note) if p)
                 rows.append({**base, "step": int(values["step"].min()) if len(values) else 0, "block": block,

@@ -137,6 +137,11 @@ class Spurious(Check):
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results
 
+    def figures(self, run_dir, meta: Mapping) -> list:
+        from sanity_cli.spurious_figures import draw
+
+        return draw(run_dir, dict(meta))
+
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
         from sanity_cli.verdict import judge, summarize_scores
 

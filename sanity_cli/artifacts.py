@@ -4,8 +4,8 @@ Pure functions of images in [0, 1], (N, C, H, W), and of their ids:
 
 * `tag`: a square of `tag_size` x the image side, painted with `tag_value`, in the top
   left corner (`tag_position=corner`) or at a position drawn per image (`random`);
-* `stripes`: every `stripes_period`-th row raised by `stripes_strength` (a faint
-  periodic pattern over the whole image);
+* `stripes`: every `stripes_period`-th row raised by `stripes_strength` (a periodic
+  pattern over the whole image);
 * `blur`: the image blurred by a Gaussian of std `blur_sigma` pixels (a change with
   no location, so it has no mask).
 
@@ -41,7 +41,7 @@ class Artifact:
     tag_position: str = "corner"
     tag_value: float = 1.0
     stripes_period: int = 4
-    stripes_strength: float = 0.3
+    stripes_strength: float = 0.6
     blur_sigma: float = 1.0
     seed: int = 0
 

@@ -590,7 +590,7 @@ TEST = {
                                 base=SPURIOUS, weights=True),
     "test.tag_value": Effect(("test.tag_value=0.5",), values_differ, base=SPURIOUS, weights=True),
     "test.stripes_period": Effect(("test.stripes_period=2",), higher(mask_share), base=STRIPES, weights=True),
-    "test.stripes_strength": Effect(("test.stripes_strength=0.6",), values_differ, base=STRIPES, weights=True),
+    "test.stripes_strength": Effect(("test.stripes_strength=0.3",), values_differ, base=STRIPES, weights=True),
     "test.blur_sigma": Effect(("test.blur_sigma=2.0",), values_differ, base=BLUR, weights=True),
     "test.reliance_margin": Effect(("test.reliance_margin=1.0",), not_valid_above(1.0), base=SPURIOUS),
     "test.detect_margin": Effect(("test.detect_margin=-1.9",), detect_threshold(-1.9), base=SPURIOUS),

@@ -188,3 +188,15 @@ def test_refused_in_one_line(make_cfg, tmp_path, overrides, match):
         checkpoint = trained_checkpoint(runs)
     message = runs.error("test=spurious", *(o.format(checkpoint=checkpoint) for o in overrides))
     assert match in message and "\n" not in message.strip()
+
+
+@pytest.mark.parametrize("overrides", [("test.artifact=sideways",), ("model=timm", "model.pretrained=false")])
+def test_the_command_says_what_is_wrong_in_one_line_and_exits_2(tmp_path, overrides):
+    from conftest import sanity
+
+    done = sanity("run", "test=spurious", "device=cpu", *overrides, f"hydra.run.dir={tmp_path / 'run'}",
+                  f"cache_dir={tmp_path / 'cache'}", cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("sanity: error:"), done.stderr
+    assert ("unknown test.artifact 'sideways'" if "sideways" in overrides[0] else
+            "test=spurious trains a spurious model, so it needs a model trained here") in lines[0]

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from unittest import mock
 from scipy import stats
 from torch import nn
 
@@ -200,3 +201,31 @@ def test_the_command_says_what_is_wrong_in_one_line_and_exits_2(tmp_path, overri
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("sanity: error:"), done.stderr
     assert ("unknown test.artifact 'sideways'" if "sideways" in overrides[0] else
             "test=spurious trains a spurious model, so it needs a model trained here") in lines[0]
+
+
+def test_chunks_and_a_resumed_run_give_the_same_rows(make_cfg, tmp_path):
+    """The states compared with another than step 0 (the mask, the normal model's artifact maps)
+    wait on disk between chunks and are made again when a resumed run needs them."""
+    runs = Runs(tmp_path, make_cfg)
+    base = ("test=spurious", "method=[gradient,random]")
+    whole, chunked = runs(*base), runs(*base, "image_chunk=3")
+    key = ["step", "method", "metric", "image"]
+    a, b = (run.results.sort_values(key).reset_index(drop=True) for run in (whole, chunked))
+    assert a[key].equals(b[key]) and np.allclose(a["value"], b["value"], atol=1e-6, equal_nan=True)
+    assert not (chunked.dir / ".reference").exists()
+    # cut off once step 5's first chunk is written: resuming redoes step 5 against step 3's maps, made again
+    written, real = [], RunStore.add_rows
+
+    def add_then_stop(self, *rows):
+        real(self, *rows)
+        written.append(1)
+        if len(written) == 5 * 3 + 1:  # steps 0 to 4 in three chunks each, then one of step 5's
+            raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    with mock.patch.object(RunStore, "add_rows", add_then_stop), pytest.raises(KeyboardInterrupt):
+        pipeline.run(runs.cfg(*base, "image_chunk=3"), cut)
+    assert pd.read_csv(cut / "states.csv")["step"].tolist() == [0, 1, 2, 3, 4]
+    pipeline.run(runs.cfg(*base, "image_chunk=3", "resume=true"), cut)
+    c = pd.read_csv(cut / "results.csv").sort_values(key).reset_index(drop=True)
+    assert a[key].equals(c[key]) and np.allclose(a["value"], c["value"], atol=1e-6, equal_nan=True)

@@ -42,7 +42,7 @@ class Artifact:
     tag_value: float = 1.0
     stripes_period: int = 4
     stripes_strength: float = 0.6
-    blur_sigma: float = 1.0
+    blur_sigma: float = 3.0
     seed: int = 0
 
     @classmethod

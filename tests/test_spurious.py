@@ -229,3 +229,18 @@ def test_chunks_and_a_resumed_run_give_the_same_rows(make_cfg, tmp_path):
     pipeline.run(runs.cfg(*base, "image_chunk=3", "resume=true"), cut)
     c = pd.read_csv(cut / "results.csv").sort_values(key).reset_index(drop=True)
     assert a[key].equals(c[key]) and np.allclose(a["value"], c["value"], atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("model", [("model=mlp",), ("model=custom", "model._target_=small_runs.BatchNormNet")])
+def test_every_model_trained_here_and_two_seeds(make_cfg, tmp_path, model):
+    """The MLP and a user's model without a checkpoint go through, with random tag positions
+    repeated over two seeds: the intervals are over seeds, then images."""
+    runs = Runs(tmp_path, make_cfg)
+    run = runs("test=spurious", *model, "test.tag_position=random", "test.seeds=[0,1]", "method=[gradient,random]")
+    assert run.trainings == 2 and set(run.results["seed"]) == {0, 1}
+    masks = [run.maps("gradient", 2, seed) for seed in (0, 1)]  # the mask state: the tag moved with the seed
+    assert not np.array_equal(masks[0], masks[1])
+    verdicts = pd.read_csv(run.dir / "verdict.csv")
+    decided = verdicts[verdicts["decides"]]
+    assert set(decided["block"]) == {spurious.KSSD_GAIN, spurious.FAM} and (decided["n_seeds"] == 2).all()
+    assert decided["verdict"].notna().all()

@@ -35,15 +35,15 @@ def table(run_dir: Path) -> str:
                                           float(test["reliance_margin"])).iloc[0]
     metric = (settings.get("verdict") or {}).get("metric", "spearman_abs")
     artifact = test["artifact"]
-    lines = [f"**{artifact}** on {settings['dataset']['name']} (aligned class {test['aligned_class']}): spurious "
+    lines = [(f"**{artifact}** on {settings['dataset']['name']} (aligned class {test['aligned_class']}): spurious "
              f"score {score['spurious_mean']:.2f} [{score['spurious_ci_low']:.2f}, {score['spurious_ci_high']:.2f}], "
              f"normal model {score['normal_mean']:.2f} [{score['normal_ci_low']:.2f}, {score['normal_ci_high']:.2f}], "
              f"{score['n']} images; {'valid' if score['valid'] else 'not valid'}; "
-             f"{info.get('timing_s', {}).get('total', float('nan')) / 60:.1f} min", "",
+             f"{info.get('timing_s', {}).get('total', float('nan')) / 60:.1f} min"), "",
              "| method | K-SSD | K-SSD gain | verdict | CCM | FAM | verdict | mask mass spurious / normal |",
              "|---|---|---|---|---|---|---|---|"]
     for method, part in verdicts.groupby("method", sort=False):
-        def row(block, name=metric):
+        def row(block, name=metric, part=part):
             found = part[(part["block"] == block) & (part["metric"] == name)]
             return found.iloc[0] if len(found) else None
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from sanity_cli.artifacts import Artifact, chosen_for_artifact, gaussian_blur, mask_mass_ratio, plant
+from sanity_cli.artifacts import (
+    Artifact,
+    chosen_for_artifact,
+    gaussian_blur,
+    mask_mass_ratio,
+    plant,
+)
 from sanity_cli.errors import SanityError
 
 

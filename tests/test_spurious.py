@@ -3,12 +3,14 @@ definitions on a small trained run, the cache key, and what is refused."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from unittest import mock
 from scipy import stats
+from small_runs import Runs
 from torch import nn
 
 from sanity_cli import pipeline
@@ -17,7 +19,6 @@ from sanity_cli.checks import spurious
 from sanity_cli.models import InputSpec
 from sanity_cli.results import RunStore, settings_for_fingerprint
 from sanity_cli.training import TrainedModel
-from small_runs import Runs
 
 SIZE, CLASSES, ALIGNED, N = 8, 4, 2, 24
 TAG = Artifact(kind="tag", tag_size=0.25)  # the top-left 2 x 2 pixels: 1/16 of the image
@@ -140,9 +141,14 @@ def test_measures_recomputed_from_their_definitions(make_cfg, tmp_path):
     maps = {state: run.maps("gradient", step) for state, step in steps.items()}
     assert np.array_equal(maps[spurious.MASK][:, 0], np.broadcast_to(mask, (8, 12, 12)))
     images = run.image_ids
+    def value(state: str, metric: str, image: int) -> float:
+        rows = results[(results["block"] == state) & (results["image"] == image) & (results["metric"] == metric)]
+        return rows["value"].iloc[0]
+
     for i, image in enumerate(images):
-        row = lambda state, metric: results[(results["block"] == state) & (results["image"] == image)  # noqa: E731
-                                            & (results["metric"] == metric)]["value"].iloc[0]
+        def row(state: str, metric: str, image: int = image) -> float:
+            return value(state, metric, image)
+
         kssd = spearman_abs(mask, maps[spurious.SPURIOUS_ARTIFACT][i])
         assert row(spurious.SPURIOUS_ARTIFACT, "spearman_abs") == pytest.approx(kssd, abs=0.02)
         ccm = spearman_abs(maps[spurious.NORMAL_CLEAN][i], maps[spurious.SPURIOUS_CLEAN][i])

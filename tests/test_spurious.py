@@ -250,3 +250,12 @@ def test_every_model_trained_here_and_two_seeds(make_cfg, tmp_path, model):
     decided = verdicts[verdicts["decides"]]
     assert set(decided["block"]) == {spurious.KSSD_GAIN, spurious.FAM} and (decided["n_seeds"] == 2).all()
     assert decided["verdict"].notna().all()
+
+
+def test_the_python_api_says_it_cannot_train_the_spurious_model():
+    from sanity_cli.api import check
+    from sanity_cli.errors import SanityError
+
+    normal, _ = models()
+    with pytest.raises(SanityError, match="run it with `sanity run test=spurious`"):
+        check(normal, torch.rand(4, 1, SIZE, SIZE), test="spurious", device="cpu")

@@ -97,6 +97,9 @@ class Spurious(Check):
         return [ModelNeed("spurious", model_key(settings), change)]
 
     def check_fit(self, subject: Subject) -> None:
+        if "spurious" not in subject.models:
+            raise SanityError("test=spurious trains its spurious model on the dataset's training split; "
+                              "run it with `sanity run test=spurious`")
         aligned = int(subject.settings["aligned_class"])
         if not 0 <= aligned < subject.num_outputs:
             raise SanityError(f"test.aligned_class={aligned} is not one of the model's {subject.num_outputs} "

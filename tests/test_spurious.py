@@ -259,3 +259,14 @@ def test_the_python_api_says_it_cannot_train_the_spurious_model():
     normal, _ = models()
     with pytest.raises(SanityError, match="run it with `sanity run test=spurious`"):
         check(normal, torch.rand(4, 1, SIZE, SIZE), test="spurious", device="cpu")
+
+
+def test_blur_has_no_mask_and_says_so(make_cfg, tmp_path):
+    runs = Runs(tmp_path, make_cfg)
+    run = runs("test=spurious", "test.artifact=blur", "method=[gradient]")
+    assert spurious.MASK not in set(run.results["block"]) and run.states["step"].tolist() == [0, 1, 2, 3]
+    verdicts = pd.read_csv(run.dir / "verdict.csv")
+    gain = verdicts[verdicts["block"] == spurious.KSSD_GAIN].iloc[0]
+    assert gain["n"] == 0 and gain["outcome"] == "undefined" and "it has no mask" in gain["note"]
+    fam = verdicts[(verdicts["block"] == spurious.FAM) & verdicts["decides"]].iloc[0]
+    assert fam["n"] == 8 and fam["outcome"] in ("false alarm", "no false alarm", "inconclusive")

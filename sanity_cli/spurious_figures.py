@@ -96,7 +96,7 @@ def gallery(run_dir: Path, meta: dict, settings: dict) -> Path:
 def measure_table(results: pd.DataFrame, settings: dict) -> pd.DataFrame:
     """The check's verdict rows (with the informative ones) from results.csv and run.json's settings."""
     verdict = settings_of(settings) if settings else VerdictSettings()
-    rows = spurious.CHECK.judge(results[results["step"] > 0], verdict, 0, settings)
+    rows = spurious.verdict_rows(results[results["step"] > 0], verdict, 0, settings)
     return pd.DataFrame(rows)
 
 

@@ -108,7 +108,7 @@ def test_a_model_that_reads_only_the_tag_has_all_gradient_mass_in_the_mask(make_
     assert verdict_of(verdicts, spurious.FAM, "edge") == "false alarm"  # it points at the tag whatever the model
 
 
-def test_a_model_that_ignores_the_tag_is_not_valid(make_cfg, tmp_path):
+def test_a_model_that_ignores_the_tag_is_not_valid(make_cfg, tmp_path, caplog):
     normal, _ = models()
     # other weights (1.5 x, so its maps are another model's), the same decisions, and zero weight on the tag
     ignoring = Linear(normal.fc.weight.detach().view(CLASSES, SIZE, SIZE) * 1.5, normal.fc.bias.detach() * 1.5)
@@ -120,6 +120,8 @@ def test_a_model_that_ignores_the_tag_is_not_valid(make_cfg, tmp_path):
     decided = verdicts[verdicts["decides"]]
     assert len(decided) == 3 * 2 and (decided["verdict"] == "not valid").all()
     assert decided["note"].str.contains("does not rely on the artifact").all()
+    said = [r.getMessage() for r in caplog.records if "does not rely on the artifact" in r.getMessage()]
+    assert said and all("its verdicts are not valid" in line and "\n" not in line for line in said)
 
 
 def test_measures_recomputed_from_their_definitions(make_cfg, tmp_path):

@@ -41,6 +41,7 @@ The rules (`judge`), with bootstrap intervals over images (and seeds) at `verdic
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -51,6 +52,8 @@ from sanity_cli.artifacts import Artifact, mask_mass_ratio, plant
 from sanity_cli.checks.base import Check, Compare, Condition, ModelNeed, Subject
 from sanity_cli.errors import SanityError
 from sanity_cli.randomization import State
+
+log = logging.getLogger(__name__)
 
 NORMAL_CLEAN, SPURIOUS_CLEAN = "normal model, clean images", "spurious model, clean images"
 MASK = "artifact mask"
@@ -146,42 +149,51 @@ class Spurious(Check):
         return draw(run_dir, dict(meta))
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
-        from sanity_cli.verdict import judge, summarize_scores
-
-        test, methods = run.get("test") or {}, run.get("method") or {}
-        if "aligned_class" not in test:
-            raise SanityError("the run's test settings are missing (run.json): test=spurious needs its "
-                              "aligned_class to judge; judge the run directory with `sanity report RUN_DIR`")
-
-        def interval(rows: pd.DataFrame) -> dict:
-            return summarize_scores(rows, level=settings.level, resamples=settings.resamples, seed=seed)
-
-        reliance = reliance_rows(decisive, int(test["aligned_class"]))
-        valid, reason = reliance_rule(reliance, float(test["reliance_margin"]), interval)
-        located = MASK in set(decisive["block"])
-        first = decisive.iloc[0]
-        rows = []
-        for method, part in decisive.groupby("method", sort=False):
-            base = {"test": first["test"], "model": first["model"], "dataset": first["dataset"], "method": method,
-                    "level": settings.level, "resamples": settings.resamples}
-            kind = (methods.get(method) or {}).get("method") or method
-            for block, metric, values, threshold, higher, words, decides in measures(part, settings, test, located):
-                summary = interval(values)
-                outcome = judge(summary["ci_low"], summary["ci_high"], threshold, higher, summary["n"])
-                outcome = words.get(outcome, outcome) if words else ""
-                verdict, note = outcome, ""
-                if block == KSSD_GAIN and not located:
-                    note = "blur changes the whole image: it has no mask, so K-SSD is undefined"
-                if block == KSSD_GAIN and kind in CONTROL_KINDS and outcome == "detects":
-                    outcome = verdict = "does not detect"
-                    note = "a control's maps do not follow the model: never detects"
-                if words and not valid:
-                    verdict, note = "not valid", "; ".join(p for p in (reason, note) if p)
-                rows.append({**base, "step": int(values["step"].min()) if len(values) else 0, "block": block,
-                             "metric": metric, "decides": decides, **summary, "threshold": threshold,
-                             "change": "above" if higher else "below", "outcome": outcome, "verdict": verdict,
-                             "note": note})
+        rows = verdict_rows(decisive, settings, seed, run)
+        reasons = {row["note"].split("; ")[0] for row in rows if row["verdict"] == "not valid"}
+        for reason in reasons:  # the run says so in one line
+            log.warning("test=spurious: %s; its verdicts are not valid", reason)
         return rows
+
+
+def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
+    """The check's verdict rows (see the module's docstring for the rules)."""
+    from sanity_cli.verdict import judge, summarize_scores
+
+    test, methods = run.get("test") or {}, run.get("method") or {}
+    if "aligned_class" not in test:
+        raise SanityError("the run's test settings are missing (run.json): test=spurious needs its "
+                          "aligned_class to judge; judge the run directory with `sanity report RUN_DIR`")
+
+    def interval(rows: pd.DataFrame) -> dict:
+        return summarize_scores(rows, level=settings.level, resamples=settings.resamples, seed=seed)
+
+    reliance = reliance_rows(decisive, int(test["aligned_class"]))
+    valid, reason = reliance_rule(reliance, float(test["reliance_margin"]), interval)
+    located = MASK in set(decisive["block"])
+    first = decisive.iloc[0]
+    rows = []
+    for method, part in decisive.groupby("method", sort=False):
+        base = {"test": first["test"], "model": first["model"], "dataset": first["dataset"], "method": method,
+                "level": settings.level, "resamples": settings.resamples}
+        kind = (methods.get(method) or {}).get("method") or method
+        for block, metric, values, threshold, higher, words, decides in measures(part, settings, test, located):
+            summary = interval(values)
+            outcome = judge(summary["ci_low"], summary["ci_high"], threshold, higher, summary["n"])
+            outcome = words.get(outcome, outcome) if words else ""
+            verdict, note = outcome, ""
+            if block == KSSD_GAIN and not located:
+                note = "blur changes the whole image: it has no mask, so K-SSD is undefined"
+            if block == KSSD_GAIN and kind in CONTROL_KINDS and outcome == "detects":
+                outcome = verdict = "does not detect"
+                note = "a control's maps do not follow the model: never detects"
+            if words and not valid:
+                verdict, note = "not valid", "; ".join(p for p in (reason, note) if p)
+            rows.append({**base, "step": int(values["step"].min()) if len(values) else 0, "block": block,
+                         "metric": metric, "decides": decides, **summary, "threshold": threshold,
+                         "change": "above" if higher else "below", "outcome": outcome, "verdict": verdict,
+                         "note": note})
+    return rows
 
 
 def measures(part: pd.DataFrame, settings, test: Mapping, located: bool):

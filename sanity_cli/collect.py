@@ -397,7 +397,8 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
             notes.append(f"the preconditions of the shards of {first.path.parent} are not tested (each shard "
                          "records its own images only)")
         judged = verdict.verdict_table(table, **asdict(settings), **extra,
-                                       controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)))
+                                       controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)),
+                                       run_settings=first.settings)
         parts.append(_with_swept(judged.reset_index(drop=True), first, swept).assign(run=_label(first, swept)))
     return pd.concat(parts, ignore_index=True), notes
 

@@ -88,8 +88,13 @@ def draw_all(run_dir: Path) -> list[Path]:
         meta = json.loads(str(npz["meta"][()])) if npz is not None else None
         run = describe_run(summary, meta, run_order(run_dir))
         paths = summary_figures(summary, run, out) if summary is not None else []
-        return paths + (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
-                        if npz is not None and meta.get("states") else [])  # no states: every map was lost
+        paths += (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
+                  if npz is not None and meta.get("states") else [])  # no states: every map was lost
+    if meta is not None:  # a check's figures of its own (test=spurious)
+        from sanity_cli import checks
+
+        paths += checks.get(meta["test"]).figures(run_dir, meta)
+    return paths
 
 
 def describe_run(summary: pd.DataFrame | None, meta: dict | None, order: str = "top_down") -> Run:

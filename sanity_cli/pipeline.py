@@ -113,6 +113,9 @@ def _execute(cfg: DictConfig, prepared: Prepared, store: RunStore, started: floa
              prepared_s: float | None) -> RunResult:
     started = time.perf_counter() if started is None else started
     check = checks.get(cfg.test.name)
+    if check.targets is not None and cfg.target not in check.targets:
+        raise SanityError(f"test={cfg.test.name} explains target={' or '.join(check.targets)}, not "
+                          f"target={cfg.target}; drop the target setting")
     model = prepared.models["trained"].model
     check_torchscript(model, cfg.test.name, check.randomizes_model, method_options(cfg))
     blocks = plan_blocks(model, prepared.images[:1], cfg.test.granularity) if check.randomizes_model else []
@@ -189,7 +192,7 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
         for condition in conditions:
             step, block = condition.state.step, condition.state.block
             scored = not store.done(seed, step)
-            if step > 0 and not scored:
+            if step > 0 and not scored and not condition.kept:
                 continue
             signal = step == 0 and seed == _seeds(cfg)[0]
             examples: dict[str, Tensor] = {}
@@ -197,13 +200,17 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
             with reuse.state(condition.model):
                 for index, part in enumerate(chunks):
                     images = prepared.images[part]
+                    if condition.inputs is not None:
+                        display = condition.inputs(prepared.display[part].to(device), ids[part])
+                        images = prepared.spec.normalize(display)
                     state = f"seed {seed}, step {step}: {block}"
                     predicted = _predicted(condition.model, images, cfg.max_batch, cfg.model.name, state)
                     targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
                     tick = _now(device)
                     with reuse.chunk(index):
                         maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
-                                          cfg.test, ids[part])
+                                          cfg.test, ids[part]) if condition.truth is None else \
+                            dict.fromkeys(cfg.method, condition.truth(prepared.display[part].to(device), ids[part]))
                     clock["explain"] += _now(device) - tick
                     check_maps(maps, state)
                     predictions.append(predicted)
@@ -211,12 +218,15 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                     if signal:
                         figures.append(figures_by_method(maps, prepared.display[part].to(device), seed=cfg.seed,
                                                          positions=torch.arange(part.start, part.stop)))
-                    if step == 0:
-                        reference.put(index, maps)
+                    if step == 0 or condition.kept:
+                        reference.put(index, maps, step)
                     if not scored:
                         continue
                     tick = _now(device)
-                    base = maps if step == 0 else reference.get(index, device)
+                    base = maps if step == condition.compare_with else reference.get(index, device,
+                                                                                     condition.compare_with)
+                    # a known map (Condition.truth) has one channel and stands for each of a map's channels
+                    base = {name: base[name].expand_as(value) for name, value in maps.items()}
                     variants = {name: robustness_scores(base[name], value,
                                                         single_channel=compare_options["single_channel"])
                                 for name, value in maps.items()}
@@ -274,11 +284,12 @@ def image_chunks(n: int, size: int | None) -> list[slice]:
 
 
 class ReferenceMaps:
-    """Step 0's maps, chunk by chunk: kept in memory when the images are one chunk, else
+    """The maps that states are compared with (step 0's, and those of the states a check
+    keeps, `Condition.kept`), chunk by chunk: kept in memory when the images are one chunk, else
     written to run_dir/.reference (removed when done) and read back one chunk at a time."""
 
     def __init__(self, run_dir: Path, in_memory: bool):
-        self.kept: dict[int, dict[str, Tensor]] = {}
+        self.kept: dict[tuple[int, int], dict[str, Tensor]] = {}  # (step, chunk) -> maps
         self.folder = None if in_memory else run_dir / ".reference"
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)  # left by a run that was killed
@@ -292,20 +303,20 @@ class ReferenceMaps:
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def put(self, index: int, maps: dict[str, Tensor]) -> None:
+    def put(self, index: int, maps: dict[str, Tensor], step: int = 0) -> None:
         if self.folder is None:
-            self.kept[index] = maps
+            self.kept[(step, index)] = maps
         else:
             # Serialized in memory, then written as every other file of the run: a full disk
             # is then one line, not torch's "enforce fail" from inside its writer.
             buffer = io.BytesIO()
             torch.save({name: value.detach().cpu() for name, value in maps.items()}, buffer)
-            replace_atomically(self.folder / f"{index}.pt", buffer.getvalue())
+            replace_atomically(self.folder / f"{step}_{index}.pt", buffer.getvalue())
 
-    def get(self, index: int, device: torch.device) -> dict[str, Tensor]:
+    def get(self, index: int, device: torch.device, step: int = 0) -> dict[str, Tensor]:
         if self.folder is None:
-            return self.kept[index]
-        maps = torch.load(self.folder / f"{index}.pt", weights_only=True)
+            return self.kept[(step, index)]
+        maps = torch.load(self.folder / f"{step}_{index}.pt", weights_only=True)
         return {name: value.to(device) for name, value in maps.items()}
 
 
@@ -438,6 +449,8 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     if checks.get(cfg.test.name).needs_shuffled_model:
         models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
+    for need in checks.get(cfg.test.name).models_needed(cfg.test):
+        models[need.name] = _trained_model(cfg, dataset, spec, device, shuffled=False, need=need)
     chosen = shard_images(datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed), parse_shard(cfg.shard))
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
     images = spec.normalize(display).to(device)
@@ -457,11 +470,14 @@ def _warn_unless_memorized(model: TrainedModel, threshold: float) -> None:
 
 
 def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec, device: torch.device,
-                   shuffled: bool) -> TrainedModel:
+                   shuffled: bool, need: checks.ModelNeed | None = None) -> TrainedModel:
+    """The model trained (or cached) on the training split: with shuffled labels, or with
+    its images changed as a check's `need` says."""
     num_classes = dataset.num_classes
     if cfg.model.kind not in TRAINABLE_KINDS or cfg.model.get("checkpoint"):
-        if shuffled:
-            raise SanityError(f"shuffled labels need a model trained here (cnn, mlp or custom without a checkpoint), "
+        if shuffled or need:
+            what = "shuffled labels need" if shuffled else f"test={cfg.test.name} trains a {need.name} model, so it needs"
+            raise SanityError(f"{what} a model trained here (cnn, mlp or custom without a checkpoint), "
                               f"not model={cfg.model.name}")
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, num_classes, spec).to(device).eval()
@@ -487,6 +503,11 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
                             subset, len(train_y), len(train_y))
             train_x, train_y = (train_x[:subset], train_y[:subset]) if subset else (train_x, train_y)
     prepare_x = lambda x: spec.normalize(datasets.adapt_images(x, spec.channels, spec.size))  # noqa: E731
+    if need is not None:  # the change sees the images as the model does, in [0, 1]
+        changed = need.change(datasets.adapt_images(train_x, spec.channels, spec.size), train_y, cfg.seed)
+        prepare_train = lambda x: spec.normalize(changed)  # noqa: E731
+    else:
+        prepare_train = prepare_x
     dataset_settings = OmegaConf.to_container(cfg.dataset, resolve=True)
     dataset_settings.pop("system_dir", None)  # where a copy lies does not change the weights
     # The device is part of the key: GPU and CPU training give different weights.
@@ -495,9 +516,11 @@ def _trained_model(cfg: DictConfig, dataset: datasets.ImageData, spec: InputSpec
     key = {"model": cfg.model.name, "kind": cfg.model.kind, "architecture": model_settings, "dataset": dataset_settings,
            "input": [spec.channels, spec.size], "classes": num_classes, "labels": "shuffled" if shuffled else "true",
            "train_size": len(train_y), "device": device.type}
+    if need is not None:
+        key["changed"] = {"name": need.name, **need.key}
     if cfg.model.kind == "custom":  # editing the model's code trains anew
         key["source"] = plugins.source_fingerprint(cfg.model._target_)
-    return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_x(train_x), train_y,
+    return train_or_load(lambda: build_model(cfg.model, num_classes, spec), key, prepare_train(train_x), train_y,
                          prepare_x(dataset.test_x), dataset.test_y, train_cfg, cfg.seed, cfg.cache_dir, device)
 
 

@@ -42,6 +42,10 @@ FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
     ("maps", "Maps at every state, |map|", "_grid_abs_"),
     ("maps", "Maps at every state, signed", "_grid_diverging_"),
     ("maps", "Maps of the two compared conditions", "_maps_"),
+    ("curves", "Spurious signal: K-SSD gain, CCM and FAM per method, and the mask mass ratio, with intervals",
+     "_spurious_measures.png"),
+    ("maps", "The artifact, and each method's maps of the normal and the spurious model on clean and "
+             "artifact images", "_spurious_gallery.png"),
 )
 
 

@@ -11,6 +11,7 @@ import difflib
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sanity_cli import checks
+from sanity_cli.artifacts import ARTIFACTS, POSITIONS
 from sanity_cli.batching import BATCH_CHOICES
 from sanity_cli.configs import top_level_keys
 from sanity_cli.errors import SanityError
@@ -39,12 +40,17 @@ NUMBERS = [
     ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0), ("test.shuffled_subset", int, 1),
     ("test.shuffled_lr", float, 0.0),
     ("dataset.image_size", int, 8), ("dataset.test_fraction", float, 0.0),
+    ("test.aligned_class", int, 0), ("test.rate", float, 0.0), ("test.tag_size", float, 0.0),
+    ("test.tag_value", float, 0.0), ("test.stripes_period", int, 2), ("test.stripes_strength", float, 0.0),
+    ("test.blur_sigma", float, 0.0), ("test.reliance_margin", float, 0.0), ("test.detect_margin", float, -2.0),
 ]
-INCLUSIVE = {"test.noise", "test.memorization_threshold"}
+INCLUSIVE = {"test.noise", "test.memorization_threshold", "test.tag_value", "test.reliance_margin"}
 # Upper bounds (inclusive): seeds fit the 32 bits that every random generator used here takes.
 SEED_LIMIT = 2**32 - 1
 MAX_DRAWS = 100  # test.seeds as a number: each draw explains every state again
-MAXIMA = {"seed": SEED_LIMIT}
+# A share, a fraction of the side and a pixel value are at most 1; a gain of a similarity in [-1, 1] at most 2.
+MAXIMA = {"seed": SEED_LIMIT, "test.rate": 1, "test.tag_size": 1, "test.tag_value": 1, "test.stripes_strength": 1,
+          "test.reliance_margin": 1, "test.detect_margin": 2}
 
 
 def draw_seeds(seed: int, draws: int) -> list[int]:
@@ -100,6 +106,9 @@ def _check_names(cfg: DictConfig) -> None:
     if cfg.test.name in checks.MODEL_CHECKS:
         names.append(("init", cfg.test.init, INIT_POLICIES))
         names.append(("order", cfg.test.get("order", "top_down"), ORDERS))
+    if "artifact" in cfg.test:
+        names.append(("test.artifact", cfg.test.artifact, ARTIFACTS))
+        names.append(("test.tag_position", cfg.test.get("tag_position", "corner"), POSITIONS))
     if cfg.model.get("kind") in ("cnn", "mlp"):
         names.append(("model.init", cfg.model.get("init", "torch"), MODEL_INITS))
     for what, value, valid in names:

@@ -139,7 +139,8 @@ def _is_number(value) -> bool:
 def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", threshold: float = 0.5,
                   level: float = 0.95, resamples: int = 1000, seed: int = 0, signal: pd.DataFrame | None = None,
                   robustness: pd.DataFrame | None = None, controls: Collection[str] = (),
-                  rise_threshold: float = 0.05, evidence: Evidence | None = None) -> pd.DataFrame:
+                  rise_threshold: float = 0.05, evidence: Evidence | None = None,
+                  run_settings: Mapping | None = None) -> pd.DataFrame:
     """One row per (test, model, dataset, method, block, metric) at each check's decisive state.
 
     results: a results.csv table (one or more tests). `metric` decides, unless the
@@ -148,7 +149,8 @@ def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", thresh
     entropy) get no row. `signal` (signal.csv) marks uninformative methods;
     `robustness` (robustness.csv) gives `holds_in`; `controls` names control methods;
     `evidence` (what the run recorded of its models and states) lets each check test its
-    preconditions (without it only those of the table itself are tested: enough values).
+    preconditions (without it only those of the table itself are tested: enough values);
+    `run_settings` (run.json's settings) go to a check with a rule of its own.
     Columns: see COLUMNS; `change` says on which side of the threshold a change lies;
     `mc_error` is the Monte Carlo error of the interval end nearest the threshold;
     `seeds_agree` says with several seeds how many of them alone give the same outcome.
@@ -158,7 +160,8 @@ def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", thresh
     if results.empty:
         raise SanityError("the results table is empty: no finished state to judge; finish the run first")
     controls = set(controls) | _controls_of(signal)
-    rows = [row for decisive in _decisive_parts(results) for row in _judge_all(decisive, settings, seed)]
+    rows = [row for decisive in _decisive_parts(results)
+            for row in _judge_all(decisive, settings, seed, run_settings)]
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["is_control"] = table["method"].isin(controls)
     table["holds_in"] = _holds_in(table, robustness, settings, seed)
@@ -176,9 +179,13 @@ def _decisive_parts(results: pd.DataFrame):
             yield decisive
 
 
-def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int) -> list[dict]:
+def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int,
+               run_settings: Mapping | None = None) -> list[dict]:
     """The verdict rows of one (test, model, dataset)'s decisive rows."""
     check = checks.get(str(decisive["test"].iloc[0]))
+    own = check.judge(decisive, settings, seed, run_settings or {})  # a check with a rule of its own (e.g. spurious)
+    if own is not None:
+        return own
     deciding = check.verdict_metric or settings.metric
     if deciding not in decisive["metric"].unique():
         raise SanityError(f"the results of test {check.name} have no '{deciding}' scores (they have "
@@ -465,7 +472,8 @@ def _annotate(table: pd.DataFrame, uninformative: set[str]) -> pd.DataFrame:
     """Uninformative methods (controls aside) get that verdict; every row gets its note."""
     noise = table["method"].isin(uninformative) & ~table["is_control"] & (table["outcome"] != "undefined")
     table.loc[noise, "verdict"] = "uninformative"
-    table["note"] = [_note(row) for row in table.itertuples(index=False)]
+    table["note"] = ["; ".join(part for part in (row.note if isinstance(row.note, str) else "", _note(row)) if part)
+                     for row in table.itertuples(index=False)]
     return table
 
 
@@ -544,7 +552,7 @@ def write_verdicts(run_dir: Path, cfg: Mapping | None = None, name: str = "verdi
     results = read_results(run_dir)
     table = verdict_table(results, **asdict(settings), signal=_read(run_dir / "signal.csv"),
                           robustness=_read(run_dir / "robustness.csv"), controls=controls_of_run(run_dir),
-                          evidence=evidence_of(run_dir, results, settings.level))
+                          evidence=evidence_of(run_dir, results, settings.level), run_settings=run_settings)
     table.to_csv(run_dir / name, index=False)
     return table
 

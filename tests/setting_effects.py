@@ -358,6 +358,37 @@ def test_named(name: str) -> Callable[[Run, Run], None]:
     return check
 
 
+def mask_share(run: Run) -> float:
+    """The share of the image that test=spurious's artifact mask (step 2) covers."""
+    return float(np.mean([maps.mean() for (_, step, _), maps in run.examples.items() if step == 2]))
+
+
+def kssd_gain(run: Run, column: str = "mean", method: str = "gradient"):
+    table = verdicts(run)
+    return table.loc[(table["block"] == "K-SSD gain") & (table["method"] == method), column].iloc[0]
+
+
+def not_valid_above(margin: float) -> Callable[[Run, Run], None]:
+    """Every verdict of b is `not valid`, its note naming the margin the spurious score missed."""
+    def check(a: Run, b: Run) -> None:
+        decided = verdicts(b)[verdicts(b)["decides"]]
+        assert (decided["verdict"] == "not valid").all(), decided["verdict"].tolist()
+        assert decided["note"].str.contains(f"not above {margin:g}").all()
+        assert not verdicts(a)["note"].fillna("").str.contains(f"not above {margin:g}").any()
+
+    return check
+
+
+def detect_threshold(value: float) -> Callable[[Run, Run], None]:
+    """The K-SSD gain is judged against the new margin: far below any gain, the gradient detects."""
+    def check(a: Run, b: Run) -> None:
+        assert kssd_gain(b, "threshold") == value != kssd_gain(a, "threshold")
+        assert kssd_gain(b, "outcome") == "detects"
+        assert kssd_gain(b, "outcome", "edge") == "does not detect"  # a control never detects
+
+    return check
+
+
 # --- the table -------------------------------------------------------------------------
 
 HOG = ("metrics.names=[spearman_abs,hog]",)  # the verdict's metric stays among the names
@@ -366,6 +397,9 @@ SMOOTH = ("method=[gradient,smoothgrad]", "method.smoothgrad.samples=2")
 VAR = ("method=[vargrad]", "method.vargrad.samples=2")
 DATA = ("test=data", "test.shuffled_epochs=1", "test.shuffled_subset=100")
 ENTROPY = ("test=entropy",)
+SPURIOUS = ("test=spurious", "method=[gradient,edge]")
+STRIPES = (*SPURIOUS, "test.artifact=stripes")
+BLUR = (*SPURIOUS, "test.artifact=blur")
 SMOOTH_CASCADE = ("test=smooth_cascade", "test.samples=2")
 # A small CNN with batch norm of the tests' own, as a user's model (model=custom); at
 # Adam 1e-3 one epoch leaves it near chance, and such a model is never cached
@@ -549,6 +583,20 @@ TEST = {
     "test.shuffled_lr": Effect(("test.shuffled_lr=0.01",), all_of(values_differ, only_the_shuffled_model), base=DATA,
                                weights=True),
     "test.memorization_threshold": Effect(("test.memorization_threshold=0.0",), memorization_warning, base=DATA),
+    "test.artifact": Effect(("test.artifact=stripes",), all_of(values_differ, higher(mask_share)), base=SPURIOUS,
+                            weights=True),
+    "test.aligned_class": Effect(("test.aligned_class=3",), values_differ, base=SPURIOUS, weights=True),
+    "test.rate": Effect(("test.rate=0.3",), values_differ, base=SPURIOUS, weights=True),
+    "test.tag_size": Effect(("test.tag_size=0.5",), all_of(values_differ, higher(mask_share)), base=SPURIOUS,
+                            weights=True),
+    "test.tag_position": Effect(("test.tag_position=random",), all_of(values_differ, maps_differ("gradient")),
+                                base=SPURIOUS, weights=True),
+    "test.tag_value": Effect(("test.tag_value=0.5",), values_differ, base=SPURIOUS, weights=True),
+    "test.stripes_period": Effect(("test.stripes_period=2",), higher(mask_share), base=STRIPES, weights=True),
+    "test.stripes_strength": Effect(("test.stripes_strength=0.3",), values_differ, base=STRIPES, weights=True),
+    "test.blur_sigma": Effect(("test.blur_sigma=2.0",), values_differ, base=BLUR, weights=True),
+    "test.reliance_margin": Effect(("test.reliance_margin=1.0",), not_valid_above(1.0), base=SPURIOUS),
+    "test.detect_margin": Effect(("test.detect_margin=-1.9",), detect_threshold(-1.9), base=SPURIOUS),
     "test.bins": Effect(("test.bins=10",), entropy_at_most_log_10, base=ENTROPY),
     "test.samples": Effect(("test.samples=3",), values_differ, base=SMOOTH_CASCADE),
     "test.noise": Effect(("test.noise=0",), values_differ, base=SMOOTH_CASCADE),  # equal to the cascade's: e2e
@@ -586,6 +634,7 @@ GROUPS = {
     "test=random_logit": Effect(("test=random_logit",), test_named("random_logit")),
     "test=smooth_cascade": Effect(SMOOTH_CASCADE, test_named("smooth_cascade")),
     "test=entropy": Effect(ENTROPY, test_named("entropy")),
+    "test=spurious": Effect(SPURIOUS, test_named("spurious"), weights=None),
 }
 for _method in ("gradient", "input_x_gradient", "guided_backprop", "integrated_gradients", "gradcam",
                 "guided_gradcam", "smoothgrad", "vargrad", "edge", "random"):

@@ -70,7 +70,7 @@ def test_a_run_in_chunks_writes_what_a_run_at_once_writes(runs, test):
 
 
 def test_step_0_maps_wait_on_disk_between_chunks(runs):
-    """With more than one chunk, the reference maps are written out and read back."""
+    """With more than one chunk, the reference maps are written out and read back (named step_chunk)."""
     saved = []
     real = pipeline.torch.save
 
@@ -80,8 +80,8 @@ def test_step_0_maps_wait_on_disk_between_chunks(runs):
 
     with mock.patch.object(pipeline.torch, "save", recorded):
         runs.fresh("image_chunk=5", "method=[gradient,random]")
-    assert saved == [("0.pt", ["gradient", "random"], {"gradient": (5, 1, 12, 12), "random": (5, 1, 12, 12)}),
-                     ("1.pt", ["gradient", "random"], {"gradient": (3, 1, 12, 12), "random": (3, 1, 12, 12)})]
+    assert saved == [("0_0.pt", ["gradient", "random"], {"gradient": (5, 1, 12, 12), "random": (5, 1, 12, 12)}),
+                     ("0_1.pt", ["gradient", "random"], {"gradient": (3, 1, 12, 12), "random": (3, 1, 12, 12)})]
 
 
 def test_a_run_cut_off_between_chunks_resumes_to_the_same_rows(runs, tmp_path):

@@ -32,18 +32,41 @@ class Condition:
 
     retarget: (targets, ids) -> the classes explained here, from the default targets (B,) of
     the images named by ids (B,) (a run takes its images a chunk at a time); None keeps them.
+    inputs: (display, ids) -> the images explained here, from the run's images (B, C, H, W)
+    in [0, 1] (e.g. with an artifact planted); None keeps them.
+    truth: (display, ids) -> a known map (B, 1, H, W) that stands for every method's map in
+    this state instead of explaining (a ground truth to compare with); None explains.
+    compare_with: the step whose maps this state's are scored against (an earlier one).
+    kept: later states compare with this one's maps, so a resumed run makes them again.
     """
 
     state: State
     model: nn.Module
     retarget: Callable[[Tensor, Tensor], Tensor] | None = None
+    inputs: Callable[[Tensor, Tensor], Tensor] | None = None
+    truth: Callable[[Tensor, Tensor], Tensor] | None = None
+    compare_with: int = 0
+    kept: bool = False
+
+
+@dataclass(frozen=True)
+class ModelNeed:
+    """A model a check needs beside the trained one: the same architecture and training,
+    on training images changed by `change` (images (N, C, H, W) in [0, 1] at the model's
+    input size, labels (N,), seed) -> images. `key` says how they differ (for the cache
+    key: every setting that `change` reads)."""
+
+    name: str
+    key: Mapping
+    change: Callable[[Tensor, Tensor, int], Tensor]
 
 
 @dataclass
 class Subject:
     """What a check works on: its settings, the models, and the blocks to randomize.
 
-    models: "trained", and "shuffled" for a check that needs a model trained on shuffled labels.
+    models: "trained", "shuffled" for a check that needs a model trained on shuffled labels,
+    and the name of each of `Check.models_needed`.
     blocks: the trained model's blocks in forward order (empty unless the check randomizes the model).
     """
 
@@ -96,11 +119,27 @@ class Check:
     name: str = ""
     randomizes_model = False       # its states re-initialize blocks of the trained model
     needs_shuffled_model = False   # it compares with a model trained on shuffled labels
+    targets: tuple[str, ...] | None = None  # the `target` settings it supports (None: all)
     verdict_metric: str | None = None  # a metric of its own decides (None: the run's choice)
     higher_means_change = False    # for similarities a change lowers the score
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         raise NotImplementedError
+
+    def models_needed(self, settings: Mapping) -> list[ModelNeed]:
+        """The models to train beside the trained one (`settings`: the `test` config);
+        the pipeline trains and caches each and names it in `Subject.models`."""
+        return []
+
+    def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict] | None:
+        """Verdict rows of this check's decisive rows (verdict.COLUMNS; is_control and
+        holds_in are filled in after, and the general note is added to `note`); None applies
+        the similarity rule. `settings`: the VerdictSettings; `run`: the run's settings (run.json)."""
+        return None
+
+    def figures(self, run_dir, meta: Mapping) -> list:
+        """Figures of this check's own, drawn into run_dir/figures; their PNG paths."""
+        return []
 
     def n_states(self, subject: Subject) -> int:
         """How many conditions `conditions` yields (for progress)."""

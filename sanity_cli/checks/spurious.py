@@ -158,7 +158,7 @@ class Spurious(Check):
 
 def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
     """The check's verdict rows (see the module's docstring for the rules)."""
-    from sanity_cli.verdict import judge, summarize_scores
+    from sanity_cli.verdict import judged_summary, seeds_agree, summarize_scores
 
     test, methods = run.get("test") or {}, run.get("method") or {}
     if "aligned_class" not in test:
@@ -178,9 +178,12 @@ def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> l
                 "level": settings.level, "resamples": settings.resamples}
         kind = (methods.get(method) or {}).get("method") or method
         for block, metric, values, threshold, higher, words, decides in measures(part, settings, test, located):
-            summary = interval(values)
-            outcome = judge(summary["ci_low"], summary["ci_high"], threshold, higher, summary["n"])
-            outcome = words.get(outcome, outcome) if words else ""
+            if words:  # a rule: the verdict's own interval, Monte Carlo error and agreement of the draws
+                summary, outcome, borderline = judged_summary(values, threshold, higher, settings, seed)
+                agree = seeds_agree(values, outcome, threshold, higher, settings, seed)
+                outcome = words.get(outcome, outcome)
+            else:
+                summary, outcome, borderline, agree = interval(values), "", False, ""
             verdict, note = outcome, ""
             if block == KSSD_GAIN and not located:
                 note = "blur changes the whole image: it has no mask, so K-SSD is undefined"
@@ -191,8 +194,8 @@ def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> l
                 verdict, note = "not valid", "; ".join(p for p in (reason, note) if p)
             rows.append({**base, "step": int(values["step"].min()) if len(values) else 0, "block": block,
                          "metric": metric, "decides": decides, **summary, "threshold": threshold,
-                         "change": "above" if higher else "below", "outcome": outcome, "verdict": verdict,
-                         "note": note})
+                         "change": "above" if higher else "below", "outcome": outcome, "borderline": borderline,
+                         "seeds_agree": agree, "verdict": verdict, "note": note})
     return rows
 
 

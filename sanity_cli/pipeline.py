@@ -41,7 +41,7 @@ from sanity_cli.rundir import replace_atomically, writing
 from sanity_cli.sharding import parse_shard, shard_images
 from sanity_cli.signal import figures_by_method, join_figures, table_of, uninformative
 from sanity_cli.training import TrainedModel, progress_disabled, shuffled_labels, train_or_load
-from sanity_cli.validation import draw_seeds, validate
+from sanity_cli.validation import run_seeds, validate
 
 log = logging.getLogger(__name__)
 CONTROLS = ("edge", "random")
@@ -405,10 +405,7 @@ def check_model_fit(cfg: DictConfig, prepared: Prepared) -> None:
 def _seeds(cfg: DictConfig) -> list[int]:
     """The randomization's seeds: `test.seeds` as a list, or as a number of draws from the
     run's seed on (seed, seed + 1, ...); the run's seed alone when null."""
-    seeds = cfg.test.get("seeds")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        return draw_seeds(int(cfg.seed), seeds)
-    return [int(s) for s in seeds] if seeds else [int(cfg.seed)]
+    return run_seeds(cfg.seed, cfg.test.get("seeds"))
 
 
 def metric_options(cfg: DictConfig, single_channel: bool | None = None,

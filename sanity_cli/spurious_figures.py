@@ -12,14 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from sanity_cli.checks import spurious
 from sanity_cli.figures import image_tile, map_tile, save
-from sanity_cli.results import read_maps
+from sanity_cli.results import read_maps, read_results
+from sanity_cli.validation import run_seeds
 from sanity_cli.verdict import VerdictSettings, run_info, settings_of
 
 GALLERY_IMAGES = 2
@@ -39,13 +40,13 @@ def draw(run_dir: Path, meta: dict) -> list[Path]:
         paths.append(gallery(run_dir, meta, settings))
     results = run_dir / "results.csv"
     if results.is_file():
-        paths.append(measures_figure(run_dir, pd.read_csv(results), settings))
+        paths.append(measures_figure(run_dir, read_results(run_dir), settings))
     return paths
 
 
 def _artifact_images(meta: dict, images: np.ndarray, settings: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """The example images with the artifact, and its mask (None for blur), as the run planted them."""
-    seeds = settings["test"].get("seeds") or [settings.get("seed", 0)]
+    seeds = run_seeds(settings.get("seed", 0), settings["test"].get("seeds"))
     artifact = spurious.artifact_of(settings["test"], int(seeds[0]))
     ids = torch.tensor(meta["image_ids"][: len(images)])
     planted = artifact.apply(torch.from_numpy(images).float(), ids).numpy()
@@ -62,8 +63,8 @@ def gallery(run_dir: Path, meta: dict, settings: dict) -> Path:
         maps = {(state, m): read_maps(npz, f"{states[state]}/{m}") for state in MAP_STATES if state in states
                 for m in methods}
     columns = len(MAP_STATES) * len(images)
-    fig, axes = plt.subplots(1 + len(methods), columns, figsize=(1.05 * columns + 1.2, 1.1 * (1 + len(methods)) + 0.9),
-                             squeeze=False)
+    fig = Figure(figsize=(1.05 * columns + 1.2, 1.1 * (1 + len(methods)) + 0.9))
+    axes = fig.subplots(1 + len(methods), columns, squeeze=False)
     for i in range(len(images)):
         shape = image_tile(images[i]).shape[:2]
         first = i * len(MAP_STATES)
@@ -106,7 +107,8 @@ def measures_figure(run_dir: Path, results: pd.DataFrame, settings: dict) -> Pat
     panels = [(spurious.KSSD_GAIN, metric), (spurious.CCM, metric), (spurious.FAM, metric),
               (spurious.KSSD, spurious.MASS), (spurious.KSSD_NORMAL, spurious.MASS)]
     panels = [(b, m) for b, m in panels if ((table["block"] == b) & (table["metric"] == m)).any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.2), squeeze=False)
+    fig = Figure(figsize=(2.6 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (block, metric_name) in zip(axes[0], panels):
         part = table[(table["block"] == block) & (table["metric"] == metric_name)]
         x = np.arange(len(part))

@@ -53,6 +53,14 @@ MAXIMA = {"seed": SEED_LIMIT, "test.rate": 1, "test.tag_size": 1, "test.tag_valu
           "test.reliance_margin": 1, "test.detect_margin": 2}
 
 
+def run_seeds(seed: int, seeds) -> list[int]:
+    """The randomization's seeds from a run's `seed` and `test.seeds` setting: a list as it is,
+    a number as that many draws from the run's seed on (`draw_seeds`), null as the run's seed alone."""
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        return draw_seeds(int(seed), seeds)
+    return [int(s) for s in seeds] if seeds else [int(seed)]
+
+
 def draw_seeds(seed: int, draws: int) -> list[int]:
     """The seeds of `draws` randomization draws from the run's seed on: seed, seed + 1, ...
     (past the largest seed, on from 0)."""

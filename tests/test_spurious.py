@@ -63,12 +63,15 @@ def run_with(make_cfg, tmp_path, normal: nn.Module, spurious_model: nn.Module, m
                     "metrics.names=[spearman_abs,spearman]", f"test.aligned_class={ALIGNED}", "test.tag_size=0.25",
                     "verdict.resamples=200"])
     display = torch.rand(N, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 0.5
-    labels = torch.arange(N) % CLASSES
     spec = InputSpec(1, SIZE, (0.0,), (1.0,))  # the model sees the images as they are
     with torch.no_grad():
         original = normal(display).argmax(dim=1)
-    prepared = pipeline.Prepared({"trained": TrainedModel(normal, None, None, "random"),
-                                  "spurious": TrainedModel(spurious_model, None, None, "random")},
+    # the normal model's own classes as labels: it is right on every image, as a trained model
+    # must be for any check to be valid (accuracy above chance)
+    labels = original.clone()
+    # built by hand, with known weights: not random ones (a precondition of every check)
+    prepared = pipeline.Prepared({"trained": TrainedModel(normal, None, None, "checkpoint"),
+                                  "spurious": TrainedModel(spurious_model, None, None, "checkpoint")},
                                  spec, display.clone(), display, labels, torch.arange(N), [str(c) for c in
                                                                                           range(CLASSES)],
                                  CLASSES, original)

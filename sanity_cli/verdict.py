@@ -510,16 +510,18 @@ def failed_preconditions(evidence: Evidence | None, tests: Collection[str]) -> l
 def _note(row) -> str:
     """A short note on what this row's verdict does and does not show."""
     notes = []
-    if row.borderline:
+    if row.borderline is True:
         end = "lower" if abs(row.ci_low - row.threshold) <= abs(row.ci_high - row.threshold) else "upper"
         value = row.ci_low if end == "lower" else row.ci_high
         notes.append(f"borderline: the interval's {end} end {value:.4f} lies within the bootstrap's Monte Carlo "
                      f"error (±{row.mc_error:.4f}) of the threshold {row.threshold:g}, even with {row.resamples} "
                      "resamples: too close to call")
-    if row.is_control and row.method == "random":
+    # the control notes speak of the similarity rule, not of a check with a rule of its own (spurious)
+    similarity_rule = row.outcome in ("pass", "fail", "inconclusive", "undefined")
+    if row.is_control and similarity_rule and row.method == "random":
         notes.append("noise control: passes trivially, so a pass is necessary, not sufficient" if row.outcome == "pass"
                      else "noise control: noise does not pass this check")
-    elif row.is_control:
+    elif row.is_control and similarity_rule:
         notes.append("control without model or data: what no change looks like")
     if row.verdict == "uninformative":
         notes.append(f"maps no better than noise on the trained model (signal.csv); alone the randomization "

@@ -275,3 +275,12 @@ def test_blur_has_no_mask_and_says_so(make_cfg, tmp_path):
     assert gain["n"] == 0 and gain["outcome"] == "undefined" and "it has no mask" in gain["note"]
     fam = verdicts[(verdicts["block"] == spurious.FAM) & verdicts["decides"]].iloc[0]
     assert fam["n"] == 8 and fam["outcome"] in ("false alarm", "no false alarm", "inconclusive")
+
+
+def test_control_rows_carry_no_note_of_the_randomization_rule(make_cfg, tmp_path):
+    normal, reading = models()
+    _, _, verdicts = run_with(make_cfg, tmp_path, normal, reading)
+    controls = verdicts[verdicts["method"].isin(["edge", "random"])]
+    assert controls["is_control"].all()
+    assert not controls["note"].astype("string").fillna("").str.contains("noise control|what no change looks like").any()
+    assert verdict_of(verdicts, spurious.KSSD_GAIN, "gradient") == "detects"

@@ -141,7 +141,8 @@ def write_collection_report(out: Path, per_run: pd.DataFrame, pooled: pd.DataFra
                       "mean": number(by_run[run]["mean"], 2)} if run in by_run else None for run in runs]
             rows.append({"method": row["method"], "block": row["block"], "is_control": _true(row["is_control"]),
                          "cells": cells, "pooled": row["verdict"], "borderline": _true(row["borderline"]),
-                         "mean": number(row["mean"]), "interval": f"[{number(row['ci_low'])}, {number(row['ci_high'])}]",
+                         "mean": number(row["mean"]),
+                         "interval": f"[{number(row['ci_low'])}, {number(row['ci_high'])}]",
                          "draws_agree": "" if pd.isna(row["draws_agree"]) else row["draws_agree"],
                          "runs_agree": row["runs_agree"], "note": "" if pd.isna(row["note"]) else row["note"]})
         first = part.iloc[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from sanity_cli import checks
-from sanity_cli.verdict import VerdictSettings, judge, judged_summary, settings_of, run_info, summarize_scores
+from sanity_cli.verdict import judge, judged_summary, run_info, settings_of, summarize_scores
 
 
 def seed_table(run_dir: Path) -> pd.DataFrame:

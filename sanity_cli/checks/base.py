@@ -83,8 +83,8 @@ class Evidence:
 
     settings: run.json's settings (the check's own under "test"); models: run.json's
     models, name -> {train_accuracy, test_accuracy, source, outputs}; states: states.csv
-    (None when absent); images: how many images were explained; level: the verdict's confidence level, also used for the tests
-    of the preconditions.
+    (None when absent); images: how many images were explained; level: the verdict's
+    confidence level, also used for the tests of the preconditions.
     """
 
     settings: Mapping = field(default_factory=dict)

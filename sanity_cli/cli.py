@@ -312,7 +312,9 @@ def composition_error(parsed) -> str | None:
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
         unknown = re.match(r"Could not override '([^']+)'", str(error))
-        return unknown_setting(unknown.group(1), overrides) if unknown else one_line(error)
+        if unknown and unknown.group(1) not in (*GROUPS, "experiment"):  # a group is added with +: Hydra says so
+            return unknown_setting(unknown.group(1), overrides)
+        return one_line(error)
     return settings_error(cfg)
 
 

@@ -202,6 +202,9 @@ def collect(args: list[str]) -> int:
         collected = collect_runs(dirs, out)
     except SanityError as error:
         return fail(str(error))
+    except OSError as error:  # --out names a file, or a directory that cannot be written
+        return fail(f"cannot write {error.filename or out} ({error.strerror or error}); choose another directory "
+                    "with --out DIR")
     swept = ", ".join(collected.swept) or "nothing"
     print(f"collected {len(collected.runs)} runs (swept: {swept}) into {collected.out}")
     for note in collected.notes:

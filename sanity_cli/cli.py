@@ -211,6 +211,9 @@ def collect(args: list[str]) -> int:
         collected = collect_runs(dirs, out)
     except SanityError as error:
         return fail(str(error))
+    except OSError as error:  # --out names a file, or a directory that cannot be written
+        return fail(f"cannot write {error.filename or out} ({error.strerror or error}); choose another directory "
+                    "with --out DIR")
     swept = ", ".join(collected.swept) or "nothing"
     print(f"collected {len(collected.runs)} runs (swept: {swept}) into {collected.out}")
     for note in collected.notes:
@@ -325,7 +328,9 @@ def composition_error(parsed) -> str | None:
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
         unknown = re.match(r"Could not override '([^']+)'", str(error))
-        return unknown_setting(unknown.group(1), overrides) if unknown else one_line(error)
+        if unknown and unknown.group(1) not in (*GROUPS, "experiment"):  # a group is added with +: Hydra says so
+            return unknown_setting(unknown.group(1), overrides)
+        return one_line(error)
     return settings_error(cfg)
 
 

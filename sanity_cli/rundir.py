@@ -98,7 +98,8 @@ def lock_run_dir(run_dir: Path) -> RunLock:
 
 
 # What a name that becomes part of a file name must not hold: a separator or NUL, or be
-# "." or ".." (each of which would put the file elsewhere than its directory).
+# "." or ".." (each of which would put the file elsewhere than its directory); control
+# characters (a newline) are refused too, as they would break the one-line messages.
 _UNSAFE = ("/", "\\", "\0")
 
 
@@ -106,9 +107,10 @@ def plain_name(value: object, setting: str) -> str:
     """`value` as text that can be part of a file name inside its directory; SanityError
     naming `setting` when it is empty, holds a separator or NUL, or is "." or ".."."""
     text = str(value)
-    if not text.strip() or text in (".", "..") or any(c in text for c in _UNSAFE):
+    if not text.strip() or text in (".", "..") or any(c in _UNSAFE or c < " " for c in text):
         raise SanityError(f"{setting}={text!r} cannot be part of a file name (it must be one plain name, without "
-                          f"/, \\, NUL, and not . or ..); choose a plain name such as {setting}=my_name")
+                          f"/, \\, NUL or another control character, and not . or ..); choose a plain name such "
+                          f"as {setting}=my_name")
     return text
 
 

@@ -3,11 +3,13 @@ every number it writes is the one an unchunked run writes."""
 
 from __future__ import annotations
 
+import io
 from unittest import mock
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sanity_cli import pipeline
 from sanity_cli.pipeline import image_chunks
@@ -72,13 +74,15 @@ def test_a_run_in_chunks_writes_what_a_run_at_once_writes(runs, test):
 def test_step_0_maps_wait_on_disk_between_chunks(runs):
     """With more than one chunk, the reference maps are written out and read back (named step_chunk)."""
     saved = []
-    real = pipeline.torch.save
+    real = pipeline.replace_atomically
 
-    def recorded(maps, path):
-        saved.append((path.name, sorted(maps), {name: tuple(value.shape) for name, value in maps.items()}))
-        return real(maps, path)
+    def recorded(path, data):
+        if path.parent.name == ".reference":  # written whole, as every file of the run
+            maps = torch.load(io.BytesIO(data), weights_only=True)
+            saved.append((path.name, sorted(maps), {name: tuple(value.shape) for name, value in maps.items()}))
+        return real(path, data)
 
-    with mock.patch.object(pipeline.torch, "save", recorded):
+    with mock.patch.object(pipeline, "replace_atomically", recorded):
         runs.fresh("image_chunk=5", "method=[gradient,random]")
     assert saved == [("0_0.pt", ["gradient", "random"], {"gradient": (5, 1, 12, 12), "random": (5, 1, 12, 12)}),
                      ("0_1.pt", ["gradient", "random"], {"gradient": (3, 1, 12, 12), "random": (3, 1, 12, 12)})]

@@ -87,7 +87,7 @@ def test_bad_input_exits_2_without_traceback(isolated, capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["n_image=3"], "Could not override 'n_image'"),
+    (["n_image=3"], "unknown setting 'n_image'; did you mean n_images?"),
     (["seed=0,1"], "add -m"),
     (["experiment=fig6_data_fashion_cnn"], "+experiment=fig6_data_fashion_cnn"),
 ])

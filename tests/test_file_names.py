@@ -18,7 +18,7 @@ from sanity_cli.training import train_or_load
 from sanity_cli.validation import validate
 from conftest import TINY
 
-HOSTILE = ["..", "../../TRAV", "/tmp/TRAV", "a/b", "a\\b", "a\0b", ".", ""]
+HOSTILE = ["..", "../../TRAV", "/tmp/TRAV", "a/b", "a\\b", "a\0b", ".", "", "a\nb"]
 
 
 def _quoted(value: str) -> str:

@@ -129,3 +129,13 @@ def test_figure_names_read_from_a_run_stay_inside_its_figures(test):
         describe_run(summary, None)
     with pytest.raises(SanityError, match="cannot be part of a file name"):
         describe_run(None, {"test": test, "title": "t", "methods": ["gradient"], "states": [{"seed": 0}]})
+
+
+def test_collect_into_a_file_or_an_unwritable_place_is_one_line(runs, tmp_path, capsys):
+    run = _copy(runs, tmp_path)
+    before = (run / "maps.npz").read_bytes()
+    for out in (run / "maps.npz", Path("/proc/no/such/dir")):
+        assert cli.main(["collect", str(run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "cannot write " + str(out)[:9] in err and "--out DIR" in err, err
+    assert (run / "maps.npz").read_bytes() == before

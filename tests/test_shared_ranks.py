@@ -135,3 +135,29 @@ def test_a_reference_bigger_than_the_bound_keeps_its_first_chunks_for_good():
     other = torch.randn(1, 4, dtype=torch.float64)
     cache.ranks(other, slice(0, 1), [("m",)], lambda missing: {key: rankdata(other) for key in missing})
     assert (id(other), 0, 1) in cache._entries  # another tensor may push out the older one's chunks
+
+
+@pytest.mark.parametrize("normalization, reused", [("paper", True), ("none", True), ("max_abs", False)])
+def test_a_runs_spearman_scores_are_taken_from_its_robustness_scores(normalization, reused):
+    from sanity_cli import pipeline
+    from sanity_cli.metrics import METRICS, compare
+
+    reference, other = maps_of("outliers", 3, 13), maps_of("outliers", 3, 14)
+    options = {"metrics": list(METRICS), "normalization": normalization, "single_channel": False}
+    calls = []
+
+    def compare_fn(a, b, **overrides):
+        calls.append(list(overrides.get("metrics", options["metrics"])))
+        return compare(a, b, **{**options, **overrides})
+
+    variants = robustness_scores(reference, other, single_channel=False)
+    again = pipeline._reusing(compare_fn, options, reference, other, variants)
+    got = again(reference, other)
+    assert calls == [["ssim", "hog"] if reused else list(METRICS)]
+    expected = compare(reference.clone(), other.clone(), METRICS, normalization, single_channel=False)
+    for metric in METRICS:
+        assert torch.equal(got[metric], expected[metric]), metric
+    calls.clear()
+    again(reference, other, metrics=["ssim"])  # what a check asks for itself goes to compare
+    again(reference.clone(), other)  # and so does another pair of maps
+    assert calls == [["ssim"], list(METRICS)]

@@ -137,5 +137,5 @@ def test_collect_into_a_file_or_an_unwritable_place_is_one_line(runs, tmp_path, 
     for out in (run / "maps.npz", Path("/proc/no/such/dir")):
         assert cli.main(["collect", str(run), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "cannot write " + str(out)[:9] in err and "--out DIR" in err, err
+        assert err.count("\n") == 0 and "cannot write " + str(out)[:8] in err and "--out DIR" in err, err
     assert (run / "maps.npz").read_bytes() == before

@@ -178,6 +178,9 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                     with reuse.chunk(index):
                         maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
                                           cfg.test, ids[part])
+                    measured: dict[str, Tensor] = {}
+                    if condition.transform is not None:
+                        maps, measured = condition.transform(maps, images, ids[part])
                     clock["explain"] += _now(device) - tick
                     predictions.append(predicted)
                     _add_examples(examples, maps, cfg.n_examples)
@@ -190,11 +193,11 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                         continue
                     tick = _now(device)
                     base = maps if step == 0 else reference.get(index, device)
-                    scores = {name: check.score(base[name], value, compare_fn, cfg.test)
+                    scores = {name: {**check.score(base[name], value, compare_fn, cfg.test), **measured}
                               for name, value in maps.items()}
                     variants = {name: robustness_scores(base[name], value,
                                                         single_channel=compare_options["single_channel"])
-                                for name, value in maps.items()}
+                                for name, value in maps.items()} if check.compares_maps else {}
                     clock["compare"] += _now(device) - tick
                     chunk_ids, labels = prepared.image_ids[part], prepared.labels[part]
                     rows = state_rows(context, step, block, scores, chunk_ids, labels, targets)
@@ -356,6 +359,7 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     if checks.get(cfg.test.name).needs_shuffled_model:
         models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
+    models.update(checks.get(cfg.test.name).extra_models(cfg, dataset, spec, device))
     chosen = shard_images(datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed), parse_shard(cfg.shard))
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
     images = spec.normalize(display).to(device)

@@ -26,6 +26,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sanity_cli import checks
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
 from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
@@ -41,6 +42,8 @@ FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
     ("maps", "Maps at every state, |map|", "_grid_abs_"),
     ("maps", "Maps at every state, signed", "_grid_diverging_"),
     ("maps", "Maps of the two compared conditions", "_maps_"),
+    ("curves", "Share of each map in the tangent space of the data manifold, with its interval", "manifold_fractions.png"),
+    ("maps", "Each method's map, its part in the manifold's tangent space and the rest", "manifold_maps.png"),
 )
 
 
@@ -57,6 +60,8 @@ def write_report(run_dir: Path) -> Path:
     verdict_path = run_dir / "verdict.csv"
     verdicts = pd.read_csv(verdict_path) if verdict_path.is_file() else write_verdicts(run_dir)
     draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts))
+    for test in verdicts["test"].unique() if len(verdicts) else ():
+        checks.get(str(test)).draw(run_dir, verdicts)
     html = _environment().get_template("report.html.j2").render(**report_context(run_dir, verdicts))
     path = run_dir / "report.html"
     partial = path.with_suffix(".partial")

@@ -34,12 +34,14 @@ NUMBERS = [
     ("test.bins", int, 1), ("test.samples", int, 1), ("test.noise", float, 0.0),
     ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0), ("test.shuffled_subset", int, 1),
     ("test.shuffled_lr", float, 0.0),
+    ("test.latent_dim", int, 1), ("test.vae_epochs", int, 1), ("test.vae_lr", float, 0.0),
+    ("test.margin", float, 0.0), ("test.min_reconstruction", float, 0.0),
     ("dataset.image_size", int, 8), ("dataset.test_fraction", float, 0.0),
 ]
-INCLUSIVE = {"test.noise", "test.memorization_threshold"}
+INCLUSIVE = {"test.noise", "test.memorization_threshold", "test.margin", "test.min_reconstruction"}
 # Upper bounds (inclusive): seeds fit the 32 bits that every random generator used here takes.
 SEED_LIMIT = 2**32 - 1
-MAXIMA = {"seed": SEED_LIMIT}
+MAXIMA = {"seed": SEED_LIMIT, "test.margin": 1.0, "test.min_reconstruction": 1.0}  # fractions and R^2: at most 1
 
 
 def validate(cfg: DictConfig) -> None:

@@ -49,6 +49,7 @@ RISE_METRICS = ("entropy_rise",)  # a higher score is the change; no other metri
 ROBUSTNESS_METRICS = ("spearman_abs", "spearman")  # with and without absolute value
 RESCALINGS = ("none", "max_abs", "second_moment")  # normalizations that multiply a map by a positive number
 CONTROL_KINDS = ("edge", "random")
+NOT_VALID = "not valid"  # a check's precondition failed (its rows say which in the note)
 FEW_IMAGES = 10  # below this a percentile bootstrap interval is noticeably too narrow
 KEYS = ["test", "model", "dataset", "method"]
 COLUMNS = [*KEYS, "is_control", "step", "block", "metric", "decides", "n", "n_nan", "n_seeds", "mean", "ci_low",
@@ -117,14 +118,15 @@ def _is_number(value) -> bool:
 def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", threshold: float = 0.5,
                   level: float = 0.95, resamples: int = 1000, seed: int = 0, signal: pd.DataFrame | None = None,
                   robustness: pd.DataFrame | None = None, controls: Collection[str] = (),
-                  rise_threshold: float = 0.05) -> pd.DataFrame:
+                  rise_threshold: float = 0.05, run_settings: Mapping | None = None) -> pd.DataFrame:
     """One row per (test, model, dataset, method, block, metric) at each check's decisive state.
 
     results: a results.csv table (one or more tests). `metric` decides, unless the
     check decides by a metric of its own (entropy: entropy_rise, judged against
     `rise_threshold`); that row has decides=True. Metrics without a rule (the raw
     entropy) get no row. `signal` (signal.csv) marks uninformative methods;
-    `robustness` (robustness.csv) gives `holds_in`; `controls` names control methods.
+    `robustness` (robustness.csv) gives `holds_in`; `controls` names control methods;
+    `run_settings` (run.json's) reach a check with a rule of its own (`Check.verdict_rows`).
     Columns: see COLUMNS; `change` says on which side of the threshold a change lies.
     """
     settings = VerdictSettings(metric, threshold, rise_threshold, level, resamples)
@@ -132,7 +134,8 @@ def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", thresh
     if results.empty:
         raise SanityError("the results table is empty: no finished state to judge; finish the run first")
     controls = set(controls) | _controls_of(signal)
-    rows = [row for decisive in _decisive_parts(results) for row in _judge_all(decisive, settings, seed)]
+    rows = [row for decisive in _decisive_parts(results)
+            for row in _judge_all(decisive, settings, seed, run_settings, controls)]
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["is_control"] = table["method"].isin(controls)
     table["holds_in"] = _holds_in(table, robustness, settings, seed)
@@ -149,9 +152,13 @@ def _decisive_parts(results: pd.DataFrame):
             yield decisive
 
 
-def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int) -> list[dict]:
+def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int, run_settings: Mapping | None = None,
+               controls: Collection[str] = ()) -> list[dict]:
     """The verdict rows of one (test, model, dataset)'s decisive rows."""
     check = checks.get(str(decisive["test"].iloc[0]))
+    own = check.verdict_rows(decisive, settings, seed, {**(run_settings or {}), "controls": sorted(controls)})
+    if own is not None:
+        return own
     deciding = check.verdict_metric or settings.metric
     if deciding not in decisive["metric"].unique():
         raise SanityError(f"the results of test {check.name} have no '{deciding}' scores (they have "
@@ -353,16 +360,21 @@ def _uninformative(signal: pd.DataFrame | None) -> set[str]:
 
 def _annotate(table: pd.DataFrame, uninformative: set[str]) -> pd.DataFrame:
     """Uninformative methods (controls aside) get that verdict; every row gets its note."""
-    noise = table["method"].isin(uninformative) & ~table["is_control"] & (table["outcome"] != "undefined")
+    noise = (table["method"].isin(uninformative) & ~table["is_control"] & (table["outcome"] != "undefined")
+             & (table["verdict"] != NOT_VALID))
     table.loc[noise, "verdict"] = "uninformative"
     table["note"] = [_note(row) for row in table.itertuples(index=False)]
     return table
 
 
 def _note(row) -> str:
-    """A short note on what this row's verdict does and does not show."""
-    notes = []
-    if row.is_control and row.method == "random":
+    """A short note on what this row's verdict does and does not show; a note the check
+    wrote itself (its own rule) comes first and says what its controls mean."""
+    own = row.note if isinstance(row.note, str) else ""
+    notes = [own] if own else []
+    if own:
+        pass
+    elif row.is_control and row.method == "random":
         notes.append("noise control: passes trivially, so a pass is necessary, not sufficient" if row.outcome == "pass"
                      else "noise control: noise does not pass this check")
     elif row.is_control:
@@ -398,7 +410,8 @@ def write_verdicts(run_dir: Path, cfg: Mapping | None = None) -> pd.DataFrame:
     run_settings = run_info(run_dir).get("settings", {})
     settings = settings_of(run_settings, cfg)
     table = verdict_table(pd.read_csv(results_path), **asdict(settings), signal=_read(run_dir / "signal.csv"),
-                          robustness=_read(run_dir / "robustness.csv"), controls=controls_of_run(run_dir))
+                          robustness=_read(run_dir / "robustness.csv"), controls=controls_of_run(run_dir),
+                          run_settings=run_settings)
     table.to_csv(run_dir / "verdict.csv", index=False)
     return table
 

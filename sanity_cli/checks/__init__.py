@@ -6,11 +6,12 @@ plus its config in conf/test/.
 
 from __future__ import annotations
 
-from sanity_cli.checks import cascade, data, entropy, independent, random_logit, smooth_cascade
+from sanity_cli.checks import cascade, data, entropy, independent, manifold, random_logit, smooth_cascade
 from sanity_cli.checks.base import Check, Condition, Subject, unknown_check
 
 CHECKS: dict[str, Check] = {module.CHECK.name: module.CHECK for module in
-                            (cascade, independent, data, random_logit, smooth_cascade, entropy)}
+                            (cascade, independent, data, random_logit, smooth_cascade, entropy,
+                             manifold)}
 MODEL_CHECKS = tuple(name for name, check in CHECKS.items() if check.randomizes_model)
 
 

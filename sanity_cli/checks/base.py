@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 from torch import Tensor, nn
 
 from sanity_cli.errors import SanityError
 from sanity_cli.randomization import State, TrainedWeights
+from sanity_cli.training import TrainedModel
 
 # explain(model, images, targets) -> {method: (B, C, H, W) maps}
 Explain = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
@@ -29,11 +31,15 @@ class Condition:
 
     retarget: (targets, ids) -> the classes explained here, from the default targets (B,) of
     the images named by ids (B,) (a run takes its images a chunk at a time); None keeps them.
+    transform: (maps, images, ids) -> (the maps scored here, {metric: (B,)} scores of the state
+    added to every method's rows), for a check that measures each map rather than compares
+    two models' (test=manifold); None keeps the maps as they are.
     """
 
     state: State
     model: nn.Module
     retarget: Callable[[Tensor, Tensor], Tensor] | None = None
+    transform: Callable[[dict[str, Tensor], Tensor, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Check:
     needs_shuffled_model = False   # it compares with a model trained on shuffled labels
     verdict_metric: str | None = None  # a metric of its own decides (None: the run's choice)
     higher_means_change = False    # for similarities a change lowers the score
+    compares_maps = True           # scores compare two maps (robustness.csv re-scores them per normalization)
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         raise NotImplementedError
@@ -86,6 +93,21 @@ class Check:
         by default the last step of each seed."""
         last = results.groupby("seed")["step"].transform("max")
         return results[results["step"] == last]
+
+    def extra_models(self, cfg, dataset, spec, device) -> dict[str, TrainedModel]:
+        """Models the check needs besides the classifiers, trained (and cached) or loaded
+        before any work, by name (they join `Subject.models`); none by default."""
+        return {}
+
+    def verdict_rows(self, decisive: pd.DataFrame, settings, seed: int,
+                     run_settings: Mapping | None = None) -> list[dict] | None:
+        """The check's own verdict rows (verdict.csv's columns) from its decisive rows, for a
+        check with a rule of its own; None: the similarity rule of sanity_cli.verdict."""
+        return None
+
+    def draw(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
+        """Figures of the check's own for the report (run_dir/figures); none by default."""
+        return []
 
 
 def unknown_check(name: str, names) -> SanityError:

@@ -1,0 +1,101 @@
+"""Figures of test=manifold: each method's share in the tangent space of the data manifold
+(bars with their intervals, against sqrt(k/d) and the random control), and for a few
+images each method's map beside its part in the tangent space and the rest.
+
+Read from a run's files (verdict.csv's rows, results.csv, maps.npz), like the other figures.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sanity_cli.figures import plt, save
+from sanity_cli.results import read_maps
+
+MAX_IMAGES = 3
+
+
+def draw_manifold(run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
+    """figures/manifold_fractions.png and figures/manifold_maps.png of a test=manifold run."""
+    run_dir = Path(run_dir)
+    drawn = []
+    if len(verdicts):
+        drawn.append(save(fraction_figure(verdicts, chance_of(run_dir)), run_dir / "figures" /
+                          "manifold_fractions.png"))
+    maps = run_dir / "maps.npz"
+    if maps.is_file():
+        figure = maps_figure(maps, set(verdicts.loc[verdicts["is_control"].astype(bool), "method"]))
+        if figure is not None:
+            drawn.append(save(figure, run_dir / "figures" / "manifold_maps.png"))
+    return drawn
+
+
+def chance_of(run_dir: Path) -> float:
+    """sqrt(k/d) as the run recorded it (results.csv's chance_fraction), NaN without it."""
+    results = pd.read_csv(run_dir / "results.csv")
+    return float(results.loc[results["metric"] == "chance_fraction", "value"].mean())
+
+
+def fraction_figure(verdicts: pd.DataFrame, chance: float):
+    """Bars of the mean fraction per method with the interval as error bars; the controls
+    hatched; sqrt(k/d) dashed, the threshold of `aligned` dotted."""
+    rows = verdicts.reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(rows), 3.6))
+    positions = np.arange(len(rows))
+    low, high = rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]
+    colours = {"aligned": "#4c9a5a", "not aligned": "#c0504d", "inconclusive": "#d9a33a", "not valid": "#888888"}
+    for i, row in rows.iterrows():
+        ax.bar(i, row["mean"], color=colours.get(row["verdict"], "#7a7a7a"),
+               hatch="//" if bool(row["is_control"]) else None, edgecolor="black", linewidth=0.5)
+    ax.errorbar(positions, rows["mean"], yerr=[low.fillna(0), high.fillna(0)], fmt="none", ecolor="black", capsize=3)
+    if np.isfinite(chance):
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"random direction, sqrt(k/d) = {chance:.3f}")
+    ax.axhline(float(rows["threshold"].iloc[0]), color="#c0504d", linestyle=":", linewidth=1,
+               label=f"aligned above {float(rows['threshold'].iloc[0]):.3f}")
+    labels = [f"{m}\n(control)" if c else m for m, c in zip(rows["method"], rows["is_control"].astype(bool))]
+    ax.set_xticks(positions, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("||P_T a|| / ||a||")
+    ax.set_ylim(0, 1)
+    level = float(rows["level"].iloc[0])
+    ax.set_title(f"Share of each map in the manifold's tangent space ({level:.0%} intervals)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def maps_figure(maps_path: Path, controls: set[str]):
+    """Rows: a few images; per method three panels: the map (unit length), its part in the
+    tangent space and the rest (the map minus that part). The random control is left out:
+    its map is drawn anew in every state, so its two states hold different maps."""
+    with np.load(maps_path) as npz:
+        meta = json.loads(str(npz["meta"][()]))
+        keys = {state["step"]: state["key"] for state in meta["states"]}
+        if 0 not in keys or 1 not in keys:
+            return None
+        methods = [m for m in meta["methods"] if m != "random" and f"{keys[0]}/{m}" in npz]
+        images = npz["images"].astype(np.float32)[:MAX_IMAGES]
+        maps = {m: (read_maps(npz, f"{keys[0]}/{m}"), read_maps(npz, f"{keys[1]}/{m}")) for m in methods}
+    if not methods:
+        return None
+    n = len(images)
+    fig, axes = plt.subplots(n, 1 + 3 * len(methods), figsize=(1.0 + 2.7 * len(methods), 1.1 * n + 0.6),
+                             squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i].transpose(1, 2, 0).squeeze(), cmap="gray", vmin=0, vmax=1)
+        for j, method in enumerate(methods):
+            whole, inside = maps[method][0][i].sum(axis=0), maps[method][1][i].sum(axis=0)
+            scale = float(np.abs(whole).max()) or 1.0
+            for k, (panel, title) in enumerate(((whole, "map"), (inside, "tangent"), (whole - inside, "rest"))):
+                ax = axes[i, 1 + 3 * j + k]
+                ax.imshow(panel, cmap="bwr", vmin=-scale, vmax=scale)
+                if i == 0:
+                    name = f"{method} (control)" if method in controls else method
+                    ax.set_title(f"{name}\n{title}" if k == 0 else title, fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    return fig

@@ -355,11 +355,12 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
     dataset = datasets.load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=cfg.seed, n_images=cfg.n_images,
                                     image_size=spec.size)
     shuffled_run = cfg.labels == "shuffled"
+    extra = checks.get(cfg.test.name).extra_models(cfg, dataset, spec, device)  # first: its settings refused early
     models = {"trained": _trained_model(cfg, dataset, spec, device, shuffled_run)}
     if checks.get(cfg.test.name).needs_shuffled_model:
         models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
-    models.update(checks.get(cfg.test.name).extra_models(cfg, dataset, spec, device))
+    models.update(extra)
     chosen = shard_images(datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed), parse_shard(cfg.shard))
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
     images = spec.normalize(display).to(device)

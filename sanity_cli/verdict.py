@@ -359,9 +359,11 @@ def _uninformative(signal: pd.DataFrame | None) -> set[str]:
 
 
 def _annotate(table: pd.DataFrame, uninformative: set[str]) -> pd.DataFrame:
-    """Uninformative methods (controls aside) get that verdict; every row gets its note."""
+    """Uninformative methods (controls aside) get that verdict where the check compares maps
+    (a noise map changes whatever the model); every row gets its note."""
+    comparing = table["test"].map(lambda test: checks.get(str(test)).compares_maps).astype(bool)
     noise = (table["method"].isin(uninformative) & ~table["is_control"] & (table["outcome"] != "undefined")
-             & (table["verdict"] != NOT_VALID))
+             & (table["verdict"] != NOT_VALID) & comparing)
     table.loc[noise, "verdict"] = "uninformative"
     table["note"] = [_note(row) for row in table.itertuples(index=False)]
     return table

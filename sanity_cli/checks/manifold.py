@@ -141,22 +141,23 @@ def tangent_parts(data: geometry.Manifold, maps: dict[str, Tensor], images: Tens
 
 def not_valid_reason(decisive: pd.DataFrame, test: Mapping, target: str) -> str:
     """Why the measure means nothing on this run ('' when it does): the manifold does not
-    reconstruct the explained images, or the model is near chance on them."""
+    reconstruct the explained images, or the model is near chance on them (both when both)."""
     from sanity_cli.training import near_chance
 
+    reasons = []
     r2 = decisive.loc[decisive["metric"] == RECONSTRUCTION].drop_duplicates("image")["value"]
     if len(r2) and r2.mean() < float(test["min_reconstruction"]):
-        return (f"the manifold reconstructs the explained images with R^2 {r2.mean():.2f} < test.min_reconstruction="
-                f"{float(test['min_reconstruction']):g}: its tangent spaces are not the data's; raise test.vae_epochs "
-                "or test.latent_dim")
+        reasons.append(f"the manifold reconstructs the explained images with R^2 {r2.mean():.2f} < "
+                       f"test.min_reconstruction={float(test['min_reconstruction']):g}, so its tangent spaces are "
+                       "not the data's (raise test.vae_epochs or test.latent_dim)")
     rows = decisive[decisive["metric"] == FRACTION].drop_duplicates("image")
     labelled = rows[rows["label"] >= 0]
-    if target != "label" and len(labelled):
+    if target != "label" and len(labelled):  # explaining the labels hides what the model predicts
         accuracy = float((labelled["label"] == labelled["target"]).mean())
-        labels = torch.as_tensor(labelled["label"].to_numpy())
-        if near_chance(accuracy, labels):
-            return f"the model's accuracy on the explained images is {accuracy:.2f}, near chance: it learned nothing"
-    return ""
+        if near_chance(accuracy, torch.tensor(labelled["label"].to_numpy().copy())):
+            reasons.append(f"the model's accuracy on the explained images is {accuracy:.2f}, near chance: "
+                           "it learned nothing to explain")
+    return " and ".join(reasons)
 
 
 def _is_random(method: str, run_settings: Mapping) -> bool:

@@ -24,7 +24,9 @@ TINY = 1e-6  # just beside a bound of a number that need not be whole
 # Where a setting lives when the default config lacks it
 HOMES = {"test.bins": ["test=entropy"], "test.samples": ["test=smooth_cascade"], "test.noise": ["test=smooth_cascade"],
          "test.shuffled_epochs": ["test=data"], "test.memorization_threshold": ["test=data"],
-         "test.shuffled_subset": ["test=data"], "test.shuffled_lr": ["test=data"]}
+         "test.shuffled_subset": ["test=data"], "test.shuffled_lr": ["test=data"],
+         **{f"test.{key}": ["test=manifold"] for key in ("latent_dim", "vae_epochs", "vae_lr", "margin",
+                                                          "min_reconstruction")}}
 # Upper bounds that validation checks outside MAXIMA: setting -> (highest, highest allowed)
 UPPER = {"dataset.test_fraction": (1.0, False)}
 # Numbers that the methods (registry) and the verdict check themselves: setting ->

@@ -68,9 +68,10 @@ def fraction_figure(verdicts: pd.DataFrame, chance: float):
 
 
 def maps_figure(maps_path: Path, controls: set[str]):
-    """Rows: a few images; per method three panels: the map (unit length), its part in the
-    tangent space and the rest (the map minus that part). The random control is left out:
-    its map is drawn anew in every state, so its two states hold different maps."""
+    """One row per method, for a few images three panels each: the map (unit length), its
+    part in the tangent space and the rest (the map minus that part); the images on top.
+    The random control is left out: its map is drawn anew in every state, so its two
+    states hold different maps."""
     with np.load(maps_path) as npz:
         meta = json.loads(str(npz["meta"][()]))
         keys = {state["step"]: state["key"] for state in meta["states"]}
@@ -82,19 +83,22 @@ def maps_figure(maps_path: Path, controls: set[str]):
     if not methods:
         return None
     n = len(images)
-    fig, axes = plt.subplots(n, 1 + 3 * len(methods), figsize=(1.0 + 2.7 * len(methods), 1.1 * n + 0.6),
+    fig, axes = plt.subplots(1 + len(methods), 3 * n, figsize=(1.1 * 3 * n + 0.4, 1.15 * (1 + len(methods)) + 0.3),
                              squeeze=False)
     for i in range(n):
-        axes[i, 0].imshow(images[i].transpose(1, 2, 0).squeeze(), cmap="gray", vmin=0, vmax=1)
-        for j, method in enumerate(methods):
+        picture = images[i].transpose(1, 2, 0)
+        axes[0, 3 * i + 1].imshow(picture.squeeze(), cmap="gray" if picture.shape[2] == 1 else None, vmin=0, vmax=1)
+        axes[0, 3 * i].axis("off"), axes[0, 3 * i + 2].axis("off")
+        for j, method in enumerate(methods, start=1):
             whole, inside = maps[method][0][i].sum(axis=0), maps[method][1][i].sum(axis=0)
             scale = float(np.abs(whole).max()) or 1.0
-            for k, (panel, title) in enumerate(((whole, "map"), (inside, "tangent"), (whole - inside, "rest"))):
-                ax = axes[i, 1 + 3 * j + k]
+            for k, (panel, title) in enumerate(((whole, "map"), (inside, "tangent part"), (whole - inside, "rest"))):
+                ax = axes[j, 3 * i + k]
                 ax.imshow(panel, cmap="bwr", vmin=-scale, vmax=scale)
-                if i == 0:
-                    name = f"{method} (control)" if method in controls else method
-                    ax.set_title(f"{name}\n{title}" if k == 0 else title, fontsize=6)
+                if j == 1:
+                    ax.set_title(title, fontsize=7)
+                if i == 0 and k == 0:
+                    ax.set_ylabel(f"{method}\n(control)" if method in controls else method, fontsize=7)
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
     fig.tight_layout()

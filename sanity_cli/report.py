@@ -32,7 +32,7 @@ from sanity_cli.errors import SanityError
 from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
 from sanity_cli.verdict import run_info, variant_outcomes, write_verdicts
 
-VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "undefined")
+VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "undefined", "aligned", "not aligned", "not valid")
 FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
     ("curves", "The deciding metric at every state, with its bootstrap interval and the threshold", "_verdict.png"),
     ("curves", "Every metric, mean and one standard deviation over images", "_curves.png"),

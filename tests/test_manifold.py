@@ -315,3 +315,29 @@ def test_a_latent_dimension_out_of_range_is_one_line_and_exit_2(tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.startswith(f"sanity: error: {message}") and "\n" not in error
     assert not list((tmp_path / "cache").glob("*.pt"))  # refused before any training
+
+
+def test_the_findings_script_tabulates_a_run(runs):
+    import importlib.util
+    from pathlib import Path
+
+    from sanity_cli.verdict import write_verdicts
+
+    run = runs(*MANIFOLD)
+    write_verdicts(run.dir)
+    path = Path(__file__).resolve().parent.parent / "scripts" / "manifold_findings.py"
+    spec = importlib.util.spec_from_file_location("manifold_findings", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = script.table(run.dir)
+    assert "| gradient |" in text and "| random (control) |" in text
+    assert f"sqrt(k/d) = {math.sqrt(10 / 144):.3f}" in text
+
+
+def test_check_from_python_says_it_has_no_manifold():
+    from sanity_cli import check as run_check
+    from sanity_cli.errors import SanityError
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    with pytest.raises(SanityError, match="test=manifold needs the data manifold"):
+        run_check(model, torch.rand(4, 1, 4, 4), ["gradient"], "manifold")

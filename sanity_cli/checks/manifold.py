@@ -46,6 +46,11 @@ class ManifoldAlignment(Check):
         yield Condition(State(1, TANGENT, ()), model, transform=lambda maps, images, ids: tangent_parts(data, maps,
                                                                                                        images))
 
+    def check_fit(self, subject: Subject) -> None:
+        if "manifold" not in subject.models:
+            raise SanityError("test=manifold needs the data manifold, which `sanity run test=manifold` trains on the "
+                              "dataset (or builds from test.decoder); check() from Python does not make one")
+
     def score(self, reference: Tensor, maps: Tensor, compare: Compare, settings: Mapping) -> dict[str, Tensor]:
         """The length of each map as the state holds it: 1 (unit maps), then ||P_T a|| / ||a||."""
         length = maps.flatten(1).double().norm(dim=1)

@@ -69,15 +69,13 @@ def fraction_figure(verdicts: pd.DataFrame, chance: float):
 
 def maps_figure(maps_path: Path, controls: set[str]):
     """One row per method, for a few images three panels each: the map (unit length), its
-    part in the tangent space and the rest (the map minus that part); the images on top.
-    The random control is left out: its map is drawn anew in every state, so its two
-    states hold different maps."""
+    part in the tangent space and the rest (the map minus that part); the images on top."""
     with np.load(maps_path) as npz:
         meta = json.loads(str(npz["meta"][()]))
         keys = {state["step"]: state["key"] for state in meta["states"]}
         if 0 not in keys or 1 not in keys:
             return None
-        methods = [m for m in meta["methods"] if m != "random" and f"{keys[0]}/{m}" in npz]
+        methods = [m for m in meta["methods"] if f"{keys[0]}/{m}" in npz]
         images = npz["images"].astype(np.float32)[:MAX_IMAGES]
         maps = {m: (read_maps(npz, f"{keys[0]}/{m}"), read_maps(npz, f"{keys[1]}/{m}")) for m in methods}
     if not methods:

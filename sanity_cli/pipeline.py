@@ -175,9 +175,12 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                     predicted = predict(condition.model, images, cfg.max_batch)
                     targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
                     tick = _now(device)
-                    with reuse.chunk(index):
-                        maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
-                                          cfg.test, ids[part])
+                    if not condition.explain and step > 0:  # the same maps as step 0's, measured otherwise
+                        maps = reference.get(index, device)
+                    else:
+                        with reuse.chunk(index):
+                            maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
+                                              cfg.test, ids[part])
                     measured: dict[str, Tensor] = {}
                     if condition.transform is not None:
                         maps, measured = condition.transform(maps, images, ids[part])

@@ -251,6 +251,10 @@ def test_a_run_writes_shares_of_both_states_and_a_verdict_per_method(runs):
     kept = run.maps("gradient", 1)
     lengths = np.linalg.norm(kept.reshape(len(kept), -1), axis=1)
     assert np.allclose(lengths, run.column("value", 1, method="gradient", metric=check.FRACTION), atol=2e-3)
+    for method in ("gradient", "random"):  # step 1 projects step 0's own maps: the rest is orthogonal to the part
+        whole, part = (run.maps(method, step).reshape(len(kept), -1) for step in (0, 1))
+        assert np.allclose(np.linalg.norm(whole, axis=1), 1, atol=2e-3)
+        assert np.abs(((whole - part) * part).sum(axis=1)).max() < 5e-3
     verdicts = write_verdicts(run.dir).set_index("method")
     assert verdicts.loc["random", "is_control"] and not verdicts.loc["gradient", "is_control"]
     assert verdicts.loc["gradient", "threshold"] == pytest.approx(verdicts.loc["random", "ci_high"] + 0.05)

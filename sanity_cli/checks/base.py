@@ -34,12 +34,15 @@ class Condition:
     transform: (maps, images, ids) -> (the maps scored here, {metric: (B,)} scores of the state
     added to every method's rows), for a check that measures each map rather than compares
     two models' (test=manifold); None keeps the maps as they are.
+    explain: False takes step 0's maps (as its transform left them) instead of explaining
+    the same model again.
     """
 
     state: State
     model: nn.Module
     retarget: Callable[[Tensor, Tensor], Tensor] | None = None
     transform: Callable[[dict[str, Tensor], Tensor, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None
+    explain: bool = True
 
 
 @dataclass

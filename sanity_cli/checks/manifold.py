@@ -1,9 +1,9 @@
 """Manifold alignment (Bordt, Upadhyay, Akata, von Luxburg, CVPR-W 2023): does each
 method's map of the trained model lie in the tangent space of the data manifold?
 
-Step 0 holds each map scaled to unit length; step 1 its projection onto the tangent
-space at the image (sanity_cli.manifold), so that the score, the length of what a step
-holds, is 1 at step 0 and ||P_T a|| / ||a|| at step 1. Step 1 also records each image's
+Step 0 holds each map scaled to unit length; step 1 the same maps (not explained again)
+projected onto the tangent space at the image (sanity_cli.manifold), so that the score,
+the length of what a step holds, is 1 at step 0 and ||P_T a|| / ||a|| at step 1. Step 1 also records each image's
 reconstruction R^2 through the manifold and sqrt(k/d), the fraction a random direction
 keeps. The verdict per method: `aligned` when its interval lies above the reference
 (the random control's interval, else sqrt(k/d)) by `test.margin`, `not aligned` when it
@@ -43,8 +43,8 @@ class ManifoldAlignment(Check):
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, data = subject.models["trained"], subject.models["manifold"]
         yield Condition(State(0, MAP, ()), model, transform=lambda maps, images, ids: (unit_maps(maps), {}))
-        yield Condition(State(1, TANGENT, ()), model, transform=lambda maps, images, ids: tangent_parts(data, maps,
-                                                                                                       images))
+        yield Condition(State(1, TANGENT, ()), model, explain=False,  # step 0's maps, projected
+                        transform=lambda maps, images, ids: tangent_parts(data, maps, images))
 
     def check_fit(self, subject: Subject) -> None:
         if "manifold" not in subject.models:

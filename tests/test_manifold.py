@@ -345,3 +345,12 @@ def test_check_from_python_says_it_has_no_manifold():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     with pytest.raises(SanityError, match="test=manifold needs the data manifold"):
         run_check(model, torch.rand(4, 1, 4, 4), ["gradient"], "manifold")
+
+
+def test_chunks_of_images_give_the_same_shares(runs):
+    """With several chunks step 0's maps wait on disk, and step 1 projects them from there."""
+    whole, chunked = runs(*MANIFOLD), runs(*MANIFOLD, "image_chunk=3")
+    key = ["step", "method", "metric", "image"]
+    a, b = (run.results.sort_values(key).reset_index(drop=True) for run in (whole, chunked))
+    assert a[key].equals(b[key])
+    np.testing.assert_allclose(a["value"], b["value"], rtol=0, atol=1e-6)

@@ -90,10 +90,6 @@ def draw_all(run_dir: Path) -> list[Path]:
         paths = summary_figures(summary, run, out) if summary is not None else []
         paths += (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
                   if npz is not None and meta.get("states") else [])  # no states: every map was lost
-    if meta is not None:  # a check's figures of its own (test=spurious)
-        from sanity_cli import checks
-
-        paths += checks.get(meta["test"]).figures(run_dir, meta)
     return paths
 
 

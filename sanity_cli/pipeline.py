@@ -207,10 +207,18 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                     predicted = _predicted(condition.model, images, cfg.max_batch, cfg.model.name, state)
                     targets = _targets(cfg.target, condition, prepared, predicted, part, ids[part])
                     tick = _now(device)
-                    with reuse.chunk(index):
-                        maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
-                                          cfg.test, ids[part]) if condition.truth is None else \
-                            dict.fromkeys(cfg.method, condition.truth(prepared.display[part].to(device), ids[part]))
+                    if not condition.explain and step > 0:  # the same maps as step 0's, measured otherwise
+                        maps = reference.get(index, device)
+                    elif condition.truth is not None:  # a known map stands for every method's
+                        maps = dict.fromkeys(cfg.method,
+                                             condition.truth(prepared.display[part].to(device), ids[part]))
+                    else:
+                        with reuse.chunk(index):
+                            maps = check.maps(explain(step, ids[part]), condition.model, images, targets, seed,
+                                              cfg.test, ids[part])
+                    measured: dict[str, Tensor] = {}
+                    if condition.transform is not None:
+                        maps, measured = condition.transform(maps, images, ids[part])
                     clock["explain"] += _now(device) - tick
                     check_maps(maps, state)
                     predictions.append(predicted)
@@ -229,10 +237,10 @@ def run_conditions(cfg: DictConfig, check: checks.Check, prepared: Prepared, con
                     base = {name: base[name].expand_as(value) for name, value in maps.items()}
                     variants = {name: robustness_scores(base[name], value,
                                                         single_channel=compare_options["single_channel"])
-                                for name, value in maps.items()}
-                    scores = {name: check.score(base[name], value,
-                                                _reusing(compare_fn, compare_options, base[name], value,
-                                                         variants[name]), cfg.test)
+                                for name, value in maps.items()} if check.compares_maps else {}
+                    scores = {name: {**check.score(base[name], value,
+                                                   _reusing(compare_fn, compare_options, base[name], value,
+                                                            variants.get(name, {})), cfg.test), **measured}
                               for name, value in maps.items()}
                     clock["compare"] += _now(device) - tick
                     chunk_ids, labels = prepared.image_ids[part], prepared.labels[part]
@@ -442,12 +450,14 @@ def prepare(cfg: DictConfig, device: torch.device) -> Prepared:
         if images is not None:
             check_images(images, cfg.dataset.name, split)
     shuffled_run = cfg.labels == "shuffled"
+    extra = checks.get(cfg.test.name).extra_models(cfg, dataset, spec, device)  # first: its settings refused early
     models = {"trained": _trained_model(cfg, dataset, spec, device, shuffled_run)}
     if checks.get(cfg.test.name).needs_shuffled_model:
         models["shuffled"] = _trained_model(cfg, dataset, spec, device, shuffled=True)
         _warn_unless_memorized(models["shuffled"], cfg.test.memorization_threshold)
     for need in checks.get(cfg.test.name).models_needed(cfg.test):
         models[need.name] = _trained_model(cfg, dataset, spec, device, shuffled=False, need=need)
+    models.update(extra)
     chosen = shard_images(datasets.select_images(dataset.test_y, cfg.n_images, cfg.seed), parse_shard(cfg.shard))
     display = datasets.adapt_images(dataset.test_x[chosen], spec.channels, spec.size)
     images = spec.normalize(display).to(device)

@@ -27,13 +27,14 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sanity_cli import checks
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
 from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
 from sanity_cli.results import read_run_file
 from sanity_cli.verdict import run_info, variant_outcomes, write_verdicts
 
-VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "not valid", "undefined")
+VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "not valid", "undefined", "aligned", "not aligned")
 FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
     ("curves", "The deciding metric at every state, with its bootstrap interval and the threshold", "_verdict.png"),
     ("curves", "Every metric, mean and one standard deviation over images", "_curves.png"),
@@ -46,6 +47,8 @@ FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
      "_spurious_measures.png"),
     ("maps", "The artifact, and each method's maps of the normal and the spurious model on clean and "
              "artifact images", "_spurious_gallery.png"),
+    ("curves", "Share of each map in the tangent space of the data manifold, with its interval", "manifold_fractions.png"),
+    ("maps", "Each method's map, its part in the manifold's tangent space and the rest", "manifold_maps.png"),
 )
 
 
@@ -66,6 +69,8 @@ def write_report(run_dir: Path, verdicts: pd.DataFrame | None = None, rejudged: 
         verdicts = read_run_file(verdict_path) if verdict_path.is_file() else write_verdicts(run_dir)
     suffix = f".{rejudged}" if rejudged else ""
     draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts), suffix=suffix)
+    for test in verdicts["test"].unique() if len(verdicts) else ():  # the check's figures of its own
+        checks.get(str(test)).figures(run_dir, verdicts[verdicts["test"] == test])
     context = report_context(run_dir, verdicts, suffix)
     context["rejudged"] = rejudged
     html = _environment().get_template("report.html.j2").render(**context)

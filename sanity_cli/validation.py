@@ -39,18 +39,21 @@ NUMBERS = [
     ("test.bins", int, 1), ("test.samples", int, 1), ("test.noise", float, 0.0),
     ("test.shuffled_epochs", int, 1), ("test.memorization_threshold", float, 0.0), ("test.shuffled_subset", int, 1),
     ("test.shuffled_lr", float, 0.0),
+    ("test.latent_dim", int, 1), ("test.vae_epochs", int, 1), ("test.vae_lr", float, 0.0),
+    ("test.margin", float, 0.0), ("test.min_reconstruction", float, 0.0),
     ("dataset.image_size", int, 8), ("dataset.test_fraction", float, 0.0),
     ("test.aligned_class", int, 0), ("test.rate", float, 0.0), ("test.tag_size", float, 0.0),
     ("test.tag_value", float, 0.0), ("test.stripes_period", int, 2), ("test.stripes_strength", float, 0.0),
     ("test.blur_sigma", float, 0.0), ("test.reliance_margin", float, 0.0), ("test.detect_margin", float, -2.0),
 ]
-INCLUSIVE = {"test.noise", "test.memorization_threshold", "test.tag_value", "test.reliance_margin"}
+INCLUSIVE = {"test.noise", "test.memorization_threshold", "test.tag_value", "test.reliance_margin", "test.margin",
+             "test.min_reconstruction"}
 # Upper bounds (inclusive): seeds fit the 32 bits that every random generator used here takes.
 SEED_LIMIT = 2**32 - 1
 MAX_DRAWS = 100  # test.seeds as a number: each draw explains every state again
-# A share, a fraction of the side and a pixel value are at most 1; a gain of a similarity in [-1, 1] at most 2.
+# A share, a fraction of the side, a pixel value and R^2 are at most 1; a gain of a similarity in [-1, 1] at most 2.
 MAXIMA = {"seed": SEED_LIMIT, "test.rate": 1, "test.tag_size": 1, "test.tag_value": 1, "test.stripes_strength": 1,
-          "test.reliance_margin": 1, "test.detect_margin": 2}
+          "test.reliance_margin": 1, "test.detect_margin": 2, "test.margin": 1, "test.min_reconstruction": 1}
 
 
 def run_seeds(seed: int, seeds) -> list[int]:

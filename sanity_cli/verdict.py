@@ -57,13 +57,13 @@ RISE_METRICS = ("entropy_rise",)  # a higher score is the change; no other metri
 ROBUSTNESS_METRICS = ("spearman_abs", "spearman")  # with and without absolute value
 RESCALINGS = ("none", "max_abs", "second_moment")  # normalizations that multiply a map by a positive number
 CONTROL_KINDS = ("edge", "random")
+NOT_VALID = "not valid"  # a check's precondition failed (its rows say which in the note)
 FEW_IMAGES = 10  # below this a percentile bootstrap interval is noticeably too narrow
 # Below this many values the percentile bootstrap's 95% interval covers the mean far less often
 # than it says (about 80% at 5 normal values, less below): no verdict rests on so few.
 MIN_VALUES = 5
 MC_Z = 1.96  # the Monte Carlo error of an interval end: half-width of its 95% band over bootstrap draws
 MAX_RESAMPLES = 20000  # a borderline verdict is recomputed with 10x the resamples, up to this many
-NOT_VALID = "not valid"
 UNDEFINED_WHY = {  # why every value of a metric can be NaN, for the note
     "hog": "maps smaller than one HOG block (pixels_per_cell x cells_per_block) have no HOG features; lower "
            "metrics.hog.pixels_per_cell",
@@ -161,7 +161,7 @@ def verdict_table(results: pd.DataFrame, *, metric: str = "spearman_abs", thresh
         raise SanityError("the results table is empty: no finished state to judge; finish the run first")
     controls = set(controls) | _controls_of(signal)
     rows = [row for decisive in _decisive_parts(results)
-            for row in _judge_all(decisive, settings, seed, run_settings)]
+            for row in _judge_all(decisive, settings, seed, run_settings, controls)]
     table = pd.DataFrame(rows, columns=COLUMNS)
     table["is_control"] = table["method"].isin(controls)
     table["holds_in"] = _holds_in(table, robustness, settings, seed)
@@ -179,11 +179,12 @@ def _decisive_parts(results: pd.DataFrame):
             yield decisive
 
 
-def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int,
-               run_settings: Mapping | None = None) -> list[dict]:
+def _judge_all(decisive: pd.DataFrame, settings: VerdictSettings, seed: int, run_settings: Mapping | None = None,
+               controls: Collection[str] = ()) -> list[dict]:
     """The verdict rows of one (test, model, dataset)'s decisive rows."""
     check = checks.get(str(decisive["test"].iloc[0]))
-    own = check.judge(decisive, settings, seed, run_settings or {})  # a check with a rule of its own (e.g. spurious)
+    # a check with a rule of its own (spurious, manifold)
+    own = check.judge(decisive, settings, seed, {**(run_settings or {}), "controls": sorted(controls)})
     if own is not None:
         return own
     deciding = check.verdict_metric or settings.metric
@@ -469,8 +470,11 @@ def _uninformative(signal: pd.DataFrame | None) -> set[str]:
 
 
 def _annotate(table: pd.DataFrame, uninformative: set[str]) -> pd.DataFrame:
-    """Uninformative methods (controls aside) get that verdict; every row gets its note."""
-    noise = table["method"].isin(uninformative) & ~table["is_control"] & (table["outcome"] != "undefined")
+    """Uninformative methods (controls aside) get that verdict where the check compares maps
+    (a noise map changes whatever the model); every row gets its note."""
+    comparing = table["test"].map(lambda test: checks.get(str(test)).compares_maps).astype(bool)
+    noise = (table["method"].isin(uninformative) & ~table["is_control"] & (table["outcome"] != "undefined")
+             & (table["verdict"] != NOT_VALID) & comparing)
     table.loc[noise, "verdict"] = "uninformative"
     table["note"] = ["; ".join(part for part in (row.note if isinstance(row.note, str) else "", _note(row)) if part)
                      for row in table.itertuples(index=False)]
@@ -517,7 +521,7 @@ def _note(row) -> str:
                      f"error (±{row.mc_error:.4f}) of the threshold {row.threshold:g}, even with {row.resamples} "
                      "resamples: too close to call")
     # the control notes speak of the similarity rule, not of a check with a rule of its own (spurious)
-    similarity_rule = row.outcome in ("pass", "fail", "inconclusive", "undefined")
+    similarity_rule = not isinstance(row.note, str) and row.outcome in ("pass", "fail", "inconclusive", "undefined")
     if row.is_control and similarity_rule and row.method == "random":
         notes.append("noise control: passes trivially, so a pass is necessary, not sufficient" if row.outcome == "pass"
                      else "noise control: noise does not pass this check")

@@ -391,6 +391,37 @@ def detect_threshold(value: float) -> Callable[[Run, Run], None]:
 
 # --- the table -------------------------------------------------------------------------
 
+def step_1_mean(metric: str) -> Callable[[Run], float]:
+    """The mean of one metric at step 1 (test=manifold: the reconstruction R^2, sqrt(k/d))."""
+    return lambda run: float(run.rows(step=1, metric=metric)["value"].mean())
+
+
+def chance_fraction_is(value: float) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        assert np.isclose(step_1_mean("chance_fraction")(b), value), step_1_mean("chance_fraction")(b)
+        assert not np.isclose(step_1_mean("chance_fraction")(a), value)
+
+    return check
+
+
+def threshold_rises_by(amount: float) -> Callable[[Run, Run], None]:
+    def check(a: Run, b: Run) -> None:
+        rise = verdicts(b)["threshold"].iloc[0] - verdicts(a)["threshold"].iloc[0]
+        assert np.isclose(rise, amount), rise
+
+    return check
+
+
+def all_not_valid(a: Run, b: Run) -> None:
+    assert (verdicts(b)["verdict"] == "not valid").all() and not (verdicts(a)["verdict"] == "not valid").any()
+
+
+def exact_manifold(a: Run, b: Run) -> None:
+    """The exact decoder of the decoded images: 4 latent dimensions, perfect reconstructions."""
+    assert np.isclose(step_1_mean("reconstruction_r2")(b), 1.0) and step_1_mean("reconstruction_r2")(a) < 0.999
+    chance_fraction_is((4 / 144) ** 0.5)(a, b)
+
+
 HOG = ("metrics.names=[spearman_abs,hog]",)  # the verdict's metric stays among the names
 HOG4 = (*HOG, "metrics.hog.pixels_per_cell=4")
 SMOOTH = ("method=[gradient,smoothgrad]", "method.smoothgrad.samples=2")
@@ -401,6 +432,8 @@ SPURIOUS = ("test=spurious", "method=[gradient,edge]")
 STRIPES = (*SPURIOUS, "test.artifact=stripes")
 BLUR = (*SPURIOUS, "test.artifact=blur")
 SMOOTH_CASCADE = ("test=smooth_cascade", "test.samples=2")
+MANIFOLD = ("test=manifold", "test.vae_epochs=10", "method=[gradient]")
+DECODED = (*MANIFOLD, "dataset=decoded")
 # A small CNN with batch norm of the tests' own, as a user's model (model=custom); at
 # Adam 1e-3 one epoch leaves it near chance, and such a model is never cached
 CUSTOM = ("model=custom", "model._target_=small_runs.BatchNormNet", "train.lr=0.01")
@@ -487,6 +520,8 @@ DATASET = {
     "dataset.system_dir": Inert("where a system copy of Fashion-MNIST lies: the same files give the same data"),
     "dataset._target_": Elsewhere("dataset=custom: tests/test_plugins.py and test_example.py"),
     "dataset.train_split": Elsewhere("dataset=custom: tests/test_plugins.py and test_example.py"),
+    "dataset.train_split._target_": Elsewhere("dataset=custom's training split (dataset=decoded names one): "
+                                              "tests/test_plugins.py and tests/test_manifold.py"),
 }
 
 
@@ -600,6 +635,15 @@ TEST = {
     "test.bins": Effect(("test.bins=10",), entropy_at_most_log_10, base=ENTROPY),
     "test.samples": Effect(("test.samples=3",), values_differ, base=SMOOTH_CASCADE),
     "test.noise": Effect(("test.noise=0",), values_differ, base=SMOOTH_CASCADE),  # equal to the cascade's: e2e
+    "test.latent_dim": Effect(("test.latent_dim=3",), chance_fraction_is((3 / 144) ** 0.5), base=MANIFOLD),
+    "test.vae_epochs": Effect(("test.vae_epochs=1",), lower(step_1_mean("reconstruction_r2")), base=MANIFOLD),
+    "test.vae_lr": Effect(("test.vae_lr=0.0001",), lower(step_1_mean("reconstruction_r2")), base=MANIFOLD),
+    "test.margin": Effect(("test.margin=0.3",), threshold_rises_by(0.25), base=MANIFOLD),
+    "test.min_reconstruction": Effect(("test.min_reconstruction=1.0",), all_not_valid, base=MANIFOLD),
+    "test.decoder._target_": Effect(("test.decoder._target_=sanity_cli.manifold.exact_decoder",), exact_manifold,
+                                    base=DECODED),
+    "test.decoder.checkpoint": Elsewhere("the weights of a user's decoder: tests/test_manifold.py loads a flipped "
+                                         "checkpoint into the exact decoder"),
 }
 
 VERDICT = {
@@ -635,6 +679,8 @@ GROUPS = {
     "test=smooth_cascade": Effect(SMOOTH_CASCADE, test_named("smooth_cascade")),
     "test=entropy": Effect(ENTROPY, test_named("entropy")),
     "test=spurious": Effect(SPURIOUS, test_named("spurious"), weights=None),
+    "test=manifold": Effect(MANIFOLD, test_named("manifold")),
+    "dataset=decoded": Effect(DECODED, named("dataset", "decoded"), weights=None),
 }
 for _method in ("gradient", "input_x_gradient", "guided_backprop", "integrated_gradients", "gradcam",
                 "guided_gradcam", "smoothgrad", "vargrad", "edge", "random"):

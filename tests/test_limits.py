@@ -27,7 +27,9 @@ HOMES = {"test.bins": ["test=entropy"], "test.samples": ["test=smooth_cascade"],
          "test.shuffled_subset": ["test=data"], "test.shuffled_lr": ["test=data"],
          **{f"test.{key}": ["test=spurious"] for key in (
              "aligned_class", "rate", "tag_size", "tag_value", "stripes_period", "stripes_strength", "blur_sigma",
-             "reliance_margin", "detect_margin")}}
+             "reliance_margin", "detect_margin")},
+         **{f"test.{key}": ["test=manifold"] for key in ("latent_dim", "vae_epochs", "vae_lr", "margin",
+                                                          "min_reconstruction")}}
 # Upper bounds that validation checks outside MAXIMA: setting -> (highest, highest allowed)
 UPPER = {"dataset.test_fraction": (1.0, False)}
 # Numbers that the methods (registry) and the verdict check themselves: setting ->

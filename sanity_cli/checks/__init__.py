@@ -6,11 +6,11 @@ plus its config in conf/test/.
 
 from __future__ import annotations
 
-from sanity_cli.checks import cascade, data, entropy, independent, random_logit, smooth_cascade, spurious
+from sanity_cli.checks import cascade, data, entropy, independent, manifold, random_logit, smooth_cascade, spurious
 from sanity_cli.checks.base import Check, Condition, ModelNeed, Subject, unknown_check
 
 CHECKS: dict[str, Check] = {module.CHECK.name: module.CHECK for module in
-                            (cascade, independent, data, random_logit, smooth_cascade, entropy, spurious)}
+                            (cascade, independent, data, random_logit, smooth_cascade, entropy, spurious, manifold)}
 MODEL_CHECKS = tuple(name for name, check in CHECKS.items() if check.randomizes_model)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 from scipy import stats
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from sanity_cli.errors import SanityError
 from sanity_cli.randomization import State, TrainedWeights
+from sanity_cli.training import TrainedModel
 
 # explain(model, images, targets) -> {method: (B, C, H, W) maps}
 Explain = Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]]
@@ -38,6 +40,11 @@ class Condition:
     this state instead of explaining (a ground truth to compare with); None explains.
     compare_with: the step whose maps this state's are scored against (an earlier one).
     kept: later states compare with this one's maps, so a resumed run makes them again.
+    transform: (maps, images, ids) -> (the maps scored here, {metric: (B,)} scores of the state
+    added to every method's rows), for a check that measures each map rather than compares
+    two models' (test=manifold); None keeps the maps as they are.
+    explain: False takes step 0's maps (as its transform left them) instead of explaining
+    the same model again.
     """
 
     state: State
@@ -47,6 +54,8 @@ class Condition:
     truth: Callable[[Tensor, Tensor], Tensor] | None = None
     compare_with: int = 0
     kept: bool = False
+    transform: Callable[[dict[str, Tensor], Tensor, Tensor], tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None
+    explain: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,7 @@ class Check:
     targets: tuple[str, ...] | None = None  # the `target` settings it supports (None: all)
     verdict_metric: str | None = None  # a metric of its own decides (None: the run's choice)
     higher_means_change = False    # for similarities a change lowers the score
+    compares_maps = True           # scores compare two maps (robustness.csv re-scores them per normalization)
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         raise NotImplementedError
@@ -131,14 +141,22 @@ class Check:
         the pipeline trains and caches each and names it in `Subject.models`."""
         return []
 
+    def extra_models(self, cfg, dataset, spec, device) -> dict[str, TrainedModel]:
+        """Other models the check builds itself (not classifiers: e.g. a generative model of
+        the data), trained (and cached) or loaded before any work, by name; they join
+        `Subject.models`. None by default."""
+        return {}
+
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict] | None:
         """Verdict rows of this check's decisive rows (verdict.COLUMNS; is_control and
         holds_in are filled in after, and the general note is added to `note`); None applies
-        the similarity rule. `settings`: the VerdictSettings; `run`: the run's settings (run.json)."""
+        the similarity rule. `settings`: the VerdictSettings; `run`: the run's settings
+        (run.json), with `controls`, the run's control methods."""
         return None
 
-    def figures(self, run_dir, meta: Mapping) -> list:
-        """Figures of this check's own, drawn into run_dir/figures; their PNG paths."""
+    def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
+        """Figures of this check's own for the report, drawn into run_dir/figures from the
+        run's files and its verdicts (this check's rows); their PNG paths. None by default."""
         return []
 
     def n_states(self, subject: Subject) -> int:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,10 +144,11 @@ class Spurious(Check):
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results
 
-    def figures(self, run_dir, meta: Mapping) -> list:
+    def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
+        from sanity_cli.figures import read_meta
         from sanity_cli.spurious_figures import draw
 
-        return draw(run_dir, dict(meta))
+        return draw(run_dir, read_meta(Path(run_dir) / "maps.npz") or {})
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
         rows = verdict_rows(decisive, settings, seed, run)

@@ -50,14 +50,14 @@ from torch import Tensor, nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_vs_quantus import quantus_spearman  # noqa: E402
+from bench_vs_quantus import quantus_spearman
 
-from sanity_cli import batching  # noqa: E402
-from sanity_cli.checks.smooth_cascade import CHECK as SMOOTH_CASCADE  # noqa: E402
-from sanity_cli.methods import explain_all  # noqa: E402
-from sanity_cli.metrics import METRICS, compare  # noqa: E402
-from sanity_cli.randomization import TrainedWeights, cascading_states, plan_blocks  # noqa: E402
-from sanity_cli.verdict import robustness_scores  # noqa: E402
+from sanity_cli import batching
+from sanity_cli.checks.smooth_cascade import CHECK as SMOOTH_CASCADE
+from sanity_cli.methods import explain_all
+from sanity_cli.metrics import METRICS, compare
+from sanity_cli.randomization import TrainedWeights, cascading_states, plan_blocks
+from sanity_cli.verdict import robustness_scores
 
 ITEMS = ("mprt", "smprt")
 SEED = 0
@@ -138,8 +138,8 @@ def quantus_run(model: nn.Module, x: Tensor, y: Tensor, item: str, samples: int,
     """Quantus's MPRT or SmoothMPRT on the same work; returns the number of states scored."""
     import quantus
 
-    options = dict(similarity_func=quantus_spearman, layer_order="top_down", seed=SEED, abs=True, normalise=True,
-                   disable_warnings=True, display_progressbar=False)
+    options = {"similarity_func": quantus_spearman, "layer_order": "top_down", "seed": SEED, "abs": True,
+               "normalise": True, "disable_warnings": True, "display_progressbar": False}
     metric = (quantus.SmoothMPRT(nr_samples=samples, noise_magnitude=NOISE, **options) if item == "smprt"
               else quantus.MPRT(**options))
     with warnings.catch_warnings():
@@ -176,7 +176,11 @@ def _allocator() -> Callable[[], int] | None:
     except (OSError, AttributeError):
         return None
     mallinfo2.restype = _Mallinfo2
-    return lambda: (lambda info: info.uordblks + info.hblkhd)(mallinfo2())
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+    return in_use
 
 
 def _rss() -> int:

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY
 from torch import nn
 
 from sanity_cli import batching, pipeline
 from sanity_cli.errors import SanityError
 from sanity_cli.validation import validate
-from conftest import TINY
 
 
 def test_candidates_are_powers_of_two_up_to_max_batch_and_max_batch():

@@ -10,7 +10,13 @@ import scipy.stats
 import torch
 
 from sanity_cli import metrics
-from sanity_cli.metrics import NORMALIZATIONS, RANK_METRICS, compare_variants, normalize, rankdata
+from sanity_cli.metrics import (
+    NORMALIZATIONS,
+    RANK_METRICS,
+    compare_variants,
+    normalize,
+    rankdata,
+)
 from sanity_cli.verdict import robustness_scores
 
 ALL_RANK_VARIANTS = [(m, s) for m in (*RANK_METRICS, "hog") for s in NORMALIZATIONS]

@@ -54,6 +54,30 @@ def fail(message: str) -> int:
     return 2
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to sys.stderr as it is when a record comes, not as it was when
+    the handler was made: the verbs run in-process from Python too, whose stderr may change."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the current stderr is used instead
+        pass
+
+
+def log_to_stderr(fmt: str) -> None:
+    """INFO and above of the verbs that are not Hydra jobs to stderr, in `fmt`, as
+    logging.basicConfig does: only where no handler is set up yet."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter(fmt))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -95,7 +119,7 @@ def redraw(args: list[str]) -> int:
     from sanity_cli.results import check_maps
     from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log_to_stderr("%(levelname)s %(message)s")
     try:
         overrides = parse_overrides(args[1:])
         check_maps(run_dir)
@@ -129,7 +153,7 @@ def report(args: list[str]) -> int:
     from sanity_cli.results import check_maps
     from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log_to_stderr("%(levelname)s %(message)s")
     try:
         check_maps(run_dir)
         overrides = parse_overrides(args[1:])
@@ -185,7 +209,7 @@ def paper(args: list[str]) -> int:
     message = unknown_choice(parsed)
     if message:
         return fail(message)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log_to_stderr("%(asctime)s %(levelname)s %(message)s")
     try:
         outcomes = rerun(args[0], args[1:], out)
     except SanityError as error:
@@ -202,7 +226,7 @@ def collect(args: list[str]) -> int:
     """sanity collect DIR [DIR ...] [--out DIR]: merge finished runs into one table."""
     from sanity_cli.collect import collect as collect_runs
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    log_to_stderr("%(levelname)s %(message)s")
     try:
         out, dirs = take_out(args)
         options = [a for a in dirs if a.startswith("-")]

@@ -156,7 +156,7 @@ def test_a_full_disk_while_a_chunked_run_writes_its_reference_maps(finished, tmp
     done = _sanity("run", *RUN, "image_chunk=2", f"cache_dir={finished.parent / 'cache'}", f"hydra.run.dir={run}",
                    cwd=tmp_path, preexec=_disk_full_at(4096))
     line = _error_line(done)
-    assert f"cannot write {run / '.reference' / '0.pt'}" in line and "resume=true" in line, line
+    assert f"cannot write {run / '.reference' / '0_0.pt'}" in line and "resume=true" in line, line
 
 
 class caplog_silenced:

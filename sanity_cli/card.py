@@ -114,12 +114,22 @@ def card_settings(overrides: Sequence[str] = ()) -> DictConfig:
 
 def all_columns(settings: DictConfig) -> dict[str, Column]:
     """Every column the card may have: each registered check, then `extra`'s, by name."""
-    columns = {name: Column(name, (f"test={name}",)) for name in checks.CHECKS}
+    extra = []
     for name, overrides in (settings.extra or {}).items():
         if not isinstance(overrides, (list, ListConfig)) or not any(str(o).startswith("test=") for o in overrides):
             raise SanityError(f"card.extra.{name} must be a list of overrides that names its check, e.g. "
                               "[test=cascade, test.order=bottom_up]")
-        columns[str(name)] = Column(str(name), tuple(str(o) for o in overrides))
+        extra.append(Column(str(name), tuple(str(o) for o in overrides)))
+    columns = {}
+    for name in checks.CHECKS:  # each extra column right after the check it runs again
+        columns[name] = Column(name, (f"test={name}",))
+        columns.update({c.name: c for c in extra if _test_of(c) == name})
+    columns.update({c.name: c for c in extra if c.name not in columns})
+    for name, overrides in (settings.overrides or {}).items():
+        if name not in columns or not isinstance(overrides, (list, ListConfig)):
+            raise SanityError(f"card.overrides.{name} must be a list of overrides of one of the card's columns "
+                              f"({', '.join(columns)}), e.g. [test.samples=10]")
+        columns[name] = Column(name, (*columns[name].overrides, *(str(o) for o in overrides)))
     return columns
 
 
@@ -307,6 +317,11 @@ def card_table(runs: Sequence[CardRun], out: Path, order: Sequence[str] = ()) ->
         deciding = verdicts[verdicts["decides"].astype(str).str.lower().isin(("true", "1"))]
         for method, part in deciding.groupby("method", sort=False):
             rows.append({"check": run.column, **_cell(part), "report": link, "run": str(run.path)})
+    methods = list(dict.fromkeys(row["method"] for row in rows if row["method"]))
+    controls = {row["method"] for row in rows if row.get("is_control")}
+    if methods:  # a check without verdicts: a cell for every method, so that the matrix is whole
+        rows = [row if row["method"] else {**row, "method": method, "is_control": method in controls}
+                for row in rows for method in ([row["method"]] if row["method"] else methods)]
     table = pd.DataFrame(rows, columns=CARD_COLUMNS[:-1])
     return table.assign(standing=table["method"].map(standings(table)).fillna(""))
 
@@ -343,8 +358,8 @@ def standings(table: pd.DataFrame) -> dict[str, str]:
     Controls get none: they are the reference, not a method to trust."""
     columns = list(dict.fromkeys(table["check"]))
     found = {}
-    for method, part in table[(table["method"] != "") & ~table["is_control"].astype(bool)].groupby("method",
-                                                                                                  sort=False):
+    methods = [m for m in dict.fromkeys(table["method"]) if m and not _is_control(table, m)]
+    for method, part in table[table["method"].isin(methods)].groupby("method", sort=False):
         words = dict(zip(part["check"], part["verdict"]))
         if "fail" in words.values():
             found[method] = "fails"
@@ -374,7 +389,8 @@ def reading(method: str, table: pd.DataFrame) -> str:
         text += (" A fail is evidence against the method on this model: " +
                  "; ".join(f"under {c}, {MEANING.get(c, 'the map does not change under the check`s randomization')}"
                            for c in failed) + ". Its maps should not be read as explaining this model's decisions.")
-    noise = table[(table["method"] == "random") & table["is_control"].astype(bool) & (table["verdict"] == "pass")]
+    noise = table[(table["method"] == "random") & (table["verdict"] == "pass")] if _is_control(table, "random") \
+        else table.iloc[:0]
     trivial = [c for c in passed if c in set(noise["check"])]
     if passed:
         text += (" A pass shows only that the map changes when the check randomizes the model, the labels or the "
@@ -410,6 +426,9 @@ def receipt(runs: Sequence[CardRun]) -> dict:
     models, prints, states = {}, {}, []
     for run in runs:
         for name, values in (run.info.get("models") or {}).items():
+            # trained in this run or loaded from the cache: the same weights (the cache key), one receipt
+            values = {**values, "source": "trained here" if values.get("source") in ("trained", "cache")
+                      else values.get("source")}
             models.setdefault(name, {"model": name, **{k: number(v) for k, v in values.items()}})
         table = read_run_file(run.path / "states.csv") if run.info else None
         if table is None or table.empty:
@@ -442,8 +461,8 @@ def build_card(dirs: Sequence[str | Path], out: str | Path | None = None, order:
     out = Path(out)
     if (out / "run.json").is_file():
         raise SanityError(f"--out {out} is the directory of a run; choose another, e.g. --out {out / 'card'}")
-    if not order:  # the registry's order, then extra columns as found
-        order = [*checks.CHECKS, *(c for c in MEANING if c not in checks.CHECKS)]
+    if not order:  # the default card's order, then any other column as found
+        order = list(all_columns(card_settings()))
     table = card_table(runs, out, order)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "card.csv"
@@ -462,8 +481,7 @@ def write_card_html(out: Path, table: pd.DataFrame, runs: Sequence[CardRun]) -> 
     by_cell = {(r["method"], r["check"]): r for r in table.to_dict("records")}
     missing = {r["check"]: r for r in table.to_dict("records") if r["verdict"] == NOT_RUN}
     methods = [m for m in dict.fromkeys(table["method"]) if m]
-    controls = {m for m in methods if by_cell.get((m, next((c for c in columns if (m, c) in by_cell), ""))
-                                                  , {}).get("is_control")}
+    controls = {m for m in methods if _is_control(table, m)}
     standing = standings(table)
 
     def cell(method: str, column: str) -> dict:
@@ -474,7 +492,7 @@ def write_card_html(out: Path, table: pd.DataFrame, runs: Sequence[CardRun]) -> 
                                                         f"{number(row['ci_high'], 2)}]"
         return {"verdict": row["verdict"], "borderline": bool(row.get("borderline")), "text": interval,
                 "holds_in": row.get("holds_in") or "", "blocks": row.get("blocks") or "",
-                "note": row.get("note") or "", "report": row.get("report") or ""}
+                "note": (row.get("note") or "").removeprefix("not valid: "), "report": row.get("report") or ""}
 
     rows = [{"method": m, "control": m in controls, "standing": standing.get(m, ""),
              "cells": [cell(m, c) for c in columns]} for m in methods]
@@ -506,3 +524,8 @@ def write_card_html(out: Path, table: pd.DataFrame, runs: Sequence[CardRun]) -> 
 
 def _nan(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _is_control(table: pd.DataFrame, method: str) -> bool:
+    """Whether `method` is a control in any of the card's checks (the runs say so in verdict.csv)."""
+    return bool((table.loc[table["method"] == method, "is_control"] == True).any())  # noqa: E712 - NaN is not

@@ -185,13 +185,16 @@ def run_card(args: Sequence[str], out: str | Path | None = None) -> tuple[Card, 
     trainable = _trainable(cfg)
     columns = columns_for(settings, trainable)
     out = Path(out) if out is not None else Path("cards") / f"{cfg.model.name}-{cfg.dataset.name}"
+    if any(bad in str(out) for bad in ('"', "\\", "${", "\0")):  # Hydra would read them in the override
+        raise SanityError(f"--out {str(out)!r} holds a quote, backslash, NUL or ${{: Hydra cannot take it as "
+                          "the card's directory; choose another")
     pending = [c for c in columns if _unfinished(out / c.name)]
     failures = []
     for group in _groups(pending):
         tests = ",".join(_test_of(c) for c in group)
         subdir = "${test.name}" if len(group) > 1 else group[0].name
         own = [o for o in group[0].overrides if not o.startswith("test=")]
-        argv = ["-m", f"test={tests}", *own, *run_args, "resume=true", f"hydra.sweep.dir={out}",
+        argv = ["-m", f"test={tests}", *own, *run_args, "resume=true", f'hydra.sweep.dir="{out}"',
                 f"hydra.sweep.subdir={subdir}"]
         code = cli.run(argv)
         if code == 2 and not any((out / c.name).is_dir() for c in group):

@@ -162,7 +162,7 @@ def test_the_card_runs_its_checks_as_multiruns(tmp_path, monkeypatch):
     assert entropy[:3] == ["-m", "test=entropy", "test.bins=10"] and "hydra.sweep.subdir=entropy" in entropy
     for argv in calls:
         assert argv.index("device=cpu") < argv.index("n_images=5") and "resume=true" in argv
-        assert f"hydra.sweep.dir={tmp_path}" in argv
+        assert f'hydra.sweep.dir="{tmp_path}"' in argv
 
 
 def test_a_finished_check_is_not_run_again(tiny_card, tmp_path, monkeypatch):
@@ -172,6 +172,21 @@ def test_a_finished_check_is_not_run_again(tiny_card, tmp_path, monkeypatch):
     shutil.copytree(tiny_card, copy)
     made, failures = card_module.run_card(CARD_ARGS, copy)
     assert calls == [] and failures == [] and made.html.is_file()
+
+
+def test_a_card_directory_with_spaces_and_brackets(tmp_path, monkeypatch):
+    """The directory reaches Hydra quoted; what Hydra cannot take is refused in one line."""
+    calls = []
+    monkeypatch.setattr(cli, "run", lambda argv: calls.append(argv) or 0)
+    odd = tmp_path / "my cards [v1]"
+    with pytest.raises(SanityError, match="is not a directory"):  # nothing ran: cli.run is replaced
+        card_module.run_card(["card.checks=[random_logit]"], odd)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep_dir = next(a for a in calls[0] if a.startswith("hydra.sweep.dir="))
+    assert OverridesParser.create().parse_override(sweep_dir).value() == str(odd)
+    with pytest.raises(SanityError, match="holds a quote"):
+        card_module.run_card(["card.checks=[random_logit]"], tmp_path / 'a"b')
 
 
 @pytest.mark.parametrize("args, message", [

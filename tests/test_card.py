@@ -239,3 +239,21 @@ def test_a_browser_renders_the_card_with_every_image_and_fetches_nothing(tiny_ca
     assert pills == 9 and all(Path(link.removeprefix("file://")).is_file() for link in links)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
 
+
+
+def test_a_check_with_a_verdict_per_block_is_one_cell_by_its_weakest_block():
+    """The independent test judges each block: the cell is the method's verdict over the blocks (a fail
+    in one block fails it), shown by the block nearest to failing, with how many blocks pass."""
+    blocks = pd.DataFrame({"method": "gradient", "is_control": False, "test": "independent", "metric": "spearman_abs",
+                           "block": ["fc2", "fc1", "conv2", "conv1"], "verdict": ["pass", "fail", "pass", "fail"],
+                           "mean": [0.1, 0.7, 0.3, 0.9], "ci_low": [0.05, 0.6, 0.2, 0.8],
+                           "ci_high": [0.15, 0.8, 0.4, 0.95], "level": 0.95, "threshold": 0.5, "change": "below",
+                           "holds_in": "8/8", "seeds_agree": "3/3", "n_seeds": 3, "borderline": False, "note": ""})
+    cell = card_module._cell(blocks)
+    assert (cell["verdict"], cell["block"], cell["mean"], cell["blocks"]) == ("fail", "conv1", 0.9, "2/4 pass")
+    passing = blocks.assign(verdict="pass")
+    cell = card_module._cell(passing)
+    assert (cell["verdict"], cell["block"], cell["blocks"]) == ("pass", "conv1", "4/4 pass")
+    # the entropy test's change lies above its threshold: the weakest block has the lowest rise
+    rising = passing.assign(change="above", threshold=0.05)
+    assert card_module._cell(rising)["block"] == "fc2"

@@ -39,7 +39,6 @@ from sanity_cli import checks
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
 from sanity_cli.results import read_info, read_run_file
-from sanity_cli.sharding import ERROR_FILE
 
 CARD_FILE = "card.yaml"
 NOT_RUN = "not run"
@@ -218,7 +217,7 @@ def _composed(overrides: Sequence[str]) -> DictConfig:
     from sanity_cli import cli
 
     try:
-        flags, parsed = cli.parse_overrides([*overrides, "test=cascade"])
+        _, parsed = cli.parse_overrides([*overrides, "test=cascade"])
     except Exception as error:  # noqa: BLE001 - Hydra's parse errors: its own line
         raise SanityError(cli.parse_failure(list(overrides), error)) from None
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
@@ -346,7 +345,7 @@ def _cell(part: pd.DataFrame) -> dict:
     row = same.loc[same["mean"].idxmax() if below else same["mean"].idxmin()] if same["mean"].notna().any() \
         else same.iloc[0]
     blocks = f"{int((part['verdict'] == 'pass').sum())}/{len(part)} pass" if len(part) > 1 else ""
-    text = lambda value: "" if pd.isna(value) else str(value)  # noqa: E731
+    text = lambda value: "" if pd.isna(value) else str(value)
     return {"method": row["method"], "is_control": str(row["is_control"]).lower() in ("true", "1"),
             "test": row["test"], "verdict": verdict, "metric": row["metric"], "mean": row["mean"],
             "ci_low": row["ci_low"], "ci_high": row["ci_high"], "level": row["level"], "threshold": row["threshold"],
@@ -531,4 +530,4 @@ def _nan(value) -> bool:
 
 def _is_control(table: pd.DataFrame, method: str) -> bool:
     """Whether `method` is a control in any of the card's checks (the runs say so in verdict.csv)."""
-    return bool((table.loc[table["method"] == method, "is_control"] == True).any())  # noqa: E712 - NaN is not
+    return bool((table.loc[table["method"] == method, "is_control"] == True).any())  # NaN is not a control

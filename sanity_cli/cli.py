@@ -245,7 +245,15 @@ def card(args: list[str]) -> int:
     failures: list[str] = []
     try:
         out, rest = take_out(args)
-        if rest and all("=" not in a and not a.startswith("-") for a in rest):
+        if any(a in ("-h", "--help") for a in rest):
+            print("usage: sanity card [OVERRIDES] [--out DIR] | sanity card DIR [DIR ...] [--out DIR]\n"
+                  "  the card's own settings: card.checks, card.extra, card.overrides, card.runs (conf/card.yaml);\n"
+                  "  every other override goes to each check's run, as in `sanity run`")
+            return 0
+        options = [a for a in rest if a.startswith("-")]
+        if options:
+            raise SanityError(f"unknown option '{options[0]}'; usage: sanity card [OVERRIDES] [--out DIR]")
+        if rest and all("=" not in a for a in rest):
             made = build_card(rest, out)
         else:
             made, failures = run_card(rest, out)

@@ -197,6 +197,7 @@ def test_a_card_directory_with_spaces_and_brackets(tmp_path, monkeypatch):
     (["model=nope"], "unknown model 'nope'"),
     (["seed=0,1"], "a card is of one setting"),
     (["card.runs=5"], "card.runs must be a list of overrides"),
+    (["-m"], "unknown option '-m'"),
     (["card.overrides={nope: [test.bins=3]}"], "card.overrides.nope must be a list of overrides of one of"),
 ])
 def test_bad_card_arguments_fail_in_one_line(args, message, tmp_path, capsys):
@@ -257,3 +258,9 @@ def test_a_check_with_a_verdict_per_block_is_one_cell_by_its_weakest_block():
     # the entropy test's change lies above its threshold: the weakest block has the lowest rise
     rising = passing.assign(change="above", threshold=0.05)
     assert card_module._cell(rising)["block"] == "fc2"
+
+
+def test_help_runs_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "run", lambda argv: pytest.fail("--help ran the card"))
+    assert cli.main(["card", "--help"]) == 0
+    assert "card.checks" in capsys.readouterr().out

@@ -165,6 +165,9 @@ def split_arguments(args: Sequence[str]) -> tuple[list[str], list[str]]:
         elif key == "test":  # test.KEY=VALUE goes to every check (++test.KEY where some lack the key)
             raise SanityError(f"the card runs every check itself; choose them with card.checks=[...] rather than "
                               f"{arg}")
+        elif key == "shard":
+            raise SanityError("a card reads whole runs; leave out shard= (shard a single check with "
+                              "`sanity run -m shard=...` and `sanity collect`)")
         elif key in ("hydra.sweep.dir", "hydra.sweep.subdir", "hydra.run.dir", "resume") or arg == "-m":
             raise SanityError(f"the card sets {key} itself (its directory: --out DIR; it always resumes)")
         else:

@@ -198,6 +198,7 @@ def test_a_card_directory_with_spaces_and_brackets(tmp_path, monkeypatch):
     (["seed=0,1"], "a card is of one setting"),
     (["card.runs=5"], "card.runs must be a list of overrides"),
     (["-m"], "unknown option '-m'"),
+    (["shard=0/2"], "a card reads whole runs; leave out shard="),
     (["card.overrides={nope: [test.bins=3]}"], "card.overrides.nope must be a list of overrides of one of"),
 ])
 def test_bad_card_arguments_fail_in_one_line(args, message, tmp_path, capsys):

@@ -265,3 +265,16 @@ def test_help_runs_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "run", lambda argv: pytest.fail("--help ran the card"))
     assert cli.main(["card", "--help"]) == 0
     assert "card.checks" in capsys.readouterr().out
+
+
+def test_a_check_that_failed_shows_why_in_its_cells(tiny_card, tmp_path):
+    copy = tmp_path / "card"
+    shutil.copytree(tiny_card, copy, ignore=shutil.ignore_patterns("card.*"))
+    (copy / "entropy").mkdir()
+    (copy / "entropy" / "error.txt").write_text("entropy needs at least 2 bins\n")
+    made = card_module.build_card([copy])
+    cells = made.table[made.table["check"] == "entropy"]
+    assert set(cells["method"]) == {"gradient", "edge", "random"} and set(cells["verdict"]) == {"not run"}
+    assert all("entropy needs at least 2 bins" in note for note in cells["note"])
+    assert made.standings["gradient"] in ("incomplete", "fails")  # never passes with a check missing
+    assert "entropy needs at least 2 bins" in made.html.read_text()

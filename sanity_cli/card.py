@@ -46,7 +46,9 @@ NOT_RUN = "not run"
 # later without an entry here is described by the generic words below).
 MEANING = {
     "cascade": "the map stays the same when the model's weights are randomized from the logits down",
-    "cascade_bottom_up": "the map stays the same when the model's weights are randomized from the input up",
+    "cascade_bottom_up": "the map stays the same when the model's weights are randomized from the input up (its "
+                         "verdict is at the fully randomized model, as the top-down cascade's; the two differ in the "
+                         "path there, which its figure shows)",
     "independent": "the map stays the same when one of the model's blocks is randomized",
     "data": "the map stays the same for a model trained on shuffled labels, which learnt nothing about the data",
     "random_logit": "the map for a random other class looks like the map for the predicted class",

@@ -46,15 +46,16 @@ NOT_RUN = "not run"
 # later without an entry here is described by the generic words below).
 MEANING = {
     "cascade": "the map stays the same when the model's weights are randomized from the logits down",
-    "cascade_bottom_up": "the map stays the same when the model's weights are randomized from the input up (its "
-                         "verdict is at the fully randomized model, as the top-down cascade's; the two differ in the "
-                         "path there, which its figure shows)",
+    "cascade_bottom_up": "the map stays the same when the model's weights are randomized from the input up",
     "independent": "the map stays the same when one of the model's blocks is randomized",
     "data": "the map stays the same for a model trained on shuffled labels, which learnt nothing about the data",
     "random_logit": "the map for a random other class looks like the map for the predicted class",
     "smooth_cascade": "the noise-averaged map stays the same when the model's weights are randomized",
     "entropy": "the map's entropy does not rise when the model's weights are randomized",
 }
+# What the list of checks adds to MEANING
+ASIDES = {"cascade_bottom_up": "Its verdict is at the fully randomized model, as the top-down cascade's (the same draws "
+                               "give the same value); the two differ in the path there, which its figure shows."}
 # The order of the standings, from the worst: a single fail decides
 STANDINGS = {"fails": "fails a check: not to be trusted to explain this model",
              "incomplete": "no check failed, but not every check could judge it",
@@ -519,7 +520,7 @@ def write_card_html(out: Path, table: pd.DataFrame, runs: Sequence[CardRun]) -> 
         "rule": {"metric": first["metric"], "threshold": first["threshold"], "level": first["level"]} if first else {},
         "receipt": receipt(runs), "figures": figures,
         "problems": [{"check": r.column, "problem": r.problem} for r in runs if r.problem],
-        "meaning": {c: MEANING.get(c, "") for c in columns},
+        "meaning": {c: MEANING.get(c, "") for c in columns}, "asides": {c: ASIDES.get(c, "") for c in columns},
     }
     html = _environment().get_template("card.html.j2").render(**context)
     path = out / "card.html"

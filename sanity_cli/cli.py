@@ -39,12 +39,18 @@ verbs:
                     rerun a figure of the paper (fig1 .. fig6, or all) into DIR (outputs/paper)
   collect DIR [DIR ...] [--out DIR]
                     merge finished runs, shards and sweeps into one table (default: DIR/collected)
+  card [OVERRIDES] [--out DIR]
+                    every check on one model and dataset, read into card.html: can a method be trusted
+                    on this model? (card.checks=[...] chooses; an interrupted card continues)
+  card DIR [DIR ...] [--out DIR]
+                    the card of finished runs, computing nothing
 
 examples:
   sanity run
   sanity run model=mlp n_images=16
   sanity run -m method=gradient,guided_backprop seed=0,1
   sanity run -m hydra/launcher=joblib shard=0/2,1/2 && sanity collect multirun/DATE/TIME
+  sanity card model=mlp
 """
 
 
@@ -96,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         return paper(args)
     if verb == "collect":
         return collect(args)
-    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, report, paper, collect (sanity --help)")
+    if verb == "card":
+        return card(args)
+    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, report, paper, collect, card "
+                "(sanity --help)")
 
 
 def list_configs() -> int:
@@ -251,6 +260,44 @@ def collect(args: list[str]) -> int:
             print(f"{name.split('.')[0] + ':':9}{collected.out / name}")
     for figure in collected.figures:
         print(f"figure:  {figure}")
+    return 0
+
+
+def card(args: list[str]) -> int:
+    """sanity card [OVERRIDES] | DIR [DIR ...], [--out DIR]: run every check and read them into
+    one card, or read finished runs into one (arguments that are directories, not overrides)."""
+    from sanity_cli.card import build_card, run_card
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    failures: list[str] = []
+    try:
+        out, rest = take_out(args)
+        if any(a in ("-h", "--help") for a in rest):
+            print("usage: sanity card [OVERRIDES] [--out DIR] | sanity card DIR [DIR ...] [--out DIR]\n"
+                  "  the card's own settings: card.checks, card.extra, card.overrides, card.runs (conf/card.yaml);\n"
+                  "  every other override goes to each check's run, as in `sanity run`")
+            return 0
+        options = [a for a in rest if a.startswith("-")]
+        if options:
+            raise SanityError(f"unknown option '{options[0]}'; usage: sanity card [OVERRIDES] [--out DIR]")
+        if rest and all("=" not in a for a in rest):
+            made = build_card(rest, out)
+        else:
+            made, failures = run_card(rest, out)
+    except SanityError as error:
+        return fail(str(error))
+    except (KeyboardInterrupt, Terminated, SystemExit) as stop:  # a job ended by Ctrl-C or SIGTERM
+        if isinstance(stop, SystemExit) and stop.code not in (130, 143):
+            return stop.code if isinstance(stop.code, int) else 2  # a job refused: it said why
+        again = shlex.join(["sanity", "card", *args])
+        print(f"sanity: the card was interrupted; continue it with: {again}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) or getattr(stop, "code", 0) == 143 else 130
+    for method, standing in made.standings.items():
+        print(f"{method:24} {standing}")
+    for line in failures:
+        print(f"not run: {line}", file=sys.stderr)
+    print(f"card:    {made.html}")
+    print(f"table:   {made.csv}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -27,6 +28,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 TINY = ["n_images=4", "train.epochs=1", "device=cpu", "++test.seeds=1"]
 # A TINY run that draws little: one method and one example image (one grid per colour scheme)
 QUICK = [*TINY, "method=[gradient]", "n_examples=1"]
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    """Each test leaves the logging set-up as it found it. A run in-process (Hydra's job
+    logging, the verbs' stderr handler) adds handlers bound to the test's captured streams,
+    which are closed by the next test: a later log line would then fail to write."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in ("sanity_cli", "huggingface_hub"))]
+    kept = [(logger, {id(h) for h in logger.handlers}, logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, handlers, level, propagate in kept:
+        for handler in logger.handlers[:]:  # pytest's own capturing handlers come and go by themselves
+            if id(handler) not in handlers and not type(handler).__module__.startswith("_pytest"):
+                logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture

@@ -324,7 +324,7 @@ def card_table(runs: Sequence[CardRun], out: Path, order: Sequence[str] = ()) ->
             continue
         deciding = verdicts[verdicts["decides"].astype(str).str.lower().isin(("true", "1"))]
         for method, part in deciding.groupby("method", sort=False):
-            rows.append({"check": run.column, **_cell(part), "report": link, "run": str(run.path)})
+            rows.append({"check": run.column, **_cell(in_card_words(part)), "report": link, "run": str(run.path)})
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"]))
     controls = {row["method"] for row in rows if row.get("is_control")}
     if methods:  # a check without verdicts: a cell for every method, so that the matrix is whole
@@ -337,6 +337,20 @@ def card_table(runs: Sequence[CardRun], out: Path, order: Sequence[str] = ()) ->
 CARD_COLUMNS = ["method", "is_control", "check", "test", "verdict", "metric", "mean", "ci_low", "ci_high", "level",
                 "threshold", "change", "holds_in", "seeds_agree", "n_seeds", "block", "blocks", "borderline", "note",
                 "report", "run", "standing"]
+
+
+def in_card_words(part: pd.DataFrame) -> pd.DataFrame:
+    """A check's deciding rows with outcomes of its own words (detects, aligned, false alarm)
+    as pass or fail, what they mean for trusting the method (`Check.meanings`); each such
+    row's note starts with its own word, so that the card still says which measure decided."""
+    test = str(part["test"].iloc[0])
+    meanings = checks.CHECKS[test].meanings if test in checks.CHECKS else {}
+    own = part["verdict"].isin(list(meanings))
+    if not own.any():
+        return part
+    notes = [f"{block}: {word}" + (f"; {note}" if isinstance(note, str) and note else "") if mine else note
+             for block, word, note, mine in zip(part["block"], part["verdict"], part["note"], own)]
+    return part.assign(verdict=part["verdict"].map(lambda word: meanings.get(word, word)), note=notes)
 
 
 def _cell(part: pd.DataFrame) -> dict:

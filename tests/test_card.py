@@ -278,3 +278,31 @@ def test_a_check_that_failed_shows_why_in_its_cells(tiny_card, tmp_path):
     assert all("entropy needs at least 2 bins" in note for note in cells["note"])
     assert made.standings["gradient"] in ("incomplete", "fails")  # never passes with a check missing
     assert "entropy needs at least 2 bins" in made.html.read_text()
+
+
+def test_the_positive_tests_words_count_as_what_they_mean_for_trust():
+    """spurious decides by K-SSD gain (detects or not) and FAM (a false alarm or not), manifold by
+    alignment: on the card a method that finds the planted cause without false alarms passes,
+    one that raises a false alarm fails, and the cell's note keeps the measure's own word."""
+    def rows(test, blocks, words):
+        return pd.DataFrame({"method": "gradient", "is_control": False, "test": test, "metric": "spearman_abs",
+                             "block": blocks, "verdict": words, "mean": 0.4, "ci_low": 0.3, "ci_high": 0.5,
+                             "level": 0.95, "threshold": 0.1, "change": "above", "holds_in": "", "seeds_agree": "",
+                             "n_seeds": 1, "borderline": False, "note": ""})
+
+    found = card_module._cell(card_module.in_card_words(rows("spurious", ["K-SSD gain", "FAM"],
+                                                             ["detects", "no false alarm"])))
+    assert (found["verdict"], found["blocks"]) == ("pass", "2/2 pass")
+    alarm = card_module._cell(card_module.in_card_words(rows("spurious", ["K-SSD gain", "FAM"],
+                                                             ["detects", "false alarm"])))
+    assert alarm["verdict"] == "fail" and alarm["block"] == "FAM" and alarm["note"].startswith("FAM: false alarm")
+    assert card_module._cell(card_module.in_card_words(rows("manifold", ["tangent space"], ["not aligned"])))[
+        "verdict"] == "fail"
+    table = pd.DataFrame([{"method": "gradient", "check": "cascade", "verdict": "pass", "is_control": False},
+                          {"method": "gradient", "check": "manifold", "verdict": "pass", "is_control": False},
+                          {"method": "gradient", "check": "spurious", "verdict": alarm["verdict"],
+                           "is_control": False}])
+    assert card_module.standings(table) == {"gradient": "fails"}
+    # a similarity check's words are its own already: nothing changes
+    plain = rows("cascade", ["conv1"], ["inconclusive"])
+    pd.testing.assert_frame_equal(card_module.in_card_words(plain), plain)

@@ -132,6 +132,9 @@ class Check:
     verdict_metric: str | None = None  # a metric of its own decides (None: the run's choice)
     higher_means_change = False    # for similarities a change lowers the score
     compares_maps = True           # scores compare two maps (robustness.csv re-scores them per normalization)
+    # a rule of its own (`judge`) says its outcomes in words of its own: what each means for
+    # whether the method can be trusted, as pass (what a trustworthy method does) or fail
+    meanings: Mapping[str, str] = {}
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         raise NotImplementedError

@@ -120,6 +120,8 @@ class ManifoldAlignment(Check):
                          "note": f"not valid: {reason}; {note}" if reason else note})
         return rows
 
+    meanings = {"aligned": "pass", "not aligned": "fail"}
+
     def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
         from sanity_cli.manifold_figures import draw_manifold
 

@@ -144,6 +144,9 @@ class Spurious(Check):
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results
 
+    # the deciding rows: K-SSD gain (found the planted cause or not) and FAM (a false alarm or not)
+    meanings = {"detects": "pass", "does not detect": "fail", "no false alarm": "pass", "false alarm": "fail"}
+
     def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
         from sanity_cli.figures import read_meta
         from sanity_cli.spurious_figures import draw

@@ -14,11 +14,13 @@ import copy
 import itertools
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 
@@ -277,3 +279,15 @@ def image_folder(path: Path, seed: int) -> Path:
             pixels = generator.integers(0, 256, size=(12, 12), dtype=np.uint8)
             Image.fromarray(pixels, mode="L").save(path / label / f"{i}.png")
     return path
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium_or_skip() -> str:
+    """The system Chromium; the test skips, saying why, without one (a test never installs
+    anything: .ci/run does)."""
+    found = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.skip("Chromium is not installed (.ci/run installs it; or: apt-get install chromium)")
+    return found

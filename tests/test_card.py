@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from small_runs import chromium_or_skip
 
 from sanity_cli import card as card_module
 from sanity_cli import cli
@@ -217,13 +218,10 @@ def test_runs_of_two_models_are_not_one_card(tiny_card, tmp_path, capsys):
     assert "they differ in model" in capsys.readouterr().err
 
 
-CHROMIUM = "/usr/bin/chromium"
 
 
 def test_a_browser_renders_the_card_with_every_image_and_fetches_nothing(tiny_card, tmp_path):
-    found = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.skip("Chromium is not installed (.ci/run installs it; or: apt-get install chromium)")
+    found = chromium_or_skip()
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install playwright")
     requests: list[str] = []
     with playwright.sync_playwright() as p:

@@ -16,9 +16,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import small_runs
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from small_runs import chromium_or_skip
 
 from sanity_cli.cli import main
 from sanity_cli.configs import config_dir
@@ -244,18 +246,6 @@ def test_sanity_figures_judges_the_run_again(run_dir, tmp_path, capsys):
 
 # ---------------------------------------------------------------- a real browser
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-def chromium_or_skip() -> str:
-    """The system Chromium; the test skips, saying why, without one (a test never installs
-    anything: .ci/run does)."""
-    found = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.skip("Chromium is not installed (.ci/run installs it; or: apt-get install chromium)")
-    return found
-
-
 def test_a_missing_browser_skips_without_installing_it(monkeypatch):
     """The test of the report in a real browser never changes the machine."""
     calls = []
@@ -263,7 +253,7 @@ def test_a_missing_browser_skips_without_installing_it(monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: calls.append(args))
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/usr/bin/apt-get" if name == "apt-get" else None)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setitem(globals(), "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.setattr(small_runs, "CHROMIUM", "/nonexistent/chromium")
     with pytest.raises(pytest.skip.Exception, match="Chromium is not installed .*ci/run installs it"):
         chromium_or_skip()
     assert calls == []

@@ -55,7 +55,7 @@ from bench_vs_quantus import quantus_spearman
 from sanity_cli import batching
 from sanity_cli.checks.smooth_cascade import CHECK as SMOOTH_CASCADE
 from sanity_cli.methods import explain_all
-from sanity_cli.metrics import METRICS, compare
+from sanity_cli.metrics import METRICS, RANK_METRICS, compare
 from sanity_cli.randomization import TrainedWeights, cascading_states, plan_blocks
 from sanity_cli.verdict import robustness_scores
 
@@ -123,9 +123,10 @@ def sanity_run(model: nn.Module, x: Tensor, y: Tensor, item: str, samples: int, 
         if state.step == 0:
             reference = maps
         else:
-            for name, value in maps.items():
-                compare(reference[name], value, METRICS, single_channel=False)
+            for name, value in maps.items():  # as `sanity run` scores a state: both Spearman scores
+                # come from the robustness variants' ranks, SSIM and HOG are computed besides
                 robustness_scores(reference[name], value, single_channel=False)
+                compare(reference[name], value, [m for m in METRICS if m not in RANK_METRICS], single_channel=False)
             compared += 1
         end = _now(x.device)
         parts["explain"] = parts.get("explain", 0.0) + middle - start

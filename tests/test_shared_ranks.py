@@ -167,3 +167,21 @@ def test_a_runs_spearman_scores_are_taken_from_its_robustness_scores(normalizati
     again(reference, other, metrics=["ssim"])  # what a check asks for itself goes to compare
     again(reference.clone(), other)  # and so does another pair of maps
     assert calls == [["ssim"], list(METRICS)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sorts_shared_among_threads_give_numpys_permutation(threads: int, dtype) -> None:
+    """The rows of a big sort are shared out among torch's threads; every row's permutation
+    is the one np.argsort gives it alone, ties and NaN included, for 1-D, 2-D and 3-D input."""
+    rng = np.random.default_rng(7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(5, 1 << 15), (2, 3, 1 << 15), (1 << 17,), (1, 1 << 17)]:
+            values = rng.standard_normal(shape).astype(dtype)
+            values.reshape(-1)[::97] = 0.5  # ties
+            values.reshape(-1)[5::1001] = np.nan
+            np.testing.assert_array_equal(metrics._argsort_rows(values), np.argsort(values, axis=-1))
+    finally:
+        torch.set_num_threads(before)

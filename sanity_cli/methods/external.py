@@ -13,6 +13,10 @@ Kinds (the ``method:`` of a method's options):
 * ``callable``: ``fn(model, x, target, **kwargs)`` named in ``_target_``; x is
   (B, C, H, W), target (B,); it returns (B, C, H, W) or (B, 1, H, W).
 
+Captum's and zennit's specifics live in :mod:`~sanity_cli.methods.captum_adapter` and
+:mod:`~sanity_cli.methods.zennit_adapter`; each adapter returns a
+:class:`~sanity_cli.methods.adapter.Plan`, and this module runs and checks plans.
+
 They are entries of the one registry (family ``plugged``): ``explain_all`` hands each
 to :func:`explain_external` and the one preflight to :func:`preflight_external`. They
 share no pass with the built-in methods: each is called on chunks of the batch, so

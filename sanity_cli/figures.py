@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from sanity_cli.errors import SanityError
+from sanity_cli.methods import CONTROLS
 from sanity_cli.results import read_info, read_results, read_run_file
 from sanity_cli.rundir import plain_name
 
@@ -44,7 +45,6 @@ PAIR_YLABELS = {
     "data": "similarity: true-label vs shuffled-label model",
     "random_logit": "similarity: true class vs random class",
 }
-DEFAULT_CONTROLS = ("edge", "random")
 GRID_IMAGES = 3  # example images drawn per run: more adds pages, not insight
 GRID_FONT = 10
 METHOD_ROWS = 4  # example images in the Fig. 1 style panel
@@ -103,7 +103,7 @@ def describe_run(summary: pd.DataFrame | None, meta: dict | None, order: str = "
     else:
         first = summary.iloc[0]
         methods = list(dict.fromkeys(summary["method"]))
-        controls = [m for m in DEFAULT_CONTROLS if m in methods]
+        controls = [m for m in CONTROLS if m in methods]
         test, title = str(first["test"]), f"{first['test']}: {first['model']} on {first['dataset']}"
     if summary is not None:
         methods += [m for m in dict.fromkeys(summary["method"]) if m not in methods]

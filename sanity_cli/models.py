@@ -31,12 +31,11 @@ from torch import Tensor, nn
 
 from sanity_cli import plugins
 from sanity_cli.errors import SanityError
+from sanity_cli.methods.gradcam import default_gradcam_layer  # noqa: F401 - where the pipeline imports it from
+from sanity_cli.methods.registry import HOOK_FREE, needs_hooks
 
 TRAINABLE_KINDS = ("cnn", "mlp", "custom")
 MODEL_KINDS = (*TRAINABLE_KINDS, "timm")
-# Built-in methods that need no hooks on the model's modules (a TorchScript model takes none).
-HOOK_FREE_METHODS = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad", "vargrad", "edge",
-                     "random")
 # Entries of a training checkpoint's dict that hold the model's state_dict, first found wins.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
 
@@ -492,38 +491,6 @@ def _load_into(model: nn.Module, weights: dict[str, Tensor], path: str | Path) -
         raise SanityError(f"checkpoint '{path}' does not load into {type(model).__name__} ({detail})") from None
 
 
-@torch.no_grad()
-def default_gradcam_layer(model: nn.Module, example: Tensor) -> str | None:
-    """The name of the last module, in forward order, that outputs a (B, K, h, w) tensor
-    with h * w > 1 and runs once per forward: GradCAM's layer for a model whose config
-    names none. None where there is no such module (or the model takes no hooks, as a
-    TorchScript model). `example` is one input batch (1, C, H, W) on the model's device.
-    """
-    finished: list[str] = []
-    calls: dict[str, int] = {}
-
-    def keep(name: str):
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
-                finished.append(name)
-        return hook
-
-    if isinstance(model, torch.jit.ScriptModule):
-        return None
-    handles = [module.register_forward_hook(keep(name)) for name, module in model.named_modules() if name]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    once = [name for name in finished if calls[name] == 1]
-    return once[-1] if once else None
-
-
 def check_torchscript(model: nn.Module, test: str, randomizes: bool, methods: Mapping[str, Any]) -> None:
     """A TorchScript model takes no hooks on its modules: refuse, in one line before any
     work, a check that randomizes blocks (finding them needs hooks) and a built-in
@@ -531,16 +498,9 @@ def check_torchscript(model: nn.Module, test: str, randomizes: bool, methods: Ma
     of the run; plugged methods check their own needs. Nothing to do for other models."""
     if not isinstance(model, torch.jit.ScriptModule):
         return
-    hooking = [key for key, options in methods.items() if _hooks(key, dict(options or {}))]
+    hooking = [key for key, options in methods.items() if needs_hooks(key, options)]
     needs = f"test={test}" if randomizes else f"method {hooking[0]}" if hooking else None
     if needs:
         raise SanityError(f"{needs} needs hooks on the model's modules, which a TorchScript model does not take; "
-                          f"use test=random_logit with methods among {', '.join(HOOK_FREE_METHODS)}, or load a "
+                          f"use test=random_logit with methods among {', '.join(HOOK_FREE)}, or load a "
                           "state_dict into model._target_ instead")
-
-
-def _hooks(key: str, options: dict) -> bool:
-    kind = options.get("method") or key
-    if kind in ("smoothgrad", "vargrad"):  # as their base method does
-        return _hooks(str(options.get("base", "gradient")), {})
-    return kind not in (*HOOK_FREE_METHODS, "captum", "lrp", "callable")

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from sanity_cli.errors import SanityError
+from sanity_cli.hooks import forward_census
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +176,7 @@ def _candidates(model: nn.Module, granularity: str | Sequence[str]) -> tuple[lis
 
 def _call_order(model: nn.Module, example: Tensor) -> dict[str, int]:
     """Module name -> position of its first call in one eval-mode forward of `example`."""
-    order: dict[str, int] = {}
-
-    def note(name: str) -> None:
-        order.setdefault(name, len(order))
-
-    hooks = [module.register_forward_pre_hook(lambda *_, name=name: note(name))
-             for name, module in model.named_modules()]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return order
+    return forward_census(model, example, eval_mode=True).order
 
 
 @torch.no_grad()

@@ -59,6 +59,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as module_globals
 
+from sanity_cli.hooks import Hooks
+
 log = logging.getLogger(__name__)
 
 
@@ -345,20 +347,21 @@ class ActivationReuse:
                 raise _Stop
             return output.clone() if index in self.copies else None
 
-        hooks = [module.register_forward_hook(partial(capture, i)) for i, module in enumerate(self.modules)]
-        hooks += [module.register_forward_pre_hook(partial(enter, i), with_kwargs=True)
-                  for i, module in enumerate(self.modules)]
-        if learning:
-            hooks += [part.register_forward_pre_hook(partial(visit, i)) for i, module in enumerate(self.modules)
-                      for part in module.modules() if part is not module]
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(partial(_pack, saved), _unpack):
-                plain(leaf)
-        except _Stop:
-            pass
-        finally:
-            for hook in hooks:
-                hook.remove()
+        with Hooks() as hooks:
+            for i, module in enumerate(self.modules):
+                hooks.add(module.register_forward_hook(partial(capture, i)))
+            for i, module in enumerate(self.modules):
+                hooks.add(module.register_forward_pre_hook(partial(enter, i), with_kwargs=True))
+            if learning:
+                for i, module in enumerate(self.modules):
+                    for part in module.modules():
+                        if part is not module:
+                            hooks.add(part.register_forward_pre_hook(partial(visit, i)))
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(partial(_pack, saved), _unpack):
+                    plain(leaf)
+            except _Stop:
+                pass
         if len(outputs) < len(self.names):
             raise _Unsupported(f"the forward does not call block {self.names[len(outputs)]}")
         # The model's own parameters and buffers are saved too, but they are not extra memory.

@@ -15,8 +15,7 @@ from sanity_cli.artifacts import ARTIFACTS, POSITIONS
 from sanity_cli.batching import BATCH_CHOICES
 from sanity_cli.configs import top_level_keys
 from sanity_cli.errors import SanityError
-from sanity_cli.methods import METHODS, resolve_call
-from sanity_cli.methods.external import EXTERNAL_KINDS, check_options, is_external
+from sanity_cli.methods import check_options
 from sanity_cli.metrics import METRICS, NORMALIZATIONS
 from sanity_cli.models import MODEL_INITS
 from sanity_cli.randomization import INIT_POLICIES, ORDERS
@@ -131,14 +130,7 @@ def _check_methods(cfg: DictConfig) -> None:
     if not cfg.get("method"):
         raise SanityError("no method selected; pick one with method=NAME (see `sanity list`)")
     for name, options in (OmegaConf.to_container(cfg.method, resolve=True) or {}).items():
-        options = dict(options or {})
-        kind = options.pop("method", None) or name
-        if is_external(kind):  # Captum, zennit and user functions check their own options
-            check_options(name, {**options, "method": kind})
-            continue
-        if kind not in METHODS:
-            raise SanityError(f"unknown method '{kind}'; choose one of: {', '.join((*METHODS, *EXTERNAL_KINDS))}")
-        resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})  # MethodError: a SanityError
+        check_options(name, options)  # MethodError: a SanityError
 
 
 def _check_number(cfg: DictConfig, key: str, kind: type, bound: float | None) -> None:

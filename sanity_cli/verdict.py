@@ -48,6 +48,7 @@ from torch import Tensor
 from sanity_cli import checks
 from sanity_cli.checks.base import Evidence, Precondition
 from sanity_cli.errors import SanityError
+from sanity_cli.methods import is_control
 from sanity_cli.metrics import METRICS, NORMALIZATIONS, compare_variants
 from sanity_cli.results import read_info, read_results, read_run_file
 
@@ -56,7 +57,6 @@ VERDICT_METRICS = (*METRICS, *RANDOM_LOGIT_METRICS)
 RISE_METRICS = ("entropy_rise",)  # a higher score is the change; no other metric of a run is judged so
 ROBUSTNESS_METRICS = ("spearman_abs", "spearman")  # with and without absolute value
 RESCALINGS = ("none", "max_abs", "second_moment")  # normalizations that multiply a map by a positive number
-CONTROL_KINDS = ("edge", "random")
 NOT_VALID = "not valid"  # a check's precondition failed (its rows say which in the note)
 FEW_IMAGES = 10  # below this a percentile bootstrap interval is noticeably too narrow
 # Below this many values the percentile bootstrap's 95% interval covers the mean far less often
@@ -629,7 +629,7 @@ def controls_of_run(run_dir: Path) -> set[str]:
             found |= set(json.loads(str(npz["meta"][()])).get("controls", []))
     found |= _controls_of(_read(Path(run_dir) / "signal.csv"))
     methods = run_info(run_dir).get("settings", {}).get("method") or {}
-    found |= {name for name, options in methods.items() if ((options or {}).get("method") or name) in CONTROL_KINDS}
+    found |= {name for name, options in methods.items() if is_control(name, options)}
     return found
 
 

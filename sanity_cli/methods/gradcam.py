@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sanity_cli.hooks import Hooks, forward_census
 from sanity_cli.methods.registry import MethodError
 
 
@@ -68,6 +69,18 @@ def default_layer(model: nn.Module) -> str | None:
         return None
     last = f"blocks.{len(model.blocks) - 1}"
     return f"{last}.norm1" if hasattr(model.blocks[-1], "norm1") else last
+
+
+def default_gradcam_layer(model: nn.Module, example: Tensor) -> str | None:
+    """The name of the last module, in forward order, that outputs a (B, K, h, w) tensor
+    with h * w > 1 and runs once per forward: GradCAM's layer for a model whose config
+    names none (and Captum's layer methods' default). None where there is no such
+    module (or the model takes no hooks, as a TorchScript model). `example` is one
+    input batch (1, C, H, W) on the model's device; the forward runs in eval() mode.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        return None
+    return forward_census(model, example, eval_mode=True).last_spatial_once()
 
 
 Rebuild = Callable[[Tensor], Tensor]
@@ -120,17 +133,17 @@ class LayerCapture:
         self._wants_default = None in names and default is None
         self._outputs: dict[str | None, list[Tensor]] = {name: [] for name in self._layers}
         self._default: tuple[str, Tensor] | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = Hooks()
 
     def __enter__(self) -> LayerCapture:
         try:
             for name, module in self._layers.items():
-                self._handles.append(module.register_forward_hook(self._keep(name)))
+                self._hooks.add(module.register_forward_hook(self._keep(name)))
             if self._wants_default:
                 for name, child in self._model.named_children():
-                    self._handles.append(child.register_forward_hook(self._keep_candidate(name)))
+                    self._hooks.add(child.register_forward_hook(self._keep_candidate(name)))
         except BaseException:
-            self._remove()
+            self._hooks.remove()
             raise
         return self
 
@@ -140,12 +153,7 @@ class LayerCapture:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def _keep(self, name: str | None) -> Callable[[nn.Module, Any, Any], Tensor]:
         def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor:

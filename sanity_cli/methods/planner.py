@@ -18,6 +18,9 @@ Plan of :func:`explain_all` on a batch x (B, C, H, W):
    forward and one backward per ``max_batch`` images (see
    :mod:`sanity_cli.methods.transformers`).
 6. Controls (edge, random): no pass.
+7. Plugged methods (captum, lrp, callable): each on its own, by its adapter (see
+   :mod:`sanity_cli.methods.external`), on the classes of the steps above (or of one
+   gradient-free forward if none needed them).
 
 Identical requests under different keys are computed once. The caller must put the
 model in ``eval()`` mode (see :mod:`sanity_cli.methods.gradients`); hooks, ReLU mode and
@@ -27,7 +30,8 @@ gradients are undone or confined to each call, also on error.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -37,7 +41,7 @@ from sanity_cli.methods.controls import edge_map, random_map
 from sanity_cli.methods.gradients import PREDICTED, Target, predict, shared_pass
 from sanity_cli.methods.integrated import integrated_gradients
 from sanity_cli.methods.noise import noise_maps
-from sanity_cli.methods.registry import MethodCall, MethodError, resolve_call
+from sanity_cli.methods.registry import MethodCall, MethodError, is_plugged, kind_of, resolve_call
 from sanity_cli.methods.transformers import attention_rollout, chefer
 
 
@@ -70,6 +74,7 @@ def explain_all(
     *,
     max_batch: int = 64,
     ids: Tensor | None = None,
+    apart: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, Tensor]:
     """Several methods on the same batch x (B, C, H, W), sharing passes.
 
@@ -81,13 +86,21 @@ def explain_all(
     ``DictConfig``; None means defaults). The key is the method's name unless the
     options name one with ``method:``, e.g. ``{"smoothgrad_gbp": {"method":
     "smoothgrad", "base": "guided_backprop"}}``. No forward sees more than
-    ``max_batch`` inputs. Returns {key: maps}, each (B, C, H, W) or (B, 1, H, W)
-    for gradcam and the attention methods (and for noise methods over them).
+    ``max_batch`` inputs. Returns {key: maps} in the order of ``methods``, each
+    (B, C, H, W) or (B, 1, H, W) for gradcam and the attention methods (and for
+    noise methods over them, and plugged methods that return one channel).
+
+    Plugged methods (captum, lrp, callable) share no pass: each runs on its own,
+    after the others, inside ``apart()`` (a run pauses its activation reuse there).
     """
     target = _checked(x, target, max_batch)
     x = x.detach()  # maps never carry a graph back to the caller's x
-    requests = {key: _request(key, options) for key, options in methods.items()}
-    maps, _ = compute_calls(model, x, target, list(dict.fromkeys(requests.values())), max_batch, ids)
+    plugged = {key: options or {} for key, options in methods.items() if is_plugged(key, options)}
+    requests = {
+        key: _request(key, options) for key, options in methods.items() if key not in plugged
+    }
+    distinct = list(dict.fromkeys(requests.values()))
+    maps, target = compute_calls(model, x, target, distinct, max_batch, ids)
     results: dict[str, Tensor] = {}
     handed_out: set[MethodCall] = set()
     for key, call in requests.items():
@@ -95,12 +108,23 @@ def explain_all(
         # tensor so that editing one result in place cannot change another.
         results[key] = maps[call].clone() if call in handed_out else maps[call]
         handed_out.add(call)
-    return results
+    if plugged:
+        from sanity_cli.methods.external import explain_external  # loads Hydra's plug-in machinery
+
+        classes = predict(model, x, max_batch) if isinstance(target, str) else target
+        for key, options in plugged.items():
+            with apart():
+                results[key] = explain_external(
+                    model, x, classes, options, max_batch=max_batch, name=key
+                )
+    return {key: results[key] for key in methods}
 
 
 def _request(key: str, options: Mapping[str, Any] | None) -> MethodCall:
     options = dict(options or {})
-    return resolve_call(str(options.pop("method", key)), options)
+    kind = kind_of(key, options)
+    options.pop("method", None)
+    return resolve_call(kind, options)
 
 
 def _checked(x: Tensor, target: Target, max_batch: int) -> Target:

@@ -13,8 +13,9 @@ rather than compute something else for every state of a run:
 * attention_rollout and chefer on a model without a ViT's attention, or whose
   attention modules run more than once in one forward.
 
-Noise methods are checked through their base method; plug-in methods (captum, lrp,
-callable) have a preflight of their own.
+Noise methods are checked through their base method. :func:`preflight_all` is the one
+preflight of a run: these checks, then each plugged method (captum, lrp, callable)
+tried once by its adapter (see :mod:`sanity_cli.methods.external`).
 """
 
 from __future__ import annotations
@@ -25,26 +26,70 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sanity_cli.hooks import forward_census
 from sanity_cli.methods.gradcam import LayerCapture, default_layer, find_layer
-from sanity_cli.methods.gradients import logits_of, resolve_target, target_score
+from sanity_cli.methods.gradients import logits_of, predict, resolve_target, target_score
 from sanity_cli.methods.guided import switchable_relus
-from sanity_cli.methods.registry import METHODS, MethodCall, MethodError, resolve_call
+from sanity_cli.methods.registry import (
+    METHODS,
+    MethodCall,
+    MethodError,
+    entry,
+    is_plugged,
+    kind_of,
+    resolve_call,
+)
 from sanity_cli.methods.transformers import attention_modules
-
-_GUIDED = ("guided_backprop", "guided_gradcam")
-_CAMS = ("gradcam", "guided_gradcam")
 
 
 MethodOptions = Mapping[str, Mapping[str, Any] | None]
 
 
+def check_options(key: str, options: Mapping[str, Any] | None) -> None:
+    """Validate one selected method's options before any work (no model needed): a
+    one-line SanityError naming the setting. A ``layer`` left unset is the model's."""
+    options = dict(options or {})
+    kind = kind_of(key, options)
+    options.pop("method", None)
+    if entry(kind).plugged:
+        # imported here: it loads Hydra's plug-in machinery
+        from sanity_cli.methods.external import check_options as check_plugged
+
+        check_plugged(key, {**options, "method": kind})
+    else:
+        resolve_call(kind, {k: v for k, v in options.items() if k != "layer" or v})
+
+
+def preflight_all(
+    model: nn.Module, method_options: MethodOptions, images: Tensor, targets: Tensor | None = None
+) -> None:
+    """The one check of every selected method ({key: options}, as explain_all takes
+    them) on ``model`` before any work; a one-line SanityError for the first that
+    would compute something else. images (B, C, H, W) on the model's device, targets
+    (B,) the classes to explain (None: the model's predicted ones): the built-in methods
+    are checked on the first image (:func:`preflight`; not on a TorchScript model, which
+    takes no hooks: :func:`sanity_cli.models.check_torchscript` refuses what needs
+    them), each plugged method is tried on the first two. The model must be in eval()
+    mode and is left as it was."""
+    if not isinstance(model, torch.jit.ScriptModule):
+        preflight(model, method_options, images[:1])
+    plugged = {key: options for key, options in method_options.items() if is_plugged(key, options)}
+    if not plugged:
+        return
+    from sanity_cli.methods.external import preflight_external  # loads Hydra's plug-ins
+
+    targets = predict(model, images[:2], 2) if targets is None else targets
+    for key, options in plugged.items():
+        preflight_external(model, key, options or {}, images, targets)
+
+
 def preflight(model: nn.Module, method_options: MethodOptions, example: Tensor) -> None:
-    """Raise a one-line MethodError (a SanityError) if a method of ``method_options``
-    ({key: options}, as explain_all takes them) would silently compute something
-    else on ``model``. ``example`` is one input batch (1, C, H, W) on the model's
-    device; the model must be in eval() mode and is left as it was."""
+    """Raise a one-line MethodError (a SanityError) if a built-in method of
+    ``method_options`` ({key: options}, as explain_all takes them) would silently
+    compute something else on ``model``. ``example`` is one input batch (1, C, H, W) on
+    the model's device; the model must be in eval() mode and is left as it was."""
     calls = dict(_calls(method_options))
-    needs_relu = sorted(key for key, call in calls.items() if call.method in _GUIDED)
+    needs_relu = sorted(key for key, call in calls.items() if METHODS[call.method].relus)
     runs, relu_calls = _census(model, example, guided=bool(needs_relu))
     if needs_relu and relu_calls == 0:
         raise MethodError(
@@ -52,7 +97,7 @@ def preflight(model: nn.Module, method_options: MethodOptions, example: Tensor) 
             "would be the plain gradient; choose gradient or another method"
         )
     for key, call in calls.items():
-        if call.method in _CAMS:
+        if METHODS[call.method].needs_layer:
             _check_gradcam(model, example, key, call.option("layer"), runs)
         elif call.family == "attention":
             _check_attention(model, key, runs)
@@ -60,10 +105,11 @@ def preflight(model: nn.Module, method_options: MethodOptions, example: Tensor) 
 
 def _calls(method_options: MethodOptions) -> Iterator[tuple[str, MethodCall]]:
     """(key, call) of every built-in method, and of the base method of each noise method.
-    Plug-in methods, which the registry does not know, are checked by their own preflight."""
+    Plugged methods are checked by their adapters' preflight."""
     for key, options in method_options.items():
         options = dict(options or {})
-        name = str(options.pop("method", None) or key)
+        name = kind_of(key, options)
+        options.pop("method", None)
         if name not in METHODS:
             continue
         if options.get("layer") is None:
@@ -74,24 +120,18 @@ def _calls(method_options: MethodOptions) -> Iterator[tuple[str, MethodCall]]:
             yield f"{key} (base {call.option('base').method})", call.option("base")
 
 
-@torch.no_grad()
 def _census(model: nn.Module, example: Tensor, guided: bool) -> tuple[dict[str, int], int]:
     """How many times each module runs in one forward of ``example``, and how many
     ReLU calls the forward makes (counted only if ``guided``)."""
-    runs: dict[str, int] = {}
+    relu_calls = 0
 
-    def count(name: str) -> None:
-        runs[name] = runs.get(name, 0) + 1
-
-    hooks = [module.register_forward_pre_hook(lambda *_, name=name: count(name))
-             for name, module in model.named_modules()]
-    try:
+    def forward(model: nn.Module, example: Tensor) -> None:
+        nonlocal relu_calls
         with switchable_relus(guided) as relus:
             logits_of(model, example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return runs, relus.relu_calls if relus is not None else 0
+        relu_calls = relus.relu_calls if relus is not None else 0
+
+    return forward_census(model, example, forward=forward).calls, relu_calls
 
 
 def _runs_once(key: str, what: str, name: str, runs: dict[str, int]) -> None:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sanity_cli.hooks import Hooks
 from sanity_cli.methods.counting import record_backward
 from sanity_cli.methods.gradcam import token_grid
 from sanity_cli.methods.gradients import logits_of, target_score
@@ -65,19 +66,17 @@ def attention_probabilities(model: nn.Module, method: str) -> Iterator[list[Tens
     modules = attention_modules(model, method)
     kept: list[Tensor] = []
     flags = [module.fused_attn for _, module in modules]
-    handles = []
 
     def keep(module: nn.Module, inputs: Any, output: Tensor) -> None:
         kept.append(output)
 
     try:
-        for _, module in modules:
-            module.fused_attn = False
-            handles.append(module.attn_drop.register_forward_hook(keep))
-        yield kept
+        with Hooks() as hooks:
+            for _, module in modules:
+                module.fused_attn = False
+                hooks.add(module.attn_drop.register_forward_hook(keep))
+            yield kept
     finally:
-        for handle in handles:
-            handle.remove()
         for (_, module), flag in zip(modules, flags, strict=True):
             module.fused_attn = flag
 

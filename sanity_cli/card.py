@@ -218,23 +218,14 @@ def _groups(columns: Sequence[Column]) -> list[list[Column]]:
 def _composed(overrides: Sequence[str]) -> DictConfig:
     """The runs' config as `sanity run` composes it (cascade standing for every check), or
     SanityError with the one line `sanity run` would print."""
-    from hydra import compose, initialize_config_dir
-
     from sanity_cli import cli
 
-    try:
-        _, parsed = cli.parse_overrides([*overrides, "test=cascade"])
-    except Exception as error:  # noqa: BLE001 - Hydra's parse errors: its own line
-        raise SanityError(cli.parse_failure(list(overrides), error)) from None
+    _, parsed = cli.hydra_arguments([*overrides, "test=cascade"])
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps:
         raise SanityError(f"{sweeps[0]} sweeps over several values; a card is of one setting: "
                           "make one card per value (--out DIR each)")
-    message = cli.unknown_choice(parsed) or cli.missing_launcher(parsed) or cli.composition_error(parsed)
-    if message:
-        raise SanityError(message)
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="config", overrides=[*overrides, "test=cascade"])
+    return cli.checked_config(parsed)
 
 
 def _trainable(cfg: DictConfig) -> bool:

@@ -1,8 +1,12 @@
 """The `sanity` command.
 
 `sanity run [overrides]` hands everything after `run` to Hydra, so `-m`, `--cfg job`,
-`--help` and `hydra.run.dir=...` behave as Hydra users expect. The other verbs are
-ordinary functions.
+`--help` and `hydra.run.dir=...` behave as Hydra users expect. Before Hydra starts, the
+CLI reads the same command line with Hydra's own parser, composes the config once with
+Hydra's Compose API and checks it, so that bad input ends in one line before Hydra makes
+a directory or starts a sweep. The other verbs are ordinary functions.
+
+Every verb ends a SanityError the same way (`verb`): one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import functools
 import logging
 import os
 import re
@@ -19,11 +24,19 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.errors import HydraException
 
 from sanity_cli.configs import GROUPS, available, config_dir
-from sanity_cli.errors import SanityError
+from sanity_cli.errors import SanityError, one_line
+
+if TYPE_CHECKING:
+    import argparse
+
+    import pandas as pd
+    from hydra.core.override_parser.types import Override
+    from omegaconf import DictConfig
 
 USAGE = """usage: sanity VERB [ARGS]
 
@@ -60,6 +73,20 @@ def fail(message: str) -> int:
     return 2
 
 
+def verb(function: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """A verb of the command: a SanityError it raises is printed in one line and returns
+    exit code 2; any other exception is a bug and keeps its traceback."""
+
+    @functools.wraps(function)
+    def guarded(args: list[str]) -> int:
+        try:
+            return function(args)
+        except SanityError as error:
+            return fail(str(error))
+
+    return guarded
+
+
 class _Stderr(logging.StreamHandler):
     """A handler that writes to sys.stderr as it is when a record comes, not as it was when
     the handler was made: the verbs run in-process from Python too, whose stderr may change."""
@@ -89,106 +116,98 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0
-    verb, args = argv[0], argv[1:]
-    if verb == "run":
-        return run(args)
-    if verb == "list":
-        return list_configs()
-    if verb == "figures":
-        return redraw(args)
-    if verb == "report":
-        return report(args)
-    if verb == "paper":
-        return paper(args)
-    if verb == "collect":
-        return collect(args)
-    if verb == "card":
-        return card(args)
-    return fail(f"unknown verb '{verb}'; use one of: run, list, figures, report, paper, collect, card "
-                "(sanity --help)")
+    verbs = {"run": run, "list": list_configs, "figures": redraw, "report": report, "paper": paper,
+             "collect": collect, "card": card}
+    if argv[0] not in verbs:
+        return fail(f"unknown verb '{argv[0]}'; use one of: {', '.join(verbs)} (sanity --help)")
+    return verbs[argv[0]](argv[1:])
 
 
-def list_configs() -> int:
+@verb
+def list_configs(args: list[str]) -> int:
     for group in (*GROUPS, "experiment"):
         print(f"{group + 's':12} {', '.join(available(group))}")
     return 0
 
 
+def finished_run(args: list[str], name: str) -> Path:
+    """The run directory that `sanity figures` or `sanity report` (`name`) was given."""
+    if not args:
+        raise SanityError(f"{name} takes the run directory: sanity {name} RUN_DIR [verdict.KEY=VALUE ...]")
+    run_dir = Path(args[0])
+    if not (run_dir / "results.csv").is_file():
+        raise SanityError(f"'{run_dir}' has no results.csv; give the directory of a run")
+    return run_dir
+
+
+def judge_again(run_dir: Path, overrides: dict) -> tuple[str, str, pd.DataFrame]:
+    """(name, csv name, verdicts) of the run judged under its verdict settings and `overrides`:
+    other settings than the run's own are written beside its own verdict.csv, which stays."""
+    from sanity_cli.verdict import rejudged_name, run_info, write_verdicts
+
+    name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
+    csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
+    return name, csv_name, write_verdicts(run_dir, overrides, name=csv_name)
+
+
+def unwritable(run_dir: Path, error: OSError, name: str) -> SanityError:
+    """A run directory that `sanity figures` or `sanity report` (`name`) cannot write into."""
+    where = error.filename or run_dir
+    fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+           "make the directory writable")
+    return SanityError(f"cannot write {where} ({error.strerror or error}); {fix}, or copy the run "
+                       f"(cp -r {run_dir} NEW_DIR) and run: sanity {name} NEW_DIR")
+
+
+@verb
 def redraw(args: list[str]) -> int:
     """sanity figures RUN_DIR [verdict.KEY=VALUE ...]: figures, summary and verdicts again;
     the report too when the run has one, so that it never disagrees with verdict.csv."""
-    if not args:
-        return fail("figures takes the run directory: sanity figures RUN_DIR [verdict.KEY=VALUE ...]")
-    run_dir = Path(args[0])
-    if not (run_dir / "results.csv").is_file():
-        return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
+    run_dir = finished_run(args, "figures")
     from sanity_cli.figures import draw_verdict_figure
     from sanity_cli.pipeline import finish
     from sanity_cli.report import interval_settings, write_report
     from sanity_cli.results import check_maps
-    from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
+    from sanity_cli.verdict import parse_verdict_arguments
 
     log_to_stderr("%(levelname)s %(message)s")
     try:
-        overrides = parse_overrides(args[1:])
+        overrides = parse_verdict_arguments(args[1:])
         check_maps(run_dir)
         figures = finish(run_dir).figures
-        # other verdict settings than the run's own: judged beside its own verdict.csv, which stays
-        name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
-        csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
-        verdicts = write_verdicts(run_dir, overrides, name=csv_name)
+        name, csv_name, verdicts = judge_again(run_dir, overrides)
         figures.append(draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts),
                                            suffix=f".{name}" if name else ""))
         if (run_dir / "report.html").is_file():  # keep it in step with the verdicts
             figures.append(write_report(run_dir, verdicts, rejudged=name))
-    except SanityError as error:
-        return fail(str(error))
     except OSError as error:  # a read-only directory or file system, a full disk
-        return fail(unwritable(run_dir, error, "figures"))
+        raise unwritable(run_dir, error, "figures") from None
     for path in filter(None, figures):
         print(path)
     print(run_dir / csv_name)
     return 0
 
 
+@verb
 def report(args: list[str]) -> int:
     """sanity report RUN_DIR [verdict.KEY=VALUE ...]: verdict.csv and report.html from the run's files."""
-    if not args:
-        return fail("report takes the run directory: sanity report RUN_DIR [verdict.KEY=VALUE ...]")
-    run_dir = Path(args[0])
-    if not (run_dir / "results.csv").is_file():
-        return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
+    run_dir = finished_run(args, "report")
     from sanity_cli.report import verdict_lines, write_report
     from sanity_cli.results import check_maps
-    from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
+    from sanity_cli.verdict import parse_verdict_arguments
 
     log_to_stderr("%(levelname)s %(message)s")
     try:
         check_maps(run_dir)
-        overrides = parse_overrides(args[1:])
-        # other verdict settings than the run's own: written beside its own files, which stay
-        name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
-        csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
-        verdicts = write_verdicts(run_dir, overrides, name=csv_name)
+        name, csv_name, verdicts = judge_again(run_dir, parse_verdict_arguments(args[1:]))
         path = write_report(run_dir, verdicts, rejudged=name)
-    except SanityError as error:
-        return fail(str(error))
     except OSError as error:  # a read-only directory or file system, a full disk
-        return fail(unwritable(run_dir, error, "report"))
+        raise unwritable(run_dir, error, "report") from None
     for line in verdict_lines(verdicts):
         print(line)
     print(f"verdict: {run_dir / csv_name}")
     print(f"report:  {path}")
     return 0
-
-
-def unwritable(run_dir: Path, error: OSError, verb: str) -> str:
-    """One line for a run directory that `sanity figures` or `sanity report` cannot write into."""
-    where = error.filename or run_dir
-    fix = ("free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
-           "make the directory writable")
-    return (f"cannot write {where} ({error.strerror or error}); {fix}, or copy the run (cp -r {run_dir} NEW_DIR) "
-            f"and run: sanity {verb} NEW_DIR")
 
 
 def take_out(args: list[str]) -> tuple[str | None, list[str]]:
@@ -201,52 +220,41 @@ def take_out(args: list[str]) -> tuple[str | None, list[str]]:
     return args[at + 1], args[:at] + args[at + 2:]
 
 
+@verb
 def paper(args: list[str]) -> int:
     from sanity_cli.paper import rerun
 
-    try:
-        out, args = take_out(args)
-    except SanityError as error:
-        return fail(str(error))
+    out, args = take_out(args)
     out = Path(out or "outputs/paper")
     if not args:
-        return fail("name a figure: sanity paper fig3 (fig1 .. fig6, or all)")
-    try:
-        _, parsed = parse_overrides(args[1:])
-    except HydraException as error:
-        return fail(parse_failure(args, error))
-    message = unknown_choice(parsed)
-    if message:
-        return fail(message)
+        raise SanityError("name a figure: sanity paper fig3 (fig1 .. fig6, or all)")
+    check_overrides(hydra_arguments(args[1:])[1], keys=(*GROUPS, "experiment"))
     log_to_stderr("%(asctime)s %(levelname)s %(message)s")
     try:
         outcomes = rerun(args[0], args[1:], out)
-    except SanityError as error:
-        return fail(str(error))
     except HydraException as error:  # e.g. a misspelt key in the overrides
-        return fail(one_line(error))
+        raise SanityError(one_line(error)) from None
     for outcome in outcomes:
         took = f"{outcome.seconds:7.1f} s" if outcome.status == "done" else "       -"
         print(f"{outcome.experiment:32} {outcome.status:8} {took}  {outcome.detail}")
     return 0
 
 
+@verb
 def collect(args: list[str]) -> int:
     """sanity collect DIR [DIR ...] [--out DIR]: merge finished runs into one table."""
     from sanity_cli.collect import collect as collect_runs
 
     log_to_stderr("%(levelname)s %(message)s")
+    out, dirs = take_out(args)
+    options = [a for a in dirs if a.startswith("-")]
+    if options:
+        raise SanityError(f"unknown option '{options[0]}'; usage: sanity collect DIR [DIR ...] [--out DIR]")
     try:
-        out, dirs = take_out(args)
-        options = [a for a in dirs if a.startswith("-")]
-        if options:
-            raise SanityError(f"unknown option '{options[0]}'; usage: sanity collect DIR [DIR ...] [--out DIR]")
         collected = collect_runs(dirs, out)
-    except SanityError as error:
-        return fail(str(error))
     except OSError as error:  # --out names a file, or a directory that cannot be written
-        return fail(f"cannot write {error.filename or out} ({error.strerror or error}); choose another directory "
-                    "with --out DIR")
+        raise SanityError(f"cannot write {error.filename or out} ({error.strerror or error}); choose another "
+                          "directory with --out DIR") from None
     swept = ", ".join(collected.swept) or "nothing"
     print(f"collected {len(collected.runs)} runs (swept: {swept}) into {collected.out}")
     for note in collected.notes:
@@ -263,6 +271,7 @@ def collect(args: list[str]) -> int:
     return 0
 
 
+@verb
 def card(args: list[str]) -> int:
     """sanity card [OVERRIDES] | DIR [DIR ...], [--out DIR]: run every check and read them into
     one card, or read finished runs into one (arguments that are directories, not overrides)."""
@@ -284,8 +293,6 @@ def card(args: list[str]) -> int:
             made = build_card(rest, out)
         else:
             made, failures = run_card(rest, out)
-    except SanityError as error:
-        return fail(str(error))
     except (KeyboardInterrupt, Terminated, SystemExit) as stop:  # a job ended by Ctrl-C or SIGTERM
         if isinstance(stop, SystemExit) and stop.code not in (130, 143):
             return stop.code if isinstance(stop.code, int) else 2  # a job refused: it said why
@@ -301,155 +308,24 @@ def card(args: list[str]) -> int:
     return 0
 
 
-def parse_overrides(args: list[str]):
-    """Hydra's own parsing of `sanity run` arguments: (flags namespace, [Override])."""
+def hydra_arguments(args: list[str]) -> tuple[argparse.Namespace, list[Override]]:
+    """Hydra's reading of `sanity run` arguments: (its flags: -m, --cfg, --help, ...; the parsed
+    overrides), or SanityError with Hydra's parse error in one line.
+
+    The one use of Hydra's private API (hydra._internal): Hydra's public API reads its command
+    line only inside hydra.main, which goes on to make the run's directory and start the job
+    or sweep, and the CLI must refuse bad input before that, in one line, with nothing made.
+    The parser hydra.main itself calls, not a copy of its flags, keeps the two in step. The
+    override grammar (hydra.core.override_parser) is the API Hydra gives its sweeper plugins.
+    """
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    flags = get_args_parser().parse_args(args)  # separates Hydra's flags (--cfg job) from overrides
-    return flags, OverridesParser.create().parse_overrides(flags.overrides)
-
-
-def unknown_choice(parsed) -> str | None:
-    """A one-line message when an override names a config that does not exist."""
-    for override in parsed:
-        if override.key_or_group not in (*GROUPS, "experiment") or override.is_delete():
-            continue
-        for name in _choices(override):
-            if name not in available(override.key_or_group):
-                return (f"unknown {override.key_or_group} '{name}'; choose one of: "
-                        f"{', '.join(available(override.key_or_group))}")
-    return None
-
-
-# Launchers that come with an extra of this package: name -> (extra, plugin module).
-LAUNCHER_EXTRAS = {"submitit_slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
-                   "submitit_local": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
-                   "joblib": ("joblib", "hydra_plugins.hydra_joblib_launcher")}
-
-
-def missing_launcher(parsed) -> str | None:
-    """A one-line message when hydra/launcher names a launcher whose plugin is not installed."""
-    import importlib.util
-
-    for override in parsed:
-        if override.key_or_group != "hydra/launcher":
-            continue
-        for name in _choices(override):
-            extra, module = LAUNCHER_EXTRAS.get(name, (None, None))
-            if extra and importlib.util.find_spec(module) is None:
-                return f"hydra/launcher={name} needs its plugin: pip install 'sanity-cli[{extra}]'"
-    return None
-
-
-def bad_shard(parsed) -> str | None:
-    """A one-line message when a value of `shard` (each one, in a sweep) is not K/N."""
-    from sanity_cli.sharding import parse_shard
-
-    for override in parsed:
-        if override.key_or_group == "shard" and not override.is_delete():
-            for value in _choices(override):
-                try:
-                    parse_shard(None if value == "None" else value)
-                except SanityError as error:
-                    return str(error)
-    return None
-
-
-def unsafe_job_name(parsed) -> str | None:
-    """A one-line message when hydra.job.name (the name of the job's log file) is not a plain name."""
-    from sanity_cli.rundir import plain_name
-
-    for override in parsed:
-        if override.key_or_group == "hydra.job.name" and not override.is_delete():
-            for value in _choices(override):
-                try:
-                    plain_name(value, "hydra.job.name")
-                except SanityError as error:
-                    return str(error)
-    return None
-
-
-def _choices(override) -> list[str]:
+    flags = get_args_parser().parse_args(args)
     try:
-        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
-    except Exception:  # noqa: BLE001 - glob() sweeps resolve only inside Hydra; it checks those itself
-        return []
-    flat: list[str] = []
-    for value in values:
-        flat += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-    return flat
-
-
-def composition_error(parsed) -> str | None:
-    """Compose the config as Hydra will (a sweep's first value standing for all of it),
-    and turn any error, e.g. a misspelt key, into one line."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf.errors import OmegaConfBaseException
-
-    overrides = []
-    for override in parsed:
-        try:
-            first = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
-        except Exception:  # noqa: BLE001 - glob() sweeps: left to Hydra
-            continue
-        overrides.append(override.input_line if first is None else f"{override.get_key_element()}={first}")
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as error:
-        unknown = re.match(r"Could not override '([^']+)'", str(error))
-        if unknown and unknown.group(1) not in (*GROUPS, "experiment"):  # a group is added with +: Hydra says so
-            return unknown_setting(unknown.group(1), overrides)
-        return one_line(error)
-    return settings_error(cfg)
-
-
-def unknown_setting(key: str, overrides: list[str]) -> str:
-    """One line for an override of a key the config does not have, naming the known key it
-    most resembles (Hydra's advice, to add it with +, leads to a key that is then refused)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import DictConfig
-
-    others = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            node = compose(config_name="config", overrides=others)
-    except Exception:  # noqa: BLE001 - another override is wrong as well: that one is named next time
-        node = None
-    parts, found = key.split("."), []
-    while len(found) < len(parts) - 1 and isinstance(node, DictConfig) and \
-            isinstance(node.get(parts[len(found)]), DictConfig):
-        node = node.get(parts[len(found)])
-        found.append(parts[len(found)])
-    prefix = "".join(f"{part}." for part in found)
-    unknown = f"{prefix}{parts[len(found)]}"  # the first part of the key that the config lacks
-    known = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
-    close = difflib.get_close_matches(parts[len(found)], known, n=1, cutoff=0.6)
-    hint = (f"; did you mean {prefix}{close[0]}?" if close else
-            f"; the settings{f' under {prefix[:-1]}' if prefix else ''} are {', '.join(known)}" if known else "")
-    return f"unknown setting '{unknown}'{hint} (`sanity run --cfg job` shows them all)"
-
-def settings_error(cfg) -> str | None:
-    """The one-line message of a bad setting, found before Hydra makes any directory; a
-    setting left unset (???) is named by the job, which knows where it is read."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from sanity_cli.validation import validate
-
-    try:
-        validate(cfg)
-    except SanityError as error:
-        return str(error)
-    except OmegaConfBaseException:
-        return None
-    return None
-
-
-def one_line(error: Exception) -> str:
-    """The first sentences of a Hydra or OmegaConf message, without its indented details."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith(" ")]
-    return " ".join(lines[:2]) or type(error).__name__
+        return flags, OverridesParser.create().parse_overrides(flags.overrides)
+    except HydraException as error:
+        raise SanityError(parse_failure(args, error)) from None
 
 
 def parse_failure(args: list[str], error: Exception) -> str:
@@ -475,10 +351,120 @@ def parse_failure(args: list[str], error: Exception) -> str:
     return f"cannot parse the overrides: {one_line(error)}"
 
 
-def output_dir_error(parsed, multirun: bool) -> str | None:
+def check_overrides(parsed: list[Override], keys: tuple[str, ...] | None = None) -> None:
+    """SanityError for an override (of `keys`; None: all of them) that names a config, a
+    launcher, a shard or a job name that cannot be, found before anything is composed."""
+    from sanity_cli.rundir import plain_name
+    from sanity_cli.sharding import parse_shard
+
+    checks = [((*GROUPS, "experiment"), _check_choice), (("hydra/launcher",), _check_launcher),
+              (("shard",), lambda _, value: parse_shard(None if value == "None" else value)),
+              (("hydra.job.name",), lambda key, value: plain_name(value, key))]
+    for names, check in checks:  # in this order: an unknown model is named before a bad shard
+        for override in parsed:
+            key = override.key_or_group
+            if key in names and (keys is None or key in keys) and not override.is_delete():
+                for value in _choices(override):
+                    check(key, value)
+
+
+def _check_choice(group: str, name: str) -> None:
+    if name not in available(group):
+        raise SanityError(f"unknown {group} '{name}'; choose one of: {', '.join(available(group))}")
+
+
+# Launchers that come with an extra of this package: name -> (extra, plugin module).
+LAUNCHER_EXTRAS = {"submitit_slurm": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+                   "submitit_local": ("slurm", "hydra_plugins.hydra_submitit_launcher"),
+                   "joblib": ("joblib", "hydra_plugins.hydra_joblib_launcher")}
+
+
+def _check_launcher(key: str, name: str) -> None:
+    """A launcher whose plugin comes with an extra of this package must be installed."""
+    import importlib.util
+
+    extra, module = LAUNCHER_EXTRAS.get(name, (None, None))
+    if extra and importlib.util.find_spec(module) is None:
+        raise SanityError(f"{key}={name} needs its plugin: pip install 'sanity-cli[{extra}]'")
+
+
+def _choices(override: Override) -> list[str]:
+    try:
+        values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+    except Exception:  # noqa: BLE001 - glob() sweeps resolve only inside Hydra; it checks those itself
+        return []
+    flat: list[str] = []
+    for value in values:
+        flat += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return flat
+
+
+def checked_config(parsed: list[Override]) -> DictConfig:
+    """The config as Hydra will compose it for the run (a sweep's first value standing for all
+    of it), checked: SanityError with the first problem in one line, before Hydra makes any
+    directory. (hydra.main composes again for the job: no public API hands it a config, and
+    it reports its own failures, with exit code 1. A setting left unset, ???, is named by
+    the job, which knows where it is read.)"""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sanity_cli.validation import validate
+
+    check_overrides(parsed)
+    overrides = []
+    for override in parsed:
+        try:
+            first = next(iter(override.sweep_string_iterator())) if override.is_sweep_override() else None
+        except Exception:  # noqa: BLE001 - glob() sweeps: left to Hydra
+            continue
+        overrides.append(override.input_line if first is None else f"{override.get_key_element()}={first}")
+    try:
+        cfg = compose_config(overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        unknown = re.match(r"Could not override '([^']+)'", str(error))
+        if unknown and unknown.group(1) not in (*GROUPS, "experiment"):  # a group is added with +: Hydra says so
+            raise SanityError(unknown_setting(unknown.group(1), overrides)) from None
+        raise SanityError(one_line(error)) from None
+    with contextlib.suppress(OmegaConfBaseException):
+        validate(cfg)
+    return cfg
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml with `overrides`, composed by Hydra's Compose API."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def unknown_setting(key: str, overrides: list[str]) -> str:
+    """One line for an override of a key the config does not have, naming the known key it
+    most resembles (Hydra's advice, to add it with +, leads to a key that is then refused)."""
+    from omegaconf import DictConfig
+
+    others = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+    try:
+        node = compose_config(others)
+    except Exception:  # noqa: BLE001 - another override is wrong as well: that one is named next time
+        node = None
+    parts, found = key.split("."), []
+    while len(found) < len(parts) - 1 and isinstance(node, DictConfig) and \
+            isinstance(node.get(parts[len(found)]), DictConfig):
+        node = node.get(parts[len(found)])
+        found.append(parts[len(found)])
+    prefix = "".join(f"{part}." for part in found)
+    unknown = f"{prefix}{parts[len(found)]}"  # the first part of the key that the config lacks
+    known = sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(parts[len(found)], known, n=1, cutoff=0.6)
+    hint = (f"; did you mean {prefix}{close[0]}?" if close else
+            f"; the settings{f' under {prefix[:-1]}' if prefix else ''} are {', '.join(known)}" if known else "")
+    return f"unknown setting '{unknown}'{hint} (`sanity run --cfg job` shows them all)"
+
+
+def make_output_dir(parsed: list[Override], multirun: bool) -> None:
     """Create the run's (or sweep's) directory as Hydra is about to, and turn a failure into
-    one line. Of the default directory (outputs/DATE/...) and of one given with ${...}, the
-    part before the first interpolation is created; Hydra makes the rest."""
+    one line (SanityError). Of the default directory (outputs/DATE/...) and of one given
+    with ${...}, the part before the first interpolation is created; Hydra makes the rest."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     given = [o for o in parsed if o.key_or_group == key and not o.is_sweep_override() and not o.is_delete()]
     path = str(given[-1].value()) if given else ("multirun" if multirun else "outputs")
@@ -486,11 +472,11 @@ def output_dir_error(parsed, multirun: bool) -> str | None:
     try:
         made.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        return (f"{key}={path} cannot be created ({error.strerror}: {error.filename}); choose another directory "
-                f"with {key}=PATH")
+        raise SanityError(f"{key}={path} cannot be created ({error.strerror}: {error.filename}); choose another "
+                          f"directory with {key}=PATH") from None
     if not os.access(made, os.W_OK):  # e.g. a read-only file system: Hydra's log would fail in a traceback
-        return f"{key}={path} cannot be written ({made} is read-only); choose another directory with {key}=PATH"
-    return None
+        raise SanityError(f"{key}={path} cannot be written ({made} is read-only); choose another directory with "
+                          f"{key}=PATH")
 
 
 class Terminated(BaseException):
@@ -516,32 +502,30 @@ def interrupted(run_dir: Path, overrides: list[str]) -> str:
             f"continue with: {continue_command(run_dir, overrides)}")
 
 
+@verb
 def run(args: list[str]) -> int:
-    try:
-        flags, parsed = parse_overrides(args)
-    except HydraException as error:
-        return fail(parse_failure(args, error))
+    """sanity run [HYDRA FLAGS] [OVERRIDES]: checked here, then run by hydra.main."""
+    flags, parsed = hydra_arguments(args)
     sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
     if sweeps and not flags.multirun:
-        return fail(f"{sweeps[0]} sweeps over several values; add -m to run one job per value")
-    message = unknown_choice(parsed) or missing_launcher(parsed) or bad_shard(parsed) or unsafe_job_name(parsed) or (
-        composition_error(parsed) if not (flags.help or flags.hydra_help) else None)
-    if not (message or flags.cfg or flags.help or flags.hydra_help or flags.info):
-        message = output_dir_error(parsed, flags.multirun)
-    if message:
-        return fail(message)
+        raise SanityError(f"{sweeps[0]} sweeps over several values; add -m to run one job per value")
+    if flags.help or flags.hydra_help:
+        check_overrides(parsed)
+    else:
+        checked_config(parsed)
+    if not (flags.cfg or flags.help or flags.hydra_help or flags.info):
+        make_output_dir(parsed, flags.multirun)
     from sanity_cli.sharding import SWEEP_FAILURES  # filled when a sweep ends, whichever launcher ran it
 
-    sys.argv = ["sanity run", *args]
     SWEEP_FAILURES.clear()
     try:
         with _sigterm_raises():
-            _hydra_entry()
+            _hydra_main(args)
     except (KeyboardInterrupt, Terminated) as stop:  # before a job started: nothing to continue
         print("sanity: interrupted before the run started", file=sys.stderr)
         return 143 if isinstance(stop, Terminated) else 130
     if SWEEP_FAILURES:
-        return fail(f"{len(SWEEP_FAILURES)} of the sweep's jobs failed: {'; '.join(SWEEP_FAILURES)}")
+        raise SanityError(f"{len(SWEEP_FAILURES)} of the sweep's jobs failed: {'; '.join(SWEEP_FAILURES)}")
     return 0
 
 
@@ -557,6 +541,24 @@ def _sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _hydra_main(args: list[str]) -> None:
+    """Run `args` through `hydra.main`, as Hydra's own command line: a run, a sweep (-m, with
+    any launcher and sweeper), --cfg, --help. hydra.main is Hydra's one public way to do all
+    of these and it reads sys.argv, so sys.argv holds `args` for the call."""
+    import hydra
+
+    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
+    def task(cfg) -> None:
+        run_task(cfg)
+
+    argv = sys.argv
+    sys.argv = ["sanity run", *args]
+    try:
+        task()
+    finally:
+        sys.argv = argv
 
 
 def _hydra_record(run_dir: Path, cfg) -> Callable[[], None]:
@@ -598,16 +600,6 @@ def discard_unused(run_dir: Path, job_log: str) -> None:
         if default not in (parent, *parent.parents) or any(parent.iterdir()):
             break
         parent.rmdir()
-
-
-def _hydra_entry() -> None:
-    import hydra
-
-    @hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
-    def task(cfg) -> None:
-        run_task(cfg)
-
-    task()
 
 
 def run_task(cfg) -> None:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-from sanity_cli.errors import SanityError
+from sanity_cli.errors import SanityError, one_line
 
 # The project's settings of a model config; every other key goes to the model's callable.
 MODEL_SETTINGS = frozenset({"kind", "name", "pretrained", "checkpoint", "gradcam_layer", "input_size", "mean",
@@ -74,9 +74,9 @@ def _import(name: str, setting: str, path: str) -> Any:
     except ModuleNotFoundError as error:
         if error.name == name:  # missing itself; a module it imports missing is the user's to hear about
             return None
-        raise SanityError(f"{setting} '{path}': importing {name} failed: {_one_line(error)}") from None
+        raise SanityError(f"{setting} '{path}': importing {name} failed: {one_line(error)}") from None
     except Exception as error:  # noqa: BLE001 - any error while importing user code is reported in one line
-        raise SanityError(f"{setting} '{path}': importing {name} failed: {_one_line(error)}") from None
+        raise SanityError(f"{setting} '{path}': importing {name} failed: {one_line(error)}") from None
 
 
 def instantiate(node: Any, setting: str, drop: Iterable[str] = ()) -> Any:
@@ -93,7 +93,7 @@ def instantiate(node: Any, setting: str, drop: Iterable[str] = ()) -> Any:
         return hydra_instantiate(config)
     except InstantiationException as error:
         cause = error.__cause__ or error
-        raise SanityError(f"{setting}._target_ '{target}' failed: {_one_line(cause)}; "
+        raise SanityError(f"{setting}._target_ '{target}' failed: {one_line(cause)}; "
                           f"check the other {setting}.* settings (its arguments)") from None
 
 
@@ -108,7 +108,7 @@ def keyword_arguments(node: Any, setting: str) -> dict[str, Any]:
     try:
         return dict(hydra_instantiate(dict(values), _convert_="all"))
     except InstantiationException as error:
-        raise SanityError(f"{setting}: {_one_line(error.__cause__ or error)}") from None
+        raise SanityError(f"{setting}: {one_line(error.__cause__ or error)}") from None
 
 
 def build_module(model_cfg: Any) -> nn.Module:
@@ -156,8 +156,3 @@ def source_fingerprint(path: str) -> str:
     except (TypeError, OSError):  # built-in or generated: its import path is all there is
         source = path.encode()
     return hashlib.sha256(source).hexdigest()[:16]
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:240]}" if text else type(error).__name__

@@ -591,7 +591,7 @@ def settings_of(run_settings: Mapping, cfg: Mapping | None = None) -> VerdictSet
     return VerdictSettings.from_mapping(values)
 
 
-def parse_overrides(args: Sequence[str]) -> dict:
+def parse_verdict_arguments(args: Sequence[str]) -> dict:
     """`verdict.KEY=VALUE` arguments as {"verdict": {KEY: value}}, values read as YAML
     (0.3 a number, spearman a string): what may follow the run directory of
     `sanity report` and `sanity figures`."""

@@ -20,7 +20,7 @@ from sanity_cli.verdict import (
     VerdictSettings,
     bootstrap_interval,
     judge,
-    parse_overrides,
+    parse_verdict_arguments,
     robustness_scores,
     verdict_table,
     write_verdicts,
@@ -303,10 +303,10 @@ def test_config_defaults_are_valid_and_the_entropy_test_decides_by_its_own(make_
 
 
 def test_parse_overrides():
-    assert parse_overrides(["verdict.threshold=0.3", "verdict.metric=ssim"]) == {
+    assert parse_verdict_arguments(["verdict.threshold=0.3", "verdict.metric=ssim"]) == {
         "verdict": {"threshold": 0.3, "metric": "ssim"}}
     with pytest.raises(SanityError, match="only verdict settings"):
-        parse_overrides(["threshold=0.3"])
+        parse_verdict_arguments(["threshold=0.3"])
 
 
 def test_write_verdicts_reads_the_run_and_its_settings(tmp_path):

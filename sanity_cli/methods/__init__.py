@@ -40,7 +40,6 @@ from sanity_cli.methods.registry import (
     resolve_call,
 )
 
-
 __all__ = [
     "CONTROLS",
     "HOOK_FREE",

@@ -47,8 +47,3 @@ def seeded(seed: int, device: torch.device) -> Iterator[None]:
         finally:
             np.random.set_state(numpy_state)
             random.setstate(python_state)
-
-
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:240]}" if text else type(error).__name__

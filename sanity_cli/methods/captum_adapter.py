@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sanity_cli import plugins
-from sanity_cli.errors import SanityError
-from sanity_cli.methods.adapter import Plan, one_line, seeded
+from sanity_cli.errors import SanityError, one_line
+from sanity_cli.methods.adapter import Plan, seeded
 from sanity_cli.methods.gradcam import default_gradcam_layer
 from sanity_cli.methods.registry import INTERPOLATIONS
 

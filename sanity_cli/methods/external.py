@@ -55,9 +55,9 @@ import torch
 from torch import Tensor, nn
 
 from sanity_cli import plugins
-from sanity_cli.errors import SanityError
+from sanity_cli.errors import SanityError, one_line
 from sanity_cli.hooks import forward_census
-from sanity_cli.methods.adapter import Plan, one_line, seeded
+from sanity_cli.methods.adapter import Plan, seeded
 from sanity_cli.methods.captum_adapter import captum_plan, check_captum
 from sanity_cli.methods.registry import REGISTRY, kind_of
 from sanity_cli.methods.zennit_adapter import lrp_plan, zennit_composite

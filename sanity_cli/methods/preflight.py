@@ -41,7 +41,6 @@ from sanity_cli.methods.registry import (
 )
 from sanity_cli.methods.transformers import attention_modules
 
-
 MethodOptions = Mapping[str, Mapping[str, Any] | None]
 
 

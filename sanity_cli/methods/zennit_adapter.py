@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sanity_cli import plugins
-from sanity_cli.errors import SanityError
-from sanity_cli.methods.adapter import Plan, one_line
+from sanity_cli.errors import SanityError, one_line
+from sanity_cli.methods.adapter import Plan
 
 
 def lrp_plan(model: nn.Module, options: dict, key: str) -> Plan:

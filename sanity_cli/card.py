@@ -38,7 +38,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sanity_cli import checks
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
-from sanity_cli.results import read_info, read_run_file
+from sanity_cli.runfiles import INFO, read_info, read_run_file
 
 CARD_FILE = "card.yaml"
 NOT_RUN = "not run"
@@ -271,7 +271,7 @@ def find_card_runs(dirs: Sequence[str | Path]) -> list[CardRun]:
     runs = []
     for path in found:
         problem = _unfinished(path)
-        info = read_info(path) if (path / "run.json").is_file() else {}
+        info = read_info(path) if (path / INFO).is_file() else {}
         settings = info.get("settings") or {}
         runs.append(CardRun(column_of(settings) or path.name, path, problem, settings, info))
     _check_one_model(runs)
@@ -479,9 +479,9 @@ def build_card(dirs: Sequence[str | Path], out: str | Path | None = None, order:
         raise SanityError("name at least one directory: sanity card DIR [DIR ...] [--out DIR]")
     runs = find_card_runs(dirs)
     if out is None:
-        out = dirs[0] / "card" if (dirs[0] / "run.json").is_file() else dirs[0]
+        out = dirs[0] / "card" if (dirs[0] / INFO).is_file() else dirs[0]
     out = Path(out)
-    if (out / "run.json").is_file():
+    if (out / INFO).is_file():
         raise SanityError(f"--out {out} is the directory of a run; choose another, e.g. --out {out / 'card'}")
     if not order:  # the default card's order, then any other column as found
         order = list(all_columns(card_settings()))

@@ -125,8 +125,8 @@ def redraw(args: list[str]) -> int:
     from sanity_cli.figures import draw_verdict_figure
     from sanity_cli.pipeline import finish
     from sanity_cli.report import interval_settings, write_report
-    from sanity_cli.results import check_maps
-    from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
+    from sanity_cli.runfiles import check_maps, read_info
+    from sanity_cli.verdict import parse_overrides, rejudged_name, write_verdicts
 
     log_to_stderr("%(levelname)s %(message)s")
     try:
@@ -134,7 +134,7 @@ def redraw(args: list[str]) -> int:
         check_maps(run_dir)
         figures = finish(run_dir).figures
         # other verdict settings than the run's own: judged beside its own verdict.csv, which stays
-        name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
+        name = rejudged_name(read_info(run_dir).get("settings", {}), overrides)
         csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
         verdicts = write_verdicts(run_dir, overrides, name=csv_name)
         figures.append(draw_verdict_figure(run_dir, verdicts, **interval_settings(verdicts),
@@ -159,15 +159,15 @@ def report(args: list[str]) -> int:
     if not (run_dir / "results.csv").is_file():
         return fail(f"'{run_dir}' has no results.csv; give the directory of a run")
     from sanity_cli.report import verdict_lines, write_report
-    from sanity_cli.results import check_maps
-    from sanity_cli.verdict import parse_overrides, rejudged_name, run_info, write_verdicts
+    from sanity_cli.runfiles import check_maps, read_info
+    from sanity_cli.verdict import parse_overrides, rejudged_name, write_verdicts
 
     log_to_stderr("%(levelname)s %(message)s")
     try:
         check_maps(run_dir)
         overrides = parse_overrides(args[1:])
         # other verdict settings than the run's own: written beside its own files, which stay
-        name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
+        name = rejudged_name(read_info(run_dir).get("settings", {}), overrides)
         csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
         verdicts = write_verdicts(run_dir, overrides, name=csv_name)
         path = write_report(run_dir, verdicts, rejudged=name)
@@ -509,7 +509,7 @@ def continue_command(run_dir: Path, overrides: list[str]) -> str:
 
 def interrupted(run_dir: Path, overrides: list[str]) -> str:
     """How many states the run in `run_dir` finished, and how to continue it."""
-    from sanity_cli.results import count_finished
+    from sanity_cli.runfiles import count_finished
 
     n = count_finished(run_dir)
     return (f"interrupted after {n} state{'' if n == 1 else 's'}; "

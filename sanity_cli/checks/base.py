@@ -130,8 +130,18 @@ class Check:
     needs_shuffled_model = False   # it compares with a model trained on shuffled labels
     targets: tuple[str, ...] | None = None  # the `target` settings it supports (None: all)
     verdict_metric: str | None = None  # a metric of its own decides (None: the run's choice)
-    higher_means_change = False    # for similarities a change lowers the score
+    # its verdict metric rises with the change (judged against verdict.rise_threshold); for
+    # similarities a change lowers the score (verdict.threshold)
+    higher_means_change = False
+    own_metrics: tuple[str, ...] = ()  # scores of its own beside the run's metrics that verdict.metric may name
     compares_maps = True           # scores compare two maps (robustness.csv re-scores them per normalization)
+    # the model each of these steps explains, by name (summary.csv's accuracy columns)
+    step_models: Mapping[int, str] = {0: "trained"}
+    # how its figures show it: a check that compares two maps once (two models, two classes) is
+    # drawn as bars with this y-axis label, None draws curves over its states
+    pair_label: str | None = None
+    unbounded_metrics: tuple[str, ...] = ()  # its scores that are not similarities at most 1 (free y-axis)
+    verdict_label = "similarity to the trained model's map"  # the y-axis of its verdict figure
     # a rule of its own (`judge`) says its outcomes in words of its own: what each means for
     # whether the method can be trusted, as pass (what a trustworthy method does) or fail
     meanings: Mapping[str, str] = {}
@@ -151,7 +161,7 @@ class Check:
         return {}
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict] | None:
-        """Verdict rows of this check's decisive rows (verdict.COLUMNS; is_control and
+        """Verdict rows of this check's decisive rows (judging.COLUMNS; is_control and
         holds_in are filled in after, and the general note is added to `note`); None applies
         the similarity rule. `settings`: the VerdictSettings; `run`: the run's settings
         (run.json), with `controls`, the run's control methods."""

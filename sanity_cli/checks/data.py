@@ -16,6 +16,8 @@ TRUE_LABELS, SHUFFLED_LABELS = "true labels", "shuffled labels"
 class DataRandomization(Check):
     name = "data"
     needs_shuffled_model = True
+    step_models = {0: "trained", 1: "shuffled"}
+    pair_label = "similarity: true-label vs shuffled-label model"
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         yield Condition(State(0, TRUE_LABELS, ()), subject.models["trained"])

@@ -17,6 +17,8 @@ class Entropy(Cascade):
     name = "entropy"
     verdict_metric = "entropy_rise"
     higher_means_change = True
+    unbounded_metrics = ("entropy", "entropy_rise")  # nats, and a relative rise
+    verdict_label = "entropy rise over the trained model's map"
 
     def score(self, reference: Tensor, maps: Tensor, compare: Compare, settings: Mapping) -> dict[str, Tensor]:
         start, now = histogram_entropy(reference, settings["bins"]), histogram_entropy(maps, settings["bins"])

@@ -19,6 +19,8 @@ PREDICTED_CLASS, RANDOM_CLASS = "predicted class", "random other class"
 
 class RandomLogit(Check):
     name = "random_logit"
+    own_metrics = ("ssim_positive", "ssim_negative")  # `signed_ssim`
+    pair_label = "similarity: true class vs random class"
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, classes = subject.models["trained"], subject.num_outputs

@@ -199,6 +199,15 @@ class Check:
         """The x-axis of this check's curves, for `test.order` (top_down or bottom_up)."""
         return "state"
 
+    def fail_meaning(self, order: str) -> str:
+        """What a method's fail says (the card: "a method fails when ..."), for `test.order`;
+        '' when the check says nothing of its own (the card's generic words)."""
+        return ""
+
+    def card_aside(self, order: str) -> str:
+        """What the card's list of checks adds about this check run in `test.order`; ''."""
+        return ""
+
     def preconditions(self, evidence: Evidence) -> list[Precondition]:
         """The conditions under which this check's verdicts mean something, evaluated on a
         finished run. By default: the explained model is trained, not random weights, and

@@ -41,6 +41,9 @@ class RandomLogit(Check):
     def axis_label(self, order: str) -> str:
         return "class explained"
 
+    def fail_meaning(self, order: str) -> str:
+        return "the map for a random other class looks like the map for the predicted class"
+
 
 def other_class(targets: Tensor, num_classes: int, seed: int, ids: Tensor | None = None) -> Tensor:
     """A uniformly random class different from each target, (B,) -> (B,), drawn from a

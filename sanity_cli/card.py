@@ -422,7 +422,8 @@ def reading(method: str, table: pd.DataFrame) -> str:
     text = "; ".join(parts) + "."
     if failed:
         text += (" A fail is evidence against the method on this model: " +
-                 "; ".join(f"under {c}, {fail_meaning(c) or FAIL_MEANING}" for c in failed) + ". Its maps should not be read as explaining this model's decisions.")
+                 "; ".join(f"under {c}, {fail_meaning(c) or FAIL_MEANING}" for c in failed) +
+                 ". Its maps should not be read as explaining this model's decisions.")
     noise = table[(table["method"] == "random") & (table["verdict"] == "pass")] if _is_control(table, "random") \
         else table.iloc[:0]
     trivial = [c for c in passed if c in set(noise["check"])]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from matplotlib.figure import Figure
 
 from sanity_cli.figures import save

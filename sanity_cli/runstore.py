@@ -29,8 +29,22 @@ from torch import Tensor
 
 from sanity_cli.errors import SanityError
 from sanity_cli.rundir import append_rows, csv_text, lock_run_dir, replace_atomically, writing
-from sanity_cli.runfiles import (COLUMNS, INFO, MAPS, NEW_DIRECTORY, RECEIPT_COLUMNS, SCALE, STATE_COLUMNS,
-                                 info_file, models_of, read_states, rows_of, scan_results, state_fields, state_key)
+from sanity_cli.runfiles import (
+    COLUMNS,
+    INFO,
+    MAPS,
+    NEW_DIRECTORY,
+    RECEIPT_COLUMNS,
+    SCALE,
+    STATE_COLUMNS,
+    info_file,
+    models_of,
+    read_states,
+    rows_of,
+    scan_results,
+    state_fields,
+    state_key,
+)
 
 log = logging.getLogger(__name__)
 

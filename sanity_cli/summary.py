@@ -24,8 +24,9 @@ def summarize(results: pd.DataFrame, models: Mapping[str, Mapping] | None = None
     mean and std and counted in `n_nan`. Step 0, the reference compared with itself,
     is its own row and never part of another step's average. The accuracies of the
     models that whole steps explain (`Check.step_models`: step 0 the trained model, step 1
-    of the data test the shuffled-label one) are added as columns. An image scored twice in one group is counted once when
-    both rows agree, and refused when they do not (two runs' rows mixed in one table).
+    of the data test the shuffled-label one) are added as columns. An image scored twice
+    in one group is counted once when both rows agree, and refused when they do not (two
+    runs' rows mixed in one table).
     """
     results = _once_each(results)
     grouped = results.groupby(GROUP, sort=False, dropna=False)["value"]
@@ -36,7 +37,7 @@ def summarize(results: pd.DataFrame, models: Mapping[str, Mapping] | None = None
         names.update(_step_models(str(test)))
     for column in ("train_accuracy", "test_accuracy"):
         by_step = {step: models.get(name, {}).get(column) for step, name in names.items()}
-        summary[column] = summary["step"].map(lambda step: by_step.get(step))
+        summary[column] = summary["step"].map(by_step.get)
     return summary.sort_values(["test", "method", "metric", "seed", "step"], kind="stable").reset_index(drop=True)
 
 

@@ -1,10 +1,12 @@
 """What every check declares: the conditions it explains, how it makes and scores
-maps where that differs from the default, the state that decides its verdict, and the
-preconditions under which that verdict means something.
+maps where that differs from the default, the state that decides its verdict, the
+preconditions under which that verdict means something, and how the rest speaks of it:
+which way its own metric moves with a change, which model each step explains, how its
+figures are drawn and labelled, what a fail means on the card.
 
 A check is a `Check` subclass in a module of its own, registered by name in
 `sanity_cli.checks`. The pipeline runs any check through this interface and never
-names one.
+names one; the verdict, the summary, the figures and the card ask it.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from sanity_cli.errors import SanityError
 from sanity_cli.methods.gradients import logits_of
 from sanity_cli.models import InputSpec
 from sanity_cli.pipeline import Prepared, RunResult, execute, resolve_device
-from sanity_cli.results import RunStore, settings_for_fingerprint
+from sanity_cli.runstore import RunStore, settings_for_fingerprint
 from sanity_cli.training import TrainedModel
 from sanity_cli.validation import validate
 

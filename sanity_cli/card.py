@@ -38,24 +38,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sanity_cli import checks
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
-from sanity_cli.results import read_info, read_run_file
+from sanity_cli.randomization import ORDERS
+from sanity_cli.runfiles import INFO, read_info, read_run_file
 
 CARD_FILE = "card.yaml"
 NOT_RUN = "not run"
-# What a check's fail says about a method, and what its pass cannot say (a check registered
-# later without an entry here is described by the generic words below).
-MEANING = {
-    "cascade": "the map stays the same when the model's weights are randomized from the logits down",
-    "cascade_bottom_up": "the map stays the same when the model's weights are randomized from the input up",
-    "independent": "the map stays the same when one of the model's blocks is randomized",
-    "data": "the map stays the same for a model trained on shuffled labels, which learnt nothing about the data",
-    "random_logit": "the map for a random other class looks like the map for the predicted class",
-    "smooth_cascade": "the noise-averaged map stays the same when the model's weights are randomized",
-    "entropy": "the map's entropy does not rise when the model's weights are randomized",
-}
-# What the list of checks adds to MEANING
-ASIDES = {"cascade_bottom_up": "Its verdict is at the fully randomized model, as the top-down cascade's (the same draws "
-                               "give the same value); the two differ in the path there, which its figure shows."}
+# What a fail says of a check that says nothing of its own (`Check.fail_meaning`)
+FAIL_MEANING = "the map does not change under the check`s randomization"
 # The order of the standings, from the worst: a single fail decides
 STANDINGS = {"fails": "fails a check: not to be trusted to explain this model",
              "incomplete": "no check failed, but not every check could judge it",
@@ -262,7 +251,7 @@ def find_card_runs(dirs: Sequence[str | Path]) -> list[CardRun]:
     runs = []
     for path in found:
         problem = _unfinished(path)
-        info = read_info(path) if (path / "run.json").is_file() else {}
+        info = read_info(path) if (path / INFO).is_file() else {}
         settings = info.get("settings") or {}
         runs.append(CardRun(column_of(settings) or path.name, path, problem, settings, info))
     _check_one_model(runs)
@@ -285,6 +274,30 @@ def column_of(settings: dict) -> str | None:
 
 
 SAME_SETTINGS = ("model", "dataset", "seed", "n_images", "labels", "target")
+
+
+def check_of_column(column: str) -> tuple[checks.Check, str] | None:
+    """The check a column runs and its test.order (`column_of` backwards); None for a
+    column of a check this installation lacks."""
+    if column in checks.CHECKS:
+        return checks.CHECKS[column], "top_down"
+    for name, check in checks.CHECKS.items():
+        order = column.removeprefix(f"{name}_")
+        if order != column and order in ORDERS:
+            return check, order
+    return None
+
+
+def fail_meaning(column: str) -> str:
+    """What a fail in `column` says about a method, in the check's words; '' when it says nothing."""
+    found = check_of_column(column)
+    return found[0].fail_meaning(found[1]) if found else ""
+
+
+def aside(column: str) -> str:
+    """What the card's list of checks adds about `column`, in the check's words."""
+    found = check_of_column(column)
+    return found[0].card_aside(found[1]) if found else ""
 
 
 def _check_one_model(runs: Sequence[CardRun]) -> None:
@@ -400,8 +413,8 @@ def reading(method: str, table: pd.DataFrame) -> str:
     text = "; ".join(parts) + "."
     if failed:
         text += (" A fail is evidence against the method on this model: " +
-                 "; ".join(f"under {c}, {MEANING.get(c, 'the map does not change under the check`s randomization')}"
-                           for c in failed) + ". Its maps should not be read as explaining this model's decisions.")
+                 "; ".join(f"under {c}, {fail_meaning(c) or FAIL_MEANING}" for c in failed) +
+                 ". Its maps should not be read as explaining this model's decisions.")
     noise = table[(table["method"] == "random") & (table["verdict"] == "pass")] if _is_control(table, "random") \
         else table.iloc[:0]
     trivial = [c for c in passed if c in set(noise["check"])]
@@ -470,9 +483,9 @@ def build_card(dirs: Sequence[str | Path], out: str | Path | None = None, order:
         raise SanityError("name at least one directory: sanity card DIR [DIR ...] [--out DIR]")
     runs = find_card_runs(dirs)
     if out is None:
-        out = dirs[0] / "card" if (dirs[0] / "run.json").is_file() else dirs[0]
+        out = dirs[0] / "card" if (dirs[0] / INFO).is_file() else dirs[0]
     out = Path(out)
-    if (out / "run.json").is_file():
+    if (out / INFO).is_file():
         raise SanityError(f"--out {out} is the directory of a run; choose another, e.g. --out {out / 'card'}")
     if not order:  # the default card's order, then any other column as found
         order = list(all_columns(card_settings()))
@@ -525,7 +538,7 @@ def write_card_html(out: Path, table: pd.DataFrame, runs: Sequence[CardRun]) -> 
         "rule": {"metric": first["metric"], "threshold": first["threshold"], "level": first["level"]} if first else {},
         "receipt": receipt(runs), "figures": figures,
         "problems": [{"check": r.column, "problem": r.problem} for r in runs if r.problem],
-        "meaning": {c: MEANING.get(c, "") for c in columns}, "asides": {c: ASIDES.get(c, "") for c in columns},
+        "meaning": {c: fail_meaning(c) for c in columns}, "asides": {c: aside(c) for c in columns},
     }
     html = _environment().get_template("card.html.j2").render(**context)
     path = out / "card.html"

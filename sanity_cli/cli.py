@@ -143,9 +143,10 @@ def finished_run(args: list[str], name: str) -> Path:
 def judge_again(run_dir: Path, overrides: dict) -> tuple[str, str, pd.DataFrame]:
     """(name, csv name, verdicts) of the run judged under its verdict settings and `overrides`:
     other settings than the run's own are written beside its own verdict.csv, which stays."""
-    from sanity_cli.verdict import rejudged_name, run_info, write_verdicts
+    from sanity_cli.runfiles import read_info
+    from sanity_cli.verdict import rejudged_name, write_verdicts
 
-    name = rejudged_name(run_info(run_dir).get("settings", {}), overrides)
+    name = rejudged_name(read_info(run_dir).get("settings", {}), overrides)
     csv_name = f"verdict.{name}.csv" if name else "verdict.csv"
     return name, csv_name, write_verdicts(run_dir, overrides, name=csv_name)
 
@@ -167,7 +168,7 @@ def redraw(args: list[str]) -> int:
     from sanity_cli.figures import draw_verdict_figure
     from sanity_cli.pipeline import finish
     from sanity_cli.report import interval_settings, write_report
-    from sanity_cli.results import check_maps
+    from sanity_cli.runfiles import check_maps
     from sanity_cli.verdict import parse_verdict_arguments
 
     log_to_stderr("%(levelname)s %(message)s")
@@ -193,7 +194,7 @@ def report(args: list[str]) -> int:
     """sanity report RUN_DIR [verdict.KEY=VALUE ...]: verdict.csv and report.html from the run's files."""
     run_dir = finished_run(args, "report")
     from sanity_cli.report import verdict_lines, write_report
-    from sanity_cli.results import check_maps
+    from sanity_cli.runfiles import check_maps
     from sanity_cli.verdict import parse_verdict_arguments
 
     log_to_stderr("%(levelname)s %(message)s")
@@ -495,7 +496,7 @@ def continue_command(run_dir: Path, overrides: list[str]) -> str:
 
 def interrupted(run_dir: Path, overrides: list[str]) -> str:
     """How many states the run in `run_dir` finished, and how to continue it."""
-    from sanity_cli.results import count_finished
+    from sanity_cli.runfiles import count_finished
 
     n = count_finished(run_dir)
     return (f"interrupted after {n} state{'' if n == 1 else 's'}; "

@@ -4,8 +4,8 @@
 refuses any that is unfinished or failed, and writes into `out`:
 
   results.csv   every run's rows, with one column per swept setting in front
-  summary.csv   sanity_cli.results.summarize per combination of swept settings
-  verdict.csv   sanity_cli.verdict.verdict_table per combination, under the runs' verdict settings
+  summary.csv   sanity_cli.summary.summarize per combination of swept settings
+  verdict.csv   sanity_cli.judging.verdict_table per combination, under the runs' verdict settings
   pooled.csv    one verdict per test, model, dataset, method (and block, metric) over all the runs: each
                 run's randomization seeds are draws of their own, resampled first, then the images
                 within each (`pooled_verdicts`); `runs_agree` counts the runs whose own verdict is the same
@@ -33,12 +33,14 @@ from pathlib import Path
 import pandas as pd
 
 from sanity_cli.errors import SanityError
-from sanity_cli.results import COLUMNS, read_results, read_run_file, summarize
 from sanity_cli.rundir import plain_name
+from sanity_cli.runfiles import COLUMNS, INFO, read_info, read_results, read_run_file
 from sanity_cli.sharding import ERROR_FILE, Shard, parse_shard, sweep_size
+from sanity_cli.summary import summarize
 
 SKIPPED_DIRS = (".hydra", ".submitit", ".gpus", "figures", "maps")
 GLOBAL_GROUPS = ("experiment",)  # groups that may set any setting (`# @package _global_`)
+DAMAGED = "so the run cannot be collected; rerun it"  # what a damaged run.json means here
 
 
 @dataclass
@@ -111,7 +113,7 @@ def check_out(out: Path, inputs: Sequence[Path]) -> None:
         raise SanityError(f"--out {str(out)!r} holds a NUL character; choose another directory")
     where = os.path.realpath(out)
     clash = next((path for path in inputs if os.path.realpath(path) == where), None)
-    if clash is not None or (out / "run.json").exists() or (out / "states.csv").exists():
+    if clash is not None or (out / INFO).exists() or (out / "states.csv").exists():
         what = f"the input {clash}" if clash is not None else "the directory of a run"
         raise SanityError(f"--out {out} is {what}: its results.csv, summary.csv and verdict.csv would be replaced "
                           "by the merged tables; choose another directory, e.g. --out "
@@ -139,7 +141,7 @@ def find_runs(dirs: Iterable[Path]) -> list[Path]:
 
 def _is_job(path: Path) -> bool:
     """A run's directory: it has run.json, or it is a Hydra job's directory (.hydra/, error.txt)."""
-    return any((path / name).exists() for name in ("run.json", ".hydra", ERROR_FILE))
+    return any((path / name).exists() for name in (INFO, ".hydra", ERROR_FILE))
 
 
 def _skipped(path: Path, top: Path) -> bool:
@@ -156,7 +158,7 @@ def load_run(path: Path) -> FoundRun:
     problem = unfinished(path)
     if problem:
         raise SanityError(problem)
-    info = _read_info(path)
+    info = read_info(path, DAMAGED)
     settings = info.get("settings")
     if not isinstance(settings, dict):
         raise SanityError(f"{path / 'run.json'} has no settings; the run is damaged, rerun it")
@@ -168,13 +170,13 @@ def unfinished(path: Path) -> str | None:
     """Why the run in `path` cannot be collected yet, or None when it is finished."""
     if (path / ERROR_FILE).is_file():
         return f"{path} failed: {(path / ERROR_FILE).read_text().strip()}; fix it and rerun that job"
-    if not (path / "run.json").is_file():
+    if not (path / INFO).is_file():
         return (f"{path} has no run.json: the job failed before its first state or has not started "
                 f"(see its log there); rerun it, or leave it out")
     for lock in sorted(path.glob("*.lock")):
         if _held(lock):
             return f"{path} is still running (its lock {lock.name} is held); collect once it is done"
-    info = _read_info(path)
+    info = read_info(path, DAMAGED)
     expected, done = info.get("states_expected"), _states_done(path)
     if expected is not None and done < int(expected):
         return f"{path} is unfinished: {done} of {expected} states; continue it with resume=true"
@@ -195,16 +197,6 @@ def _held(lock: Path) -> bool:
             return False
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
-
-
-def _read_info(path: Path) -> dict:
-    try:
-        info = json.loads((path / "run.json").read_text())
-    except (OSError, ValueError) as error:
-        raise SanityError(f"{path / 'run.json'} cannot be read ({error}); the run is damaged, rerun it") from None
-    if not isinstance(info, dict):
-        raise SanityError(f"{path / 'run.json'} is not a run's record; the run is damaged, rerun it")
-    return info
 
 
 def _states_done(path: Path) -> int:
@@ -378,6 +370,7 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
     """verdict_table of each combination's rows under its runs' verdict settings, with the
     swept columns; and notes on what the verdicts of shards lack."""
     from sanity_cli import verdict
+    from sanity_cli.judging import verdict_table
 
     parts, notes = [], []
     for combo, table in zip(combos, tables):
@@ -396,7 +389,7 @@ def verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.DataFrame
         else:
             notes.append(f"the preconditions of the shards of {first.path.parent} are not tested (each shard "
                          "records its own images only)")
-        judged = verdict.verdict_table(table, **asdict(settings), **extra,
+        judged = verdict_table(table, **asdict(settings), **extra,
                                        controls=set().union(*(verdict.controls_of_run(run.path) for run in combo)),
                                        run_settings=first.settings)
         parts.append(_with_swept(judged.reset_index(drop=True), first, swept).assign(run=_label(first, swept)))
@@ -421,11 +414,12 @@ def pooled_verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.Da
 
     Every run's randomization seeds become draws of their own (two runs' seed 0 are two
     draws: another model, another sweep value), so the bootstrap resamples draws first,
-    then the images within each (`verdict.bootstrap_interval`). Judged under the first
+    then the images within each (`bootstrap.bootstrap_interval`). Judged under the first
     run's verdict settings. `runs_agree` says how many runs' own verdicts (`per_run`,
     verdict.csv) are the same; a row that is `not valid` in any run is not valid pooled.
     """
     from sanity_cli import verdict
+    from sanity_cli.judging import verdict_table
 
     draws, parts = {}, []
     for index, table in enumerate(tables):
@@ -434,7 +428,7 @@ def pooled_verdicts(combos: Sequence[Sequence[FoundRun]], tables: Sequence[pd.Da
     pooled_rows = pd.concat(parts, ignore_index=True)
     settings = verdict.settings_of(combos[0][0].settings)
     controls = set().union(*(verdict.controls_of_run(run.path) for combo in combos for run in combo))
-    pooled = verdict.verdict_table(pooled_rows, **asdict(settings), controls=controls)
+    pooled = verdict_table(pooled_rows, **asdict(settings), controls=controls)
     pooled = pooled.rename(columns={"seeds_agree": "draws_agree", "n_seeds": "n_draws"})
     return _runs_agree(pooled, per_run, len(tables))
 

@@ -4,19 +4,19 @@ Nothing here needs the model, so `sanity figures RUN_DIR` can redraw a finished 
 Curves and bars (paper Figs. 3, 4, 5 and 6, the quantitative panels) come from
 summary.csv; the grids of maps (paper Figs. 2, 4, 5) from the example maps in maps.npz.
 
-maps.npz holds "meta" (a JSON string: test, model, dataset, title, methods, controls,
-states, image_ids, labels, classes), "images" (E, C, H, W) in [0, 1] and, per state
-and method, f"{state_key}/{method}" (E, C_m, H, W).
+Both are read through `sanity_cli.runfiles` (maps.npz as `runfiles.Maps`: its "meta",
+the example images (E, C, H, W) in [0, 1] and, per state and method,
+f"{state_key}/{method}" (E, C_m, H, W)). A check's figures follow what the check says
+of itself (`Check.axis_label`, `pair_label`, `unbounded_metrics`, `verdict_label`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
@@ -25,10 +25,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from sanity_cli.bootstrap import interval_table
 from sanity_cli.errors import SanityError
 from sanity_cli.methods import CONTROLS
-from sanity_cli.results import read_info, read_results, read_run_file
 from sanity_cli.rundir import plain_name
+from sanity_cli.runfiles import Maps, open_maps, read_info, read_meta, read_results, read_run_file
+
+if TYPE_CHECKING:
+    from sanity_cli.checks.base import Check
 
 # Figures are built as matplotlib Figure objects, never through pyplot: drawing them
 # neither needs nor changes the caller's backend (a notebook keeps its own).
@@ -38,12 +42,6 @@ METRIC_TITLES = {
     "spearman": "Rank correlation (no absolute value)",
     "ssim": "SSIM",
     "hog": "HOG similarity",
-}
-UNBOUNDED = ("entropy", "entropy_rise")  # scores of the entropy test: nats, and a relative rise
-# Tests that compare two maps once (two models, or two target classes): bars, not curves.
-PAIR_YLABELS = {
-    "data": "similarity: true-label vs shuffled-label model",
-    "random_logit": "similarity: true class vs random class",
 }
 GRID_IMAGES = 3  # example images drawn per run: more adds pages, not insight
 GRID_FONT = 10
@@ -67,6 +65,17 @@ class Run:
         """The methods that are not controls: these get curves and bars."""
         return [m for m in self.methods if m not in self.controls]
 
+    @property
+    def check(self) -> Check:
+        """The run's check, asked how its figures look; the defaults of `Check` for a
+        check this installation lacks."""
+        return check_of(self.test)
+
+    @property
+    def pair(self) -> bool:
+        """A check that compares two maps once (two models, or two target classes): bars, not curves."""
+        return self.check.pair_label is not None
+
 
 # ---------------------------------------------------------------- entry points
 
@@ -78,18 +87,16 @@ def draw_all(run_dir: Path) -> list[Path]:
     figures are drawn; without summary.csv only the grids; with neither, nothing.
     """
     run_dir = Path(run_dir)
-    summary_path, maps_path, out = run_dir / "summary.csv", run_dir / "maps.npz", run_dir / "figures"
-    summary = read_run_file(summary_path)
-    if summary is None and not maps_path.exists():
-        return []
-    # np.load keeps the archive open and decompresses one array at a time: a full
-    # Inception run holds hundreds of MB of maps, never all needed at once.
-    with (np.load(maps_path) if maps_path.exists() else contextlib.nullcontext()) as npz:
-        meta = json.loads(str(npz["meta"][()])) if npz is not None else None
-        run = describe_run(summary, meta, run_order(run_dir))
+    summary, out = read_run_file(run_dir / "summary.csv"), run_dir / "figures"
+    # the archive stays open and each array is decompressed when drawn: a full Inception
+    # run holds hundreds of MB of maps, never all needed at once
+    with open_maps(run_dir) as maps:
+        if summary is None and maps is None:
+            return []
+        run = describe_run(summary, maps.meta if maps is not None else None, run_order(run_dir))
         paths = summary_figures(summary, run, out) if summary is not None else []
-        paths += (map_figures(npz, meta, run, out) + [methods_figure(npz, meta, run, out)]
-                  if npz is not None and meta.get("states") else [])  # no states: every map was lost
+        paths += (map_figures(maps, run, out) + [methods_figure(maps, run, out)]
+                  if maps is not None and maps.meta.get("states") else [])  # no states: every map was lost
     return paths
 
 
@@ -126,10 +133,17 @@ def axis_label(test: str, order: str) -> str:
     """The check's x-axis label for the order its states were made in."""
     from sanity_cli import checks
 
-    try:
-        return checks.get(test).axis_label(order)
-    except SanityError:  # a run of a check this installation lacks: a neutral label
+    if test not in checks.CHECKS:  # a run of a check this installation lacks: a neutral label
         return "model state"
+    return checks.get(test).axis_label(order)
+
+
+def check_of(test: str) -> Check:
+    """The check named `test`, or a `Check` with the defaults when this installation lacks it."""
+    from sanity_cli import checks
+    from sanity_cli.checks.base import Check
+
+    return checks.CHECKS.get(test) or Check()
 
 
 def with_seeds(title: str, seeds: Sequence[int]) -> str:
@@ -155,7 +169,7 @@ def summary_figures(summary: pd.DataFrame, run: Run, out: Path) -> list[Path]:
     metrics = metrics_present(summary)
     if not metrics:
         return []
-    if run.test in PAIR_YLABELS:
+    if run.pair:
         return [save(bars_figure(summary, run), out / f"{run.test}_similarity.png")]
     # one figure of every metric: the paper's Fig. 3 panels (the two rank correlations) are its first two
     return [save(curves_figure(summary, run), out / f"{run.test}_curves.png")]
@@ -212,9 +226,10 @@ def y_limits(metric: str, lows: Iterable[float]) -> tuple[float, float]:
     return max(-1.05, min(-0.05, lowest)), 1.05
 
 
-def limit_y(ax: Axes, metric: str, lows: Iterable[float]) -> None:
-    """Similarities on their scale (at most 1); entropies and their rise are not bounded so: matplotlib's limits."""
-    if metric not in UNBOUNDED:
+def limit_y(ax: Axes, metric: str, lows: Iterable[float], run: Run) -> None:
+    """Similarities on their scale (at most 1); the check's scores that are not bounded so
+    (`Check.unbounded_metrics`: entropies and their rise): matplotlib's limits."""
+    if metric not in run.check.unbounded_metrics:
         ax.set_ylim(*y_limits(metric, lows))
 
 
@@ -235,7 +250,7 @@ def curves_figure(summary: pd.DataFrame, run: Run, metrics: list[str] | None = N
         draw_curves(ax, rows, run.explainers, colors)
         draw_controls(ax, rows[rows["step"] >= 1], run.controls)
         ax.set_xticks(blocks["step"], blocks["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
-        limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0))
+        limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0), run)
         style_panel(ax, metric)
     fig.supxlabel(run.xlabel, fontsize=10)
     fig.suptitle(f"{run.title}\nbands: one standard deviation over images", fontsize=12)
@@ -304,7 +319,7 @@ def bars_figure(summary: pd.DataFrame, run: Run) -> Figure:
     metrics = metrics_present(table)
     methods = [m for m in run.explainers if m in set(table["method"])]
     fig, axes = panels(len(metrics), (max(3.3, 0.5 * len(methods) + 1.2), 4.4),
-                       PAIR_YLABELS.get(run.test, "similarity"))
+                       run.check.pair_label or "similarity")
     colors = method_colors(run.methods)
     for ax, metric in zip(axes, metrics):
         rows = table[table["metric"] == metric].set_index("method").reindex(methods)
@@ -312,7 +327,7 @@ def bars_figure(summary: pd.DataFrame, run: Run) -> Figure:
                color=[colors[m] for m in methods], error_kw={"elinewidth": 1})
         draw_controls(ax, table[table["metric"] == metric], run.controls)
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
-        limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0))
+        limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0), run)
         style_panel(ax, metric)
     fig.suptitle(run.title, fontsize=12)
     figure_legend(fig, axes)
@@ -344,15 +359,16 @@ def _positive(scale: float, fallback: float) -> float:
     return scale if scale > 0 else (fallback if fallback > 0 else 1.0)
 
 
-def map_figures(npz, meta: dict, run: Run, out: Path) -> list[Path]:
+def map_figures(maps: Maps, run: Run, out: Path) -> list[Path]:
     """Grids for up to GRID_IMAGES example images: abs and diverging for the stepwise tests
     (paper Figs. 2 and 4), abs for the pair tests (paper Fig. 5)."""
+    meta = maps.meta
     first_seed = meta["states"][0]["seed"]
     states = [s for s in meta["states"] if s["seed"] == first_seed]  # one randomization, as in the paper
-    methods = [m for m in run.methods if f"{states[0]['key']}/{m}" in npz]
-    names = {False: "maps"} if run.test in PAIR_YLABELS else {False: "grid_abs", True: "grid_diverging"}
-    mosaics = build_mosaics(npz, [[f"{s['key']}/{m}" for s in states] for m in methods],
-                            npz["images"][:GRID_IMAGES], tuple(names))
+    methods = [m for m in run.methods if f"{states[0]['key']}/{m}" in maps]
+    names = {False: "maps"} if run.pair else {False: "grid_abs", True: "grid_diverging"}
+    mosaics = build_mosaics(maps, [[f"{s['key']}/{m}" for s in states] for m in methods],
+                            maps.images[:GRID_IMAGES], tuple(names))
     rows = [f"{m}\n(control)" if m in run.controls else m for m in methods]
     columns = ["input", *[s["block"] for s in states]]
     paths = []
@@ -363,14 +379,15 @@ def map_figures(npz, meta: dict, run: Run, out: Path) -> list[Path]:
     return paths
 
 
-def methods_figure(npz, meta: dict, run: Run, out: Path) -> Path:
+def methods_figure(maps: Maps, run: Run, out: Path) -> Path:
     """Paper Fig. 1: the reference model's map of every method, controls (the edge
     detector) included, for each example image (rows), in absolute-value grayscale."""
+    meta = maps.meta
     first = meta["states"][0]["key"]
-    methods = [m for m in run.methods if f"{first}/{m}" in npz]
-    images = npz["images"][:METHOD_ROWS]
+    methods = [m for m in run.methods if f"{first}/{m}" in maps]
+    images = maps.images[:METHOD_ROWS]
     inputs = [image_tile(image) for image in images]
-    columns = {m: npz[f"{first}/{m}"] for m in methods}
+    columns = {m: maps.unit_maps(f"{first}/{m}") for m in methods}
     tiles = [[inputs[i], *[map_tile(columns[m][i], False, inputs[i].shape[:2]) for m in methods]]
              for i in range(len(images))]
     rows = [image_caption(meta, i, False).split(";")[0] or f"image {i}" for i in range(len(images))]
@@ -379,11 +396,11 @@ def methods_figure(npz, meta: dict, run: Run, out: Path) -> Path:
     return save(map_grid_figure(assemble(tiles, 255), rows, labels, title), out / "methods.png", dpi=100)
 
 
-def build_mosaics(npz, keys: list[list[str]], images: np.ndarray, signs: Sequence[bool]
+def build_mosaics(maps: Maps, keys: list[list[str]], images: np.ndarray, signs: Sequence[bool]
                   ) -> dict[tuple[int, bool], np.ndarray]:
     """One RGB uint8 mosaic per (image, signed): methods down, the input then the states across.
 
-    keys[r][c]: the archive key of method r at state c, holding (E, C_m, H, W) maps;
+    keys[r][c]: the key in maps.npz of method r at state c, holding (E, C_m, H, W) maps;
     images: (E, C, H, W) in [0, 1]. Each entry is decompressed once for all images and
     styles: decompression is the slow part of a full Inception run's grids.
     """
@@ -391,9 +408,9 @@ def build_mosaics(npz, keys: list[list[str]], images: np.ndarray, signs: Sequenc
     tiles = {(i, signed): [[inputs[i]] for _ in keys] for i in range(len(images)) for signed in signs}
     for r, row in enumerate(keys):
         for key in row:
-            maps = npz[key]
+            unit = maps.unit_maps(key)  # every tile is scaled on its own
             for (i, signed), grid in tiles.items():
-                grid[r].append(map_tile(maps[i], signed, inputs[i].shape[:2]))
+                grid[r].append(map_tile(unit[i], signed, inputs[i].shape[:2]))
     # White is zero in the diverging colours, so there the gaps between tiles are grey.
     return {(i, signed): assemble(grid, 128 if signed else 255) for (i, signed), grid in tiles.items()}
 
@@ -492,7 +509,6 @@ def grid_layout(row_labels: list[str], column_labels: list[str], title: str
 
 # ---------------------------------------------------------------- verdict figure
 
-VERDICT_YLABELS = {"entropy_rise": "entropy rise over the trained model's map"}
 CHANGE_WORDS = {"below": "pass below", "above": "pass above"}
 
 
@@ -500,8 +516,6 @@ def draw_verdict_figure(run_dir: Path, verdicts: pd.DataFrame, *, level: float =
                         seed: int = 0, suffix: str = "") -> Path | None:
     """The deciding metric of `verdicts` at every state, with its bootstrap interval and the
     threshold: run_dir/figures/{test}_verdict{suffix}.png (and .pdf). None when nothing decides."""
-    from sanity_cli.verdict import interval_table  # the verdict module draws nothing; only this figure needs it
-
     deciding = verdicts[verdicts["decides"].astype(bool)]
     if deciding.empty:
         return None
@@ -509,17 +523,9 @@ def draw_verdict_figure(run_dir: Path, verdicts: pd.DataFrame, *, level: float =
     results = read_results(run_dir)
     first = deciding.iloc[0]
     intervals = interval_table(results, str(first["metric"]), level=level, resamples=resamples, seed=seed)
-    run = describe_run(results, read_meta(run_dir / "maps.npz"), run_order(run_dir))
+    run = describe_run(results, read_meta(run_dir), run_order(run_dir))
     fig = verdict_figure(intervals, deciding, run, level)
     return save(fig, run_dir / "figures" / f"{run.test}_verdict{suffix}.png")
-
-
-def read_meta(maps_path: Path) -> dict | None:
-    """maps.npz's description (see the module docstring), None without the file."""
-    if not maps_path.is_file():
-        return None
-    with np.load(maps_path) as npz:
-        return json.loads(str(npz["meta"][()]))
 
 
 def verdict_figure(intervals: pd.DataFrame, deciding: pd.DataFrame, run: Run, level: float) -> Figure:
@@ -536,10 +542,10 @@ def verdict_figure(intervals: pd.DataFrame, deciding: pd.DataFrame, run: Run, le
     colors = method_colors(run.methods)
     label = {m: f"{m}{' (control)' if m in run.controls else ''}"
                 f"{': ' + verdict_of[m] if verdict_of.get(m) else ''}" for m in methods}
-    pair = run.test in PAIR_YLABELS
+    pair = run.pair
     steps = intervals.drop_duplicates("step").sort_values("step")
     width = max(5.5, 0.55 * len(methods) + 1.5) if pair else max(6.0, 0.35 * len(steps) + 1.6)
-    fig, (ax,) = panels(1, (width, 5.0), VERDICT_YLABELS.get(metric, "similarity to the trained model's map"))
+    fig, (ax,) = panels(1, (width, 5.0), run.check.verdict_label)
     rows = intervals[intervals["step"] >= 1] if pair else intervals
     if pair:
         draw_interval_bars(ax, rows, methods, colors, run.controls)
@@ -553,7 +559,7 @@ def verdict_figure(intervals: pd.DataFrame, deciding: pd.DataFrame, run: Run, le
         fig.supxlabel(run.xlabel, fontsize=10)
     ax.axhline(threshold, color=THRESHOLD_COLOR, linestyle="--", linewidth=1.5,
                label=f"threshold {threshold:g} ({CHANGE_WORDS.get(change, change)})")
-    limit_y(ax, metric, [*rows["ci_low"], threshold])
+    limit_y(ax, metric, [*rows["ci_low"], threshold], run)
     style_panel(ax, metric)
     draws = "images and draws" if deciding["n_seeds"].max() > 1 else "images"
     ax.set_title(f"{METRIC_TITLES.get(metric, metric)}\nmean; {'bars' if pair else 'bands'}: {level:.0%} "

@@ -7,16 +7,14 @@ Read from a run's files (verdict.csv's rows, results.csv, maps.npz), like the ot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from matplotlib.figure import Figure
 
 from sanity_cli.figures import save
-from sanity_cli.results import read_maps, read_results
+from sanity_cli.runfiles import open_maps, read_results
 
 MAX_IMAGES = 3
 
@@ -28,11 +26,9 @@ def draw_manifold(run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
     if len(verdicts):
         drawn.append(save(fraction_figure(verdicts, chance_of(run_dir)), run_dir / "figures" /
                           "manifold_fractions.png"))
-    maps = run_dir / "maps.npz"
-    if maps.is_file():
-        figure = maps_figure(maps, set(verdicts.loc[verdicts["is_control"].astype(bool), "method"]))
-        if figure is not None:
-            drawn.append(save(figure, run_dir / "figures" / "manifold_maps.png"))
+    figure = maps_figure(run_dir, set(verdicts.loc[verdicts["is_control"].astype(bool), "method"]))
+    if figure is not None:
+        drawn.append(save(figure, run_dir / "figures" / "manifold_maps.png"))
     return drawn
 
 
@@ -70,17 +66,19 @@ def fraction_figure(verdicts: pd.DataFrame, chance: float):
     return fig
 
 
-def maps_figure(maps_path: Path, controls: set[str]):
+def maps_figure(run_dir: Path, controls: set[str]):
     """One row per method, for a few images three panels each: the map (unit length), its
-    part in the tangent space and the rest (the map minus that part); the images on top."""
-    with np.load(maps_path) as npz:
-        meta = json.loads(str(npz["meta"][()]))
-        keys = {state["step"]: state["key"] for state in meta["states"]}
+    part in the tangent space and the rest (the map minus that part); the images on top.
+    None without maps.npz or without both states' maps."""
+    with open_maps(run_dir) as kept:
+        if kept is None:
+            return None
+        keys = {state["step"]: state["key"] for state in kept.meta["states"]}
         if 0 not in keys or 1 not in keys:
             return None
-        methods = [m for m in meta["methods"] if f"{keys[0]}/{m}" in npz]
-        images = npz["images"].astype(np.float32)[:MAX_IMAGES]
-        maps = {m: (read_maps(npz, f"{keys[0]}/{m}"), read_maps(npz, f"{keys[1]}/{m}")) for m in methods}
+        methods = [m for m in kept.meta["methods"] if f"{keys[0]}/{m}" in kept]
+        images = kept.images.astype(np.float32)[:MAX_IMAGES]
+        maps = {m: (kept.maps(f"{keys[0]}/{m}"), kept.maps(f"{keys[1]}/{m}")) for m in methods}
     if not methods:
         return None
     n = len(images)

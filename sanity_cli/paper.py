@@ -8,13 +8,11 @@ other problem, a bad override above all, stops the rerun before the first experi
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
@@ -24,6 +22,7 @@ from sanity_cli.configs import config_dir
 from sanity_cli.data import DatasetUnavailable
 from sanity_cli.errors import SanityError
 from sanity_cli.metrics import compare
+from sanity_cli.runfiles import open_maps
 from sanity_cli.validation import validate
 
 log = logging.getLogger(__name__)
@@ -117,16 +116,17 @@ def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
 def edge_similarity(run_dir: Path, edge: str = "edge") -> pd.DataFrame:
     """Paper Fig. 1 in numbers: how much each method's map of the trained model
     resembles the edge detector's map of the same image (mean and std over the
-    images whose maps the run kept)."""
-    with np.load(run_dir / "maps.npz") as npz:
-        meta = json.loads(str(npz["meta"][()]))
-        first = meta["states"][0]["key"]
-        reference = torch.from_numpy(npz[f"{first}/{edge}"]).float()
+    images whose maps the run kept, in their own units: the stored maps times their scales)."""
+    with open_maps(run_dir) as kept:
+        if kept is None:
+            raise SanityError(f"{run_dir} has no maps.npz: the run kept no maps to compare with the edge detector's")
+        first = kept.meta["states"][0]["key"]
+        reference = torch.from_numpy(kept.maps(f"{first}/{edge}"))
         rows = []
-        for method in meta["methods"]:
-            if method == edge or f"{first}/{method}" not in npz:
+        for method in kept.meta["methods"]:
+            if method == edge or f"{first}/{method}" not in kept:
                 continue
-            maps = torch.from_numpy(npz[f"{first}/{method}"]).float()
+            maps = torch.from_numpy(kept.maps(f"{first}/{method}"))
             if maps.shape[1] != reference.shape[1]:  # GradCAM's one channel against the input's
                 maps = maps.expand_as(reference)
             for metric, values in compare(reference, maps, ["spearman_abs", "ssim"]).items():

@@ -30,9 +30,10 @@ from omegaconf.errors import OmegaConfBaseException
 from sanity_cli import checks
 from sanity_cli.configs import config_dir
 from sanity_cli.errors import SanityError
-from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure, read_meta
-from sanity_cli.results import read_run_file
-from sanity_cli.verdict import run_info, variant_outcomes, write_verdicts
+from sanity_cli.figures import METRIC_TITLES, draw_verdict_figure
+from sanity_cli.judging import variant_outcomes
+from sanity_cli.runfiles import read_info, read_meta, read_run_file
+from sanity_cli.verdict import write_verdicts
 
 VERDICT_ORDER = ("pass", "fail", "inconclusive", "uninformative", "not valid", "undefined", "aligned", "not aligned")
 FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
@@ -97,9 +98,9 @@ def _environment() -> Environment:
 
 def report_context(run_dir: Path, verdicts: pd.DataFrame, suffix: str = "") -> dict:
     """What the template shows, as plain values (strings, lists of dicts)."""
-    info = run_info(run_dir)
+    info = read_info(run_dir)
     settings = info.get("settings", {})
-    meta = read_meta(run_dir / "maps.npz") or {}
+    meta = read_meta(run_dir) or {}
     verdicts = _with_defaults(verdicts)
     deciding = verdicts[verdicts["decides"].astype(bool)]
     others = verdicts[~verdicts["decides"].astype(bool)]

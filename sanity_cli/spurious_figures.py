@@ -19,25 +19,25 @@ from matplotlib.figure import Figure
 
 from sanity_cli.checks import spurious
 from sanity_cli.figures import image_tile, map_tile, save
-from sanity_cli.results import read_maps, read_results
+from sanity_cli.judging import VerdictSettings
+from sanity_cli.runfiles import MAPS, open_maps, read_info, read_results
 from sanity_cli.validation import run_seeds
-from sanity_cli.verdict import VerdictSettings, run_info, settings_of
+from sanity_cli.verdict import settings_of
 
 GALLERY_IMAGES = 2
 MAP_STATES = (spurious.NORMAL_CLEAN, spurious.SPURIOUS_CLEAN, spurious.NORMAL_ARTIFACT, spurious.SPURIOUS_ARTIFACT)
 MAP_TITLES = ("normal,\nclean", "spurious,\nclean", "normal,\nartifact", "spurious,\nartifact")
 
 
-def draw(run_dir: Path, meta: dict) -> list[Path]:
+def draw(run_dir: Path) -> list[Path]:
     """Both figures where the run's files allow; their PNG paths."""
     run_dir = Path(run_dir)
-    settings = run_info(run_dir).get("settings") or {}
+    settings = read_info(run_dir).get("settings") or {}
     if not settings.get("test"):
         return []
     paths = []
-    maps = run_dir / "maps.npz"
-    if maps.is_file():
-        paths.append(gallery(run_dir, meta, settings))
+    if (run_dir / MAPS).is_file():
+        paths.append(gallery(run_dir, settings))
     results = run_dir / "results.csv"
     if results.is_file():
         paths.append(measures_figure(run_dir, read_results(run_dir), settings))
@@ -54,13 +54,14 @@ def _artifact_images(meta: dict, images: np.ndarray, settings: dict) -> tuple[np
     return planted, mask
 
 
-def gallery(run_dir: Path, meta: dict, settings: dict) -> Path:
-    with np.load(run_dir / "maps.npz") as npz:
+def gallery(run_dir: Path, settings: dict) -> Path:
+    with open_maps(run_dir) as kept:
+        meta = kept.meta
         states = {s["block"]: s["key"] for s in meta["states"] if s["seed"] == meta["states"][0]["seed"]}
-        methods = [m for m in meta["methods"] if f"{states[spurious.NORMAL_CLEAN]}/{m}" in npz]
-        images = npz["images"][:GALLERY_IMAGES].astype(np.float32)
+        methods = [m for m in meta["methods"] if f"{states[spurious.NORMAL_CLEAN]}/{m}" in kept]
+        images = kept.images[:GALLERY_IMAGES].astype(np.float32)
         planted, mask = _artifact_images(meta, images, settings)
-        maps = {(state, m): read_maps(npz, f"{states[state]}/{m}") for state in MAP_STATES if state in states
+        maps = {(state, m): kept.maps(f"{states[state]}/{m}") for state in MAP_STATES if state in states
                 for m in methods}
     columns = len(MAP_STATES) * len(images)
     fig = Figure(figsize=(1.05 * columns + 1.2, 1.1 * (1 + len(methods)) + 0.9))

@@ -82,8 +82,8 @@ def validate(cfg: DictConfig) -> None:
     _check_verdict(cfg)
     if cfg.labels not in (True, "true", "shuffled"):
         raise SanityError(f"unknown labels '{cfg.labels}'; choose true or shuffled")
-    if cfg.labels == "shuffled" and cfg.test.name == "data":
-        raise SanityError("test=data trains its own shuffled-label model next to the true-label one; "
+    if cfg.labels == "shuffled" and checks.get(cfg.test.name).needs_shuffled_model:
+        raise SanityError(f"test={cfg.test.name} trains its own shuffled-label model next to the true-label one; "
                           "drop labels=shuffled")
     fraction = OmegaConf.select(cfg, "dataset.test_fraction")
     if fraction is not None and fraction >= 1:

@@ -57,7 +57,7 @@ from sanity_cli.checks.smooth_cascade import CHECK as SMOOTH_CASCADE
 from sanity_cli.methods import explain_all
 from sanity_cli.metrics import METRICS, RANK_METRICS, compare
 from sanity_cli.randomization import TrainedWeights, cascading_states, plan_blocks
-from sanity_cli.verdict import robustness_scores
+from sanity_cli.robustness import robustness_scores
 
 ITEMS = ("mprt", "smprt")
 SEED = 0

@@ -60,7 +60,9 @@ def cli_run(images: int, cache_dir: str, scratch: Path) -> dict:
     sanity = [sys.executable, "-m", "sanity_cli.cli", "run", f"n_images={images}", "device=cpu",
               f"hydra.run.dir={run_dir}"]
     wall = _wall(sanity, env)
-    timing = json.loads((run_dir / "run.json").read_text())["timing_s"]
+    from sanity_cli.runfiles import read_info
+
+    timing = read_info(run_dir)["timing_s"]
     startup = _wall([sys.executable, "-c", "import sanity_cli.cli, sanity_cli.pipeline, sanity_cli.figures"], env)
     finish = _wall([sys.executable, "-c", f"from sanity_cli.pipeline import finish; finish(__import__('pathlib')"
                                           f".Path({str(run_dir)!r}))"], env) - startup

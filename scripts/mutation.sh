@@ -29,7 +29,7 @@ while (($#)); do
   sources+=("$1"); shift
 done
 ((${#sources[@]})) || sources=(sanity_cli/pipeline.py sanity_cli/checks/*.py sanity_cli/randomization.py
-                               sanity_cli/results.py)
+                               sanity_cli/runstore.py sanity_cli/runfiles.py sanity_cli/summary.py)
 ((${#tests[@]})) || tests=(tests/test_checks_e2e.py tests/test_randomization.py tests/test_results.py
                            tests/test_pipeline.py tests/test_chunks.py tests/test_cache_key.py
                            tests/test_settings_reach.py tests/test_limits.py tests/test_verdict.py)

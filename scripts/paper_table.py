@@ -11,10 +11,11 @@ model's map to the edge detector's. Then each experiment's wall time.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
+
+from sanity_cli.runfiles import INFO, read_info
 
 METRIC = "spearman_abs"
 
@@ -59,8 +60,8 @@ def main() -> None:
     print(f"Mean {METRIC} (± std over images):\n")
     print(markdown(table))
     print("\nWall time per experiment:\n")
-    for info in sorted(args.out.glob("*/run.json")):
-        seconds = json.loads(info.read_text()).get("timing_s", {}).get("total")
+    for info in sorted(args.out.glob(f"*/{INFO}")):
+        seconds = read_info(info.parent).get("timing_s", {}).get("total")
         if seconds is not None:
             print(f"- {info.parent.name}: {seconds / 60:.1f} min")
 

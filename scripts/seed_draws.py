@@ -15,12 +15,15 @@ from pathlib import Path
 import pandas as pd
 
 from sanity_cli import checks
-from sanity_cli.verdict import judge, judged_summary, run_info, settings_of, summarize_scores
+from sanity_cli.bootstrap import summarize_scores
+from sanity_cli.judging import judge, judged_summary
+from sanity_cli.runfiles import read_info
+from sanity_cli.verdict import settings_of
 
 
 def seed_table(run_dir: Path) -> pd.DataFrame:
     results = pd.read_csv(run_dir / "results.csv")
-    settings = settings_of(run_info(run_dir).get("settings", {}))
+    settings = settings_of(read_info(run_dir).get("settings", {}))
     metric, threshold = settings.metric, settings.threshold
     test = str(results["test"].iloc[0])
     decisive = checks.get(test).decisive(results)

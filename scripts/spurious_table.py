@@ -10,13 +10,13 @@ metric, mean [interval]) and the mask mass ratio of both models; and the run's w
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
 from sanity_cli.checks import spurious
+from sanity_cli.runfiles import read_info
 
 
 def interval(row) -> str:
@@ -26,7 +26,7 @@ def interval(row) -> str:
 
 
 def table(run_dir: Path) -> str:
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_info(run_dir)
     settings = info["settings"]
     test = settings["test"]
     verdicts = pd.read_csv(run_dir / "verdict.csv")

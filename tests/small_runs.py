@@ -26,7 +26,7 @@ import torch
 
 from sanity_cli import figures, pipeline, training
 from sanity_cli.errors import SanityError
-from sanity_cli.results import read_maps
+from sanity_cli.runfiles import read_maps
 
 SIZE = 12  # the smallest digits on which the CNN keeps its four blocks and SSIM its window
 BASE = ("device=cpu", f"dataset.image_size={SIZE}", "train.epochs=1", "n_images=8", "n_examples=8",

@@ -17,7 +17,7 @@ from small_runs import chromium_or_skip
 from sanity_cli import card as card_module
 from sanity_cli import cli
 from sanity_cli.errors import SanityError
-from sanity_cli.results import RunStore
+from sanity_cli.runstore import RunStore
 
 # ++test.shuffled_epochs=1: the shuffled-label model cannot memorize its labels in one epoch, so the data
 # check's precondition fails on purpose; six images: the model's accuracy on them is above chance at the 95%

@@ -13,7 +13,7 @@ import torch
 
 from sanity_cli import pipeline
 from sanity_cli.pipeline import image_chunks
-from sanity_cli.results import RunStore
+from sanity_cli.runstore import RunStore
 from small_runs import Runs, quickly
 
 METHODS = "method=[gradient,integrated_gradients,smoothgrad,gradcam,random]"

@@ -14,7 +14,7 @@ from filelock import FileLock
 from sanity_cli import cli
 from sanity_cli.collect import collect, decisive_rows
 from sanity_cli.errors import SanityError
-from sanity_cli.results import summarize
+from sanity_cli.summary import summarize
 
 SWEEP = ["-m", "hydra/launcher=joblib", "target=predicted,original", "method=gradient", "n_images=4",
          "++test.seeds=1", "train.epochs=1", "device=cpu", "n_examples=1", "hydra.sweep.dir=sweep"]
@@ -201,7 +201,7 @@ def test_the_pooled_verdict_resamples_the_runs_draws_first(tmp_path):
     1/4, 1/2, 1/4, so the 95% interval is [0.2, 0.6] and the verdict inconclusive. Had the
     16 images been pooled as one sample, the interval would be about [0.3, 0.5]."""
     from sanity_cli.collect import FoundRun, pooled_verdicts
-    from sanity_cli.verdict import verdict_table
+    from sanity_cli.judging import verdict_table
 
     tables = [decisive_table([0.2] * 8), decisive_table([0.6] * 8)]
     combos = [[FoundRun(tmp_path / name, {}, {}, {}, {}, None)] for name in ("a", "b")]
@@ -218,7 +218,7 @@ def test_the_pooled_verdict_resamples_the_runs_draws_first(tmp_path):
 
 def test_a_run_not_valid_makes_the_pooled_verdict_not_valid(tmp_path):
     from sanity_cli.collect import FoundRun, pooled_verdicts
-    from sanity_cli.verdict import verdict_table
+    from sanity_cli.judging import verdict_table
 
     tables = [decisive_table([0.1, 0.12, 0.11, 0.13, 0.1, 0.12]), decisive_table([0.1, 0.12, 0.11])]
     combos = [[FoundRun(tmp_path / name, {}, {}, {}, {}, None)] for name in ("a", "b")]

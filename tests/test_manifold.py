@@ -185,7 +185,7 @@ def decisive_rows(fractions: dict[str, list[float]], r2: float = 0.9, correct: b
 
 
 def judged(rows, **run_settings):
-    from sanity_cli.verdict import verdict_table
+    from sanity_cli.judging import verdict_table
 
     return verdict_table(rows, controls={"random"}, run_settings=run_settings).set_index("method")
 

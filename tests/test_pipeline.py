@@ -11,7 +11,7 @@ import torch
 
 from sanity_cli import pipeline
 from sanity_cli.errors import SanityError
-from sanity_cli.results import RunStore
+from sanity_cli.runstore import RunStore
 from small_runs import quickly
 
 FAST = ["n_images=4", "n_examples=2", "train.epochs=2", "device=cpu", "method=[gradient,guided_backprop,random]",
@@ -162,7 +162,8 @@ def test_a_run_that_fails_to_start_leaves_no_results(make_cfg, tmp_path):
 def test_kept_maps_survive_half_precision():
     import numpy as np
 
-    from sanity_cli.results import compact, read_maps
+    from sanity_cli.runfiles import read_maps
+    from sanity_cli.runstore import compact
 
     maps = torch.randn(3, 2, 5, 5, dtype=torch.float64) * torch.tensor([1e-9, 1.0, 1e9]).view(3, 1, 1, 1)
     maps[1] = 0.0

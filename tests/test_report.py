@@ -22,13 +22,16 @@ import yaml
 from hydra import compose, initialize_config_dir
 from small_runs import chromium_or_skip
 
+from sanity_cli.bootstrap import interval_table
 from sanity_cli.cli import main
 from sanity_cli.configs import config_dir
 from sanity_cli.figures import Run, draw_all, verdict_figure
+from sanity_cli.judging import verdict_table
 from sanity_cli.metrics import NORMALIZATIONS
 from sanity_cli.report import overrides_of, reproduce_command, write_report
-from sanity_cli.results import COLUMNS, settings_for_fingerprint, summarize
-from sanity_cli.verdict import interval_table, verdict_table
+from sanity_cli.runfiles import COLUMNS
+from sanity_cli.runstore import settings_for_fingerprint
+from sanity_cli.summary import summarize
 
 BLOCKS = ["original", "fc2", "fc1", "conv1"]
 # the similarity each method reaches at full randomization

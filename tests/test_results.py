@@ -21,8 +21,9 @@ import torch
 from sanity_cli import rundir
 from sanity_cli.errors import SanityError
 from sanity_cli.models import PaperCNN
-from sanity_cli.results import (RunStore, check_maps, compact, count_finished, read_results,
-                                settings_for_fingerprint, state_rows, summarize)
+from sanity_cli.runfiles import check_maps, count_finished, read_results
+from sanity_cli.runstore import RunStore, compact, settings_for_fingerprint, state_rows
+from sanity_cli.summary import summarize
 
 SETTINGS = {"test": {"name": "cascade"}, "seed": 0}
 CONTEXT = {"test": "cascade", "model": "cnn", "dataset": "digits", "seed": 0, "init": "paper",
@@ -88,7 +89,7 @@ def test_rows_states_and_receipts_as_written(tmp_path, whole):
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from sanity_cli.results import RunStore
+    from sanity_cli.runstore import RunStore
     store = RunStore(sys.argv[1], {})
     print("holding", flush=True)
     time.sleep(60)

@@ -17,7 +17,7 @@ from sanity_cli import cli
 from sanity_cli.collect import collect
 from sanity_cli.errors import SanityError
 from sanity_cli.figures import describe_run
-from sanity_cli.results import read_results, read_run_file
+from sanity_cli.runfiles import read_results, read_run_file
 from small_runs import Runs
 
 

@@ -17,7 +17,7 @@ from sanity_cli.metrics import (
     normalize,
     rankdata,
 )
-from sanity_cli.verdict import robustness_scores
+from sanity_cli.robustness import robustness_scores
 
 ALL_RANK_VARIANTS = [(m, s) for m in (*RANK_METRICS, "hog") for s in NORMALIZATIONS]
 

@@ -17,7 +17,7 @@ from sanity_cli import pipeline
 from sanity_cli.artifacts import Artifact
 from sanity_cli.checks import spurious
 from sanity_cli.models import InputSpec
-from sanity_cli.results import RunStore, settings_for_fingerprint
+from sanity_cli.runstore import RunStore, settings_for_fingerprint
 from sanity_cli.training import TrainedModel
 
 SIZE, CLASSES, ALIGNED, N = 8, 4, 2, 24

@@ -12,19 +12,14 @@ import pytest
 import torch
 from scipy import stats
 
+from sanity_cli.bootstrap import bootstrap_interval
 from sanity_cli.errors import SanityError
+from sanity_cli.judging import VerdictSettings, judge, verdict_table
 from sanity_cli.metrics import NORMALIZATIONS, compare
-from sanity_cli.results import COLUMNS
+from sanity_cli.robustness import robustness_scores
+from sanity_cli.runfiles import COLUMNS
 from sanity_cli.validation import validate
-from sanity_cli.verdict import (
-    VerdictSettings,
-    bootstrap_interval,
-    judge,
-    parse_verdict_arguments,
-    robustness_scores,
-    verdict_table,
-    write_verdicts,
-)
+from sanity_cli.verdict import parse_verdict_arguments, write_verdicts
 
 
 def results(values_by_method: dict, *, test: str = "cascade", metric: str = "spearman_abs", steps: int = 2,
@@ -360,7 +355,7 @@ def test_more_resamples_settle_an_end_that_was_only_near_the_threshold_by_chance
 def test_monte_carlo_error_matches_the_spread_of_interval_ends_over_bootstrap_draws():
     """monte_carlo_error is a 95% half-width: about 1.96 standard deviations of the end's
     value over independent draws of the resamples."""
-    from sanity_cli.verdict import bootstrap_means, monte_carlo_error
+    from sanity_cli.bootstrap import bootstrap_means, monte_carlo_error
 
     values = [np.random.default_rng(5).normal(0.5, 0.2, 40)]
     lows = [bootstrap_interval(values, level=0.95, resamples=500, seed=s)[0] for s in range(1, 301)]

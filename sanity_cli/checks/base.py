@@ -1,10 +1,12 @@
 """What every check declares: the conditions it explains, how it makes and scores
-maps where that differs from the default, the state that decides its verdict, and the
-preconditions under which that verdict means something.
+maps where that differs from the default, the state that decides its verdict, the
+preconditions under which that verdict means something, and how the rest speaks of it:
+which way its own metric moves with a change, which model each step explains, how its
+figures are drawn and labelled, what a fail means on the card.
 
 A check is a `Check` subclass in a module of its own, registered by name in
 `sanity_cli.checks`. The pipeline runs any check through this interface and never
-names one.
+names one; the verdict, the summary, the figures and the card ask it.
 """
 
 from __future__ import annotations
@@ -130,8 +132,18 @@ class Check:
     needs_shuffled_model = False   # it compares with a model trained on shuffled labels
     targets: tuple[str, ...] | None = None  # the `target` settings it supports (None: all)
     verdict_metric: str | None = None  # a metric of its own decides (None: the run's choice)
-    higher_means_change = False    # for similarities a change lowers the score
+    # its verdict metric rises with the change (judged against verdict.rise_threshold); for
+    # similarities a change lowers the score (verdict.threshold)
+    higher_means_change = False
+    own_metrics: tuple[str, ...] = ()  # scores of its own beside the run's metrics that verdict.metric may name
     compares_maps = True           # scores compare two maps (robustness.csv re-scores them per normalization)
+    # the model each of these steps explains, by name (summary.csv's accuracy columns)
+    step_models: Mapping[int, str] = {0: "trained"}
+    # how its figures show it: a check that compares two maps once (two models, two classes) is
+    # drawn as bars with this y-axis label, None draws curves over its states
+    pair_label: str | None = None
+    unbounded_metrics: tuple[str, ...] = ()  # its scores that are not similarities at most 1 (free y-axis)
+    verdict_label = "similarity to the trained model's map"  # the y-axis of its verdict figure
     # a rule of its own (`judge`) says its outcomes in words of its own: what each means for
     # whether the method can be trusted, as pass (what a trustworthy method does) or fail
     meanings: Mapping[str, str] = {}
@@ -151,7 +163,7 @@ class Check:
         return {}
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict] | None:
-        """Verdict rows of this check's decisive rows (verdict.COLUMNS; is_control and
+        """Verdict rows of this check's decisive rows (judging.COLUMNS; is_control and
         holds_in are filled in after, and the general note is added to `note`); None applies
         the similarity rule. `settings`: the VerdictSettings; `run`: the run's settings
         (run.json), with `controls`, the run's control methods."""
@@ -188,6 +200,15 @@ class Check:
     def axis_label(self, order: str) -> str:
         """The x-axis of this check's curves, for `test.order` (top_down or bottom_up)."""
         return "state"
+
+    def fail_meaning(self, order: str) -> str:
+        """What a method's fail says (the card: "a method fails when ..."), for `test.order`;
+        '' when the check says nothing of its own (the card's generic words)."""
+        return ""
+
+    def card_aside(self, order: str) -> str:
+        """What the card's list of checks adds about this check run in `test.order`; ''."""
+        return ""
 
     def preconditions(self, evidence: Evidence) -> list[Precondition]:
         """The conditions under which this check's verdicts mean something, evaluated on a

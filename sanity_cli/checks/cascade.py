@@ -29,6 +29,16 @@ class Cascade(Check):
     def axis_label(self, order: str) -> str:
         return block_axis_label(order, cumulative=True)
 
+    def fail_meaning(self, order: str) -> str:
+        where = "from the input up" if order == "bottom_up" else "from the logits down"
+        return f"the map stays the same when the model's weights are randomized {where}"
+
+    def card_aside(self, order: str) -> str:
+        if order != "bottom_up":
+            return ""
+        return ("Its verdict is at the fully randomized model, as the top-down cascade's (the same draws give the same "
+                "value); the two differ in the path there, which its figure shows.")
+
     def preconditions(self, evidence: Evidence) -> list[Precondition]:
         """The trained model's, and the receipt: no parameter tensor is left trained at the
         fully randomized state (states.csv), else the decisive state is not full randomization."""

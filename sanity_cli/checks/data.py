@@ -16,6 +16,8 @@ TRUE_LABELS, SHUFFLED_LABELS = "true labels", "shuffled labels"
 class DataRandomization(Check):
     name = "data"
     needs_shuffled_model = True
+    step_models = {0: "trained", 1: "shuffled"}
+    pair_label = "similarity: true-label vs shuffled-label model"
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         yield Condition(State(0, TRUE_LABELS, ()), subject.models["trained"])
@@ -26,6 +28,9 @@ class DataRandomization(Check):
 
     def axis_label(self, order: str) -> str:
         return "model"
+
+    def fail_meaning(self, order: str) -> str:
+        return "the map stays the same for a model trained on shuffled labels, which learnt nothing about the data"
 
     def preconditions(self, evidence: Evidence) -> list[Precondition]:
         """The trained model's, and: the shuffled-label model memorized its labels (train

@@ -86,7 +86,8 @@ class ManifoldAlignment(Check):
         return {"manifold": trained}
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run_settings: Mapping) -> list[dict]:
-        from sanity_cli.verdict import judged_summary, seeds_agree, summarize_scores
+        from sanity_cli.bootstrap import summarize_scores
+        from sanity_cli.judging import judged_summary, seeds_agree
 
         test = {**defaults(), **(run_settings.get("test") or {})}
         controls = set(run_settings.get("controls") or ())

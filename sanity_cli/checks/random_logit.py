@@ -19,6 +19,8 @@ PREDICTED_CLASS, RANDOM_CLASS = "predicted class", "random other class"
 
 class RandomLogit(Check):
     name = "random_logit"
+    own_metrics = ("ssim_positive", "ssim_negative")  # `signed_ssim`
+    pair_label = "similarity: true class vs random class"
 
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, classes = subject.models["trained"], subject.num_outputs
@@ -38,6 +40,9 @@ class RandomLogit(Check):
 
     def axis_label(self, order: str) -> str:
         return "class explained"
+
+    def fail_meaning(self, order: str) -> str:
+        return "the map for a random other class looks like the map for the predicted class"
 
 
 def other_class(targets: Tensor, num_classes: int, seed: int, ids: Tensor | None = None) -> Tensor:

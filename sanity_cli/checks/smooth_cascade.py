@@ -15,6 +15,9 @@ from sanity_cli.methods.noise import draw_noise, image_generators, noise_scale
 class SmoothCascade(Cascade):
     name = "smooth_cascade"
 
+    def fail_meaning(self, order: str) -> str:
+        return "the noise-averaged map stays the same when the model's weights are randomized"
+
     def maps(self, explain: Explain, model: nn.Module, images: Tensor, targets: Tensor, seed: int,
              settings: Mapping, ids: Tensor) -> dict[str, Tensor]:
         """The same noisy copies in every state (seeded per image), so only the model differs.

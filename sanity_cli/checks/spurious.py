@@ -148,10 +148,9 @@ class Spurious(Check):
     meanings = {"detects": "pass", "does not detect": "fail", "no false alarm": "pass", "false alarm": "fail"}
 
     def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
-        from sanity_cli.figures import read_meta
         from sanity_cli.spurious_figures import draw
 
-        return draw(run_dir, read_meta(Path(run_dir) / "maps.npz") or {})
+        return draw(run_dir)
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
         rows = verdict_rows(decisive, settings, seed, run)
@@ -163,7 +162,8 @@ class Spurious(Check):
 
 def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict]:
     """The check's verdict rows (see the module's docstring for the rules)."""
-    from sanity_cli.verdict import judged_summary, seeds_agree, summarize_scores
+    from sanity_cli.bootstrap import summarize_scores
+    from sanity_cli.judging import judged_summary, seeds_agree
 
     test, methods = run.get("test") or {}, run.get("method") or {}
     if "aligned_class" not in test:
@@ -273,7 +273,7 @@ def reliance_rule(reliance: pd.DataFrame, margin: float, interval) -> tuple[bool
 def spurious_score_table(results: pd.DataFrame, aligned: int, margin: float, *, level: float = 0.95,
                          resamples: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row: the spurious score of both models with intervals, their paired gain and validity."""
-    from sanity_cli.verdict import summarize_scores
+    from sanity_cli.bootstrap import summarize_scores
 
     reliance = reliance_rows(results, aligned)
     interval = lambda rows: summarize_scores(rows, level=level, resamples=resamples, seed=seed)  # noqa: E731

@@ -26,6 +26,7 @@ from torch import Tensor
 from sanity_cli import manifold as geometry
 from sanity_cli.checks.base import Check, Compare, Condition, Subject
 from sanity_cli.errors import SanityError
+from sanity_cli.methods.registry import kind_of
 from sanity_cli.randomization import State
 from sanity_cli.training import TrainedModel
 
@@ -171,8 +172,7 @@ def not_valid_reason(decisive: pd.DataFrame, test: Mapping, target: str) -> str:
 
 
 def _is_random(method: str, run_settings: Mapping) -> bool:
-    options = (run_settings.get("method") or {}).get(method) or {}
-    return (options.get("method") or method) == "random"
+    return kind_of(method, (run_settings.get("method") or {}).get(method) or {}) == "random"
 
 
 def defaults() -> dict:

@@ -52,6 +52,7 @@ from torch import Tensor
 from sanity_cli.artifacts import Artifact, mask_mass_ratio, plant
 from sanity_cli.checks.base import Check, Compare, Condition, ModelNeed, Subject
 from sanity_cli.errors import SanityError
+from sanity_cli.methods.registry import is_control
 from sanity_cli.randomization import State
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ SPURIOUS_VS_NORMAL = "spurious model, artifact images, vs normal model"
 KSSD, KSSD_NORMAL, KSSD_GAIN, CCM, FAM = "K-SSD", "K-SSD normal model", "K-SSD gain", "CCM", "FAM"
 MEASURE_STATES = {KSSD: SPURIOUS_ARTIFACT, KSSD_NORMAL: NORMAL_ARTIFACT, CCM: SPURIOUS_CLEAN}
 MASS = "mask_mass"
-CONTROL_KINDS = ("edge", "random")
 # which settings of the `test` config change the spurious model's weights, per artifact
 WEIGHT_SETTINGS = {"tag": ("tag_size", "tag_position", "tag_value"), "stripes": ("stripes_period", "stripes_strength"),
                    "blur": ("blur_sigma",)}
@@ -181,7 +181,7 @@ def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> l
     for method, part in decisive.groupby("method", sort=False):
         base = {"test": first["test"], "model": first["model"], "dataset": first["dataset"], "method": method,
                 "level": settings.level, "resamples": settings.resamples}
-        kind = (methods.get(method) or {}).get("method") or method
+        control = is_control(method, methods.get(method) or {})
         for block, metric, values, threshold, higher, words, decides in measures(part, settings, test, located):
             if words:  # a rule: the verdict's own interval, Monte Carlo error and agreement of the draws
                 summary, outcome, borderline = judged_summary(values, threshold, higher, settings, seed)
@@ -192,7 +192,7 @@ def verdict_rows(decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> l
             verdict, note = outcome, ""
             if block == KSSD_GAIN and not located:
                 note = "blur changes the whole image: it has no mask, so K-SSD is undefined"
-            if block == KSSD_GAIN and kind in CONTROL_KINDS and outcome == "detects":
+            if block == KSSD_GAIN and control and outcome == "detects":
                 outcome = verdict = "does not detect"
                 note = "a control's maps do not follow the model: never detects"
             if words and not valid:

@@ -44,7 +44,7 @@ from sanity_cli.runfiles import INFO, read_info, read_run_file
 CARD_FILE = "card.yaml"
 NOT_RUN = "not run"
 # What a fail says of a check that says nothing of its own (`Check.fail_meaning`)
-FAIL_MEANING = "the map does not change under the check`s randomization"
+FAIL_MEANING = "the map does not change under the check's randomization"
 # The order of the standings, from the worst: a single fail decides
 STANDINGS = {"fails": "fails a check: not to be trusted to explain this model",
              "incomplete": "no check failed, but not every check could judge it",
@@ -294,6 +294,12 @@ def fail_meaning(column: str) -> str:
     return found[0].fail_meaning(found[1]) if found else ""
 
 
+def pass_meaning(column: str) -> str:
+    """What a pass in `column` says about a method, for a positive test; '' for the rest."""
+    found = check_of_column(column)
+    return found[0].pass_meaning(found[1]) if found else ""
+
+
 def aside(column: str) -> str:
     """What the card's list of checks adds about `column`, in the check's words."""
     found = check_of_column(column)
@@ -417,11 +423,20 @@ def reading(method: str, table: pd.DataFrame) -> str:
                  ". Its maps should not be read as explaining this model's decisions.")
     noise = table[(table["method"] == "random") & (table["verdict"] == "pass")] if _is_control(table, "random") \
         else table.iloc[:0]
-    trivial = [c for c in passed if c in set(noise["check"])]
-    if passed:
-        text += (" A pass shows only that the map changes when the check randomizes the model, the labels or the "
-                 "class; it is necessary, not sufficient: it does not show that the map is faithful to the model or "
-                 "useful to a person")
+    found = [c for c in passed if pass_meaning(c)]  # positive tests: the map found what was planted
+    changed = [c for c in passed if c not in found]
+    trivial = [c for c in changed if c in set(noise["check"])]
+    if found:
+        text += (" A pass of a positive test is evidence for the method on this model: " +
+                 "; ".join(f"under {c}, {pass_meaning(c)}" for c in found))
+        controls = table[table["is_control"].eq(True) & (table["verdict"] == "pass") & table["check"].isin(found)]
+        text += "".join(f" (the {control} control passes {_list(list(part['check']))} as well, so there the pass need not come "
+                        "from the model)" for control, part in controls.groupby("method", sort=False)
+                        if control != method) + "."
+    if changed:
+        text += (f" A pass of {'a check that randomizes' if found else 'a check'} shows only that the map changes "
+                 "when the check randomizes the model, the labels or the class; it is necessary, not sufficient: it "
+                 "does not show that the map is faithful to the model or useful to a person")
         text += (f" (random noise passes {_list(trivial)} as well)." if trivial else ".")
     if open_ and not failed:
         text += " Until the open checks are settled (more images or seeds, a model that meets the preconditions), " \

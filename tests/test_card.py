@@ -15,6 +15,7 @@ import pytest
 from small_runs import chromium_or_skip
 
 from sanity_cli import card as card_module
+from sanity_cli import checks
 from sanity_cli import cli
 from sanity_cli.errors import SanityError
 from sanity_cli.runstore import RunStore
@@ -304,3 +305,23 @@ def test_the_positive_tests_words_count_as_what_they_mean_for_trust():
     # a similarity check's words are its own already: nothing changes
     plain = rows("cascade", ["conv1"], ["inconclusive"])
     pd.testing.assert_frame_equal(card_module.in_card_words(plain), plain)
+
+
+def test_the_reading_says_what_a_positive_tests_pass_shows_and_when_a_control_passes_too():
+    """A pass of spurious or manifold says what the map found (the check's own words), a
+    randomization pass keeps the "necessary, not sufficient" reading, a fail of a positive test
+    says what it missed, and a control that passes the same positive test is named."""
+    def row(method, check, verdict, control=False):
+        return {"method": method, "check": check, "verdict": verdict, "is_control": control, "note": ""}
+
+    table = pd.DataFrame([row("gradient", "cascade", "pass"), row("gradient", "manifold", "pass"),
+                          row("gradient", "spurious", "fail"), row("edge", "manifold", "pass", True),
+                          row("random", "manifold", "fail", True), row("random", "cascade", "pass", True)])
+    text = card_module.reading("gradient", table)
+    assert "under manifold, " + checks.get("manifold").pass_meaning("top_down") in text
+    assert "under spurious, " + checks.get("spurious").fail_meaning("top_down") in text
+    assert "(the edge control passes manifold as well" in text and "the random control" not in text
+    assert "A pass of a check that randomizes shows only that the map changes" in text
+    assert "random noise passes cascade as well" in text
+    alone = card_module.reading("gradient", table[table["check"] == "cascade"])
+    assert "positive test" not in alone and "A pass of a check shows only" in alone

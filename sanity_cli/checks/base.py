@@ -206,6 +206,12 @@ class Check:
         '' when the check says nothing of its own (the card's generic words)."""
         return ""
 
+    def pass_meaning(self, order: str) -> str:
+        """What a method's pass says, for a positive test (one that asks the map to find
+        something known: "a method passes when ..."); '' for a check that randomizes, whose
+        pass shows only that the map changed (the card's generic words)."""
+        return ""
+
     def card_aside(self, order: str) -> str:
         """What the card's list of checks adds about this check run in `test.order`; ''."""
         return ""

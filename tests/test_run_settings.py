@@ -84,3 +84,17 @@ def test_the_clock_adds_each_phase_of_its_own():
         pass
     assert clock.seconds["data and models"] == 1.5
     assert 0.04 <= clock.seconds["explain"] < 1 and 0 <= clock.seconds["compare"] < 0.02
+
+
+def test_the_run_takes_the_gpu_that_its_sweep_job_leased(make_cfg, monkeypatch):
+    from sanity_cli import sharding
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    settings = Settings.from_config(make_cfg(["device=auto"]))
+    assert pipeline.run_device(settings) == torch.device("cuda")
+    token = sharding._LEASED.set("cuda:1")  # what job_resources sets for the job's duration
+    try:
+        assert pipeline.run_device(settings) == torch.device("cuda:1")
+    finally:
+        sharding._LEASED.reset(token)
+    assert settings.device == "auto"

@@ -146,7 +146,7 @@ def test_a_reference_bigger_than_the_bound_keeps_its_first_chunks_for_good():
 
 @pytest.mark.parametrize("normalization, reused", [("paper", True), ("none", True), ("max_abs", False)])
 def test_a_runs_spearman_scores_are_taken_from_its_robustness_scores(normalization, reused):
-    from sanity_cli.pipeline.loop import _reusing
+    from sanity_cli.pipeline.score import _reusing
     from sanity_cli.metrics import METRICS, compare
 
     reference, other = maps_of("outliers", 3, 13), maps_of("outliers", 3, 14)

@@ -6,7 +6,7 @@ wrapper around it and tests call it directly with composed configs. The flow:
     settings  (sanity_cli.settings: the config, checked and typed once)
     prepare   data and models (prepare.py)
     plan      the facts worked out once before any work: RunPlan (plan.py)
-    loop      each seed's states: explain_chunk, score_chunk, stored as they finish (loop.py)
+    loop      each seed's states: explain_chunk, score_chunk (score.py), stored as they finish (loop.py)
     finish    summary, figures, verdicts and report (finish.py)
 """
 

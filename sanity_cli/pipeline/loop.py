@@ -2,7 +2,7 @@
 
 For each randomization seed, each condition (a model state) is explained and scored
 `image_chunk` images at a time: `explain_chunk` makes a chunk's maps, `score_chunk`
-compares them with the reference state's and writes the chunk's rows, and the state's
+(score.py) compares them with the reference state's and writes the chunk's rows, and the state's
 line in states.csv follows its last chunk. States a resumed run already has are skipped;
 step 0 is explained again all the same, as the reference of the others. With more than
 one chunk the reference maps wait on disk (`ReferenceMaps`), so that memory holds one
@@ -22,21 +22,20 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sanity_cli import checks
-from sanity_cli.checks.base import Compare
 from sanity_cli.errors import SanityError
 from sanity_cli.finite import check_logits, check_maps
-from sanity_cli.metrics import NORMALIZATIONS, compare, kept_ranks
+from sanity_cli.metrics import kept_ranks
 from sanity_cli.pipeline.explain import Explainer, explainer, logits_of
 from sanity_cli.pipeline.finish import record_signal
 from sanity_cli.pipeline.plan import RunPlan
 from sanity_cli.pipeline.prepare import Prepared
 from sanity_cli.pipeline.reference import ReferenceMaps, image_chunks
+from sanity_cli.pipeline.score import score_chunk
 from sanity_cli.randomization import TrainedWeights
-from sanity_cli.results import RunStore, state_rows
+from sanity_cli.results import RunStore
 from sanity_cli.settings import Settings
 from sanity_cli.signal import figures_by_method, join_figures
 from sanity_cli.training import progress_disabled
-from sanity_cli.verdict import robustness_scores
 
 
 class Clock:
@@ -170,39 +169,6 @@ def explain_chunk(run: Run, sweep: SeedPass, condition: checks.Condition, index:
     return chunk
 
 
-def score_chunk(run: Run, sweep: SeedPass, condition: checks.Condition, chunk: Chunk) -> None:
-    """Score one chunk's maps against those of the state it is compared with, and store its rows
-    (results.csv; robustness.csv: the same pairs under every normalization)."""
-    step, block, options = condition.state.step, condition.state.block, run.plan.compare
-    with run.clock("compare"):
-        base = chunk.maps if step == condition.compare_with else sweep.reference.get(chunk.index, run.plan.device,
-                                                                                      condition.compare_with)
-        # a known map (Condition.truth) has one channel and stands for each of a map's channels
-        base = {name: base[name].expand_as(value) for name, value in chunk.maps.items()}
-        variants = {name: robustness_scores(base[name], value, single_channel=options["single_channel"])
-                    for name, value in chunk.maps.items()} if run.check.compares_maps else {}
-        compare_fn = lambda a, b, **overrides: compare(a, b, **{**options, **overrides})  # noqa: E731
-        scores = {name: {**run.check.score(base[name], value, _reusing(compare_fn, options, base[name], value,
-                                                                        variants.get(name, {})), run.settings.test),
-                         **chunk.measured}
-                  for name, value in chunk.maps.items()}
-    context = _row_context(run.settings, sweep.seed)
-    image_ids, labels = run.prepared.image_ids[chunk.part], run.prepared.labels[chunk.part]
-    rows = state_rows(context, step, block, scores, image_ids, labels, chunk.targets)
-    robust = [row for scheme in NORMALIZATIONS
-              for row in state_rows({**context, "normalization": scheme}, step, block,
-                                    {name: value[scheme] for name, value in variants.items()},
-                                    image_ids, labels, chunk.targets)]
-    run.store.add_rows(rows, robust)
-
-
-def _row_context(settings: Settings, seed: int) -> dict:
-    """The columns that every row of a seed's states shares."""
-    return {"test": settings.test.name, "model": settings.model.name, "dataset": settings.dataset.name, "seed": seed,
-            "init": settings.test.get("init", ""), "reset_bn_stats": settings.test.get("reset_bn_stats", ""),
-            "normalization": settings.metrics.normalization}
-
-
 def _predicted(model: nn.Module, images: Tensor, max_batch: int, name: str, state: str) -> Tensor:
     """The (B,) classes that `model` predicts for the (B, C, H, W) images; SanityError
     naming the model and the state when its logits are not finite."""
@@ -210,25 +176,6 @@ def _predicted(model: nn.Module, images: Tensor, max_batch: int, name: str, stat
         logits = torch.cat([logits_of(model, chunk) for chunk in images.split(max_batch)])
     check_logits(logits, name, state)
     return logits.argmax(dim=1)
-
-
-def _reusing(compare_fn: Compare, options: dict, reference: Tensor, maps: Tensor,
-             variants: dict[str, dict[str, Tensor]]) -> Compare:
-    """compare_fn, but the scores of (reference, maps) that robustness_scores has already
-    computed under the run's normalization (the same numbers, from the same ranks) are
-    taken from `variants` rather than ranked again; every other call goes to compare_fn.
-    `options`: compare_fn's own keyword arguments (metric_options)."""
-    normalization = options["normalization"]
-    known = variants.get(normalization, {}) if normalization in ("paper", "none") else {}
-
-    def compare_again(a: Tensor, b: Tensor, **overrides) -> dict[str, Tensor]:
-        names = list(overrides.pop("metrics", options["metrics"]))
-        if a is not reference or b is not maps or overrides:
-            return compare_fn(a, b, metrics=names, **overrides)
-        rest = [name for name in names if name not in known]
-        computed = compare_fn(a, b, metrics=rest) if rest else {}
-        return {name: known[name] if name in known else computed[name] for name in names}
-    return compare_again
 
 
 def _targets(choice: str, condition: checks.Condition, prepared: Prepared, predicted: Tensor, part: slice,

@@ -24,8 +24,8 @@ from sanity_cli.methods.gradients import logits_of
 from sanity_cli.models import InputSpec
 from sanity_cli.pipeline import Prepared, RunResult, execute, resolve_device
 from sanity_cli.runstore import RunStore, settings_for_fingerprint
+from sanity_cli.settings import Settings
 from sanity_cli.training import TrainedModel
-from sanity_cli.validation import validate
 
 
 def check(model: nn.Module, images: Tensor, methods: Sequence[str] = ("gradient",), test: str = "cascade", *,
@@ -46,12 +46,12 @@ def check(model: nn.Module, images: Tensor, methods: Sequence[str] = ("gradient"
     cfg = _config(methods, test, options)
     if "model.name" not in options:
         cfg.model.name = type(model).__name__
-    validate(cfg)
-    device = resolve_device(cfg.device)
+    settings = Settings.from_config(cfg)  # checked here, once
+    device = resolve_device(settings.device)
     if run_dir is None:
         with tempfile.TemporaryDirectory(prefix="sanity-") as scratch:
-            return _run(cfg, model, images, labels, shuffled_model, device, Path(scratch) / "run", keep=False)
-    return _run(cfg, model, images, labels, shuffled_model, device, Path(run_dir), keep=True)
+            return _run(settings, model, images, labels, shuffled_model, device, Path(scratch) / "run", keep=False)
+    return _run(settings, model, images, labels, shuffled_model, device, Path(run_dir), keep=True)
 
 
 def _config(methods: Sequence[str], test: str, options: Mapping[str, Any]) -> DictConfig:
@@ -74,14 +74,14 @@ def _config(methods: Sequence[str], test: str, options: Mapping[str, Any]) -> Di
 _MISSING = object()
 
 
-def _run(cfg: DictConfig, model: nn.Module, images: Tensor, labels: Tensor | None,
+def _run(settings: Settings, model: nn.Module, images: Tensor, labels: Tensor | None,
          shuffled_model: nn.Module | None, device: torch.device, run_dir: Path, keep: bool) -> RunResult:
-    if checks.get(cfg.test.name).needs_shuffled_model and shuffled_model is None:
-        raise SanityError(f"test={cfg.test.name} compares with a model trained on shuffled labels; "
+    if checks.get(settings.test.name).needs_shuffled_model and shuffled_model is None:
+        raise SanityError(f"test={settings.test.name} compares with a model trained on shuffled labels; "
                           "pass it as check(..., shuffled_model=MODEL)")
-    prepared = given(model, images, labels, shuffled_model, device, cfg.max_batch)
-    with RunStore(run_dir, settings_for_fingerprint(cfg, device), resume=False) as store:
-        result = execute(cfg, prepared, store)
+    prepared = given(model, images, labels, shuffled_model, device, settings.max_batch)
+    with RunStore(run_dir, settings_for_fingerprint(settings.config, device), resume=False) as store:
+        result = execute(settings, prepared, store)
     if not keep:
         result.run_dir, result.figures, result.report = None, [], None
     return result

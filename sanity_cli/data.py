@@ -13,9 +13,9 @@ import os
 import shutil
 import stat
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -71,8 +71,9 @@ def geometry(cfg) -> tuple[int, int]:
     custom dataset, whose first image says."""
     if cfg.get("kind") == "custom":
         return custom_geometry(cfg)
-    return {"digits": (1, cfg.get("image_size", 28)), "mnist": (1, 28), "fashion_mnist": (1, 28),
-            "cifar10": (3, 32)}.get(cfg.name, (3, 224))
+    if cfg.name == "digits":  # resized to its config's image_size (conf/dataset/digits.yaml)
+        return 1, cfg.image_size
+    return {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32)}.get(cfg.name, (3, 224))
 
 
 def load_dataset(cfg, *, data_dir: str | Path, seed: int, n_images: int,
@@ -83,7 +84,7 @@ def load_dataset(cfg, *, data_dir: str | Path, seed: int, n_images: int,
     center-cropped to it. `n_images` bounds how many images those loaders read.
     """
     loaders: dict[str, Callable[[], ImageData]] = {
-        "digits": lambda: load_digits(cfg.get("image_size", 28), cfg.get("test_fraction", 0.2), seed),
+        "digits": lambda: load_digits(cfg.image_size, cfg.test_fraction, seed),  # conf/dataset/digits.yaml
         "mnist": lambda: load_torchvision("MNIST", data_dir),
         "fashion_mnist": lambda: load_torchvision("FashionMNIST", data_dir, cfg.get("system_dir")),
         "cifar10": lambda: load_torchvision("CIFAR10", data_dir),

@@ -26,8 +26,10 @@ each map once with and once without absolute value and derives the ranks of
 every normalization (the paper's clipped one included) from those two sorts.
 A check compares every state with the same step-0 maps, so the ranks of the
 reference maps it has seen are kept (``REFERENCE_CACHE_BYTES`` at most, see
-``_ReferenceRanks``) and only the other maps are ranked when the same
-reference comes again. Memory: every
+``_ReferenceRanks``) inside a ``kept_ranks()`` block, whose owner (the state
+loop, for one seed's states) decides how long they live, and only the other maps
+are ranked when the same reference comes again; outside such a block nothing is
+kept between calls. Memory: every
 metric is per image, so ``compare`` works through the images in chunks of at
 most ``COMPARE_CHUNK_VALUES`` map values; its float64 temporaries stay bounded
 however many images are compared.
@@ -39,8 +41,10 @@ import functools
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -195,7 +199,7 @@ def _argsort_rows(values: np.ndarray) -> np.ndarray:
     return order.reshape(values.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sort_pool(threads: int) -> ThreadPoolExecutor:
     """One pool per thread count, for the life of the process (its threads sleep when idle)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="sanity-sort")
@@ -576,7 +580,19 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
-_REFERENCE_RANKS = _ReferenceRanks(REFERENCE_CACHE_BYTES)
+_KEPT: ContextVar[_ReferenceRanks | None] = ContextVar("kept_ranks", default=None)
+
+
+@contextmanager
+def kept_ranks(max_bytes: int = REFERENCE_CACHE_BYTES) -> Iterator[_ReferenceRanks]:
+    """Keep what compare_variants() computes of each reference (its ranks, SSIM moments) for
+    the later calls with the same reference inside this block, ``max_bytes`` at most; all of
+    it goes when the block ends. The scores are those of a fresh ranking either way."""
+    token = _KEPT.set(_ReferenceRanks(max_bytes))
+    try:
+        yield _KEPT.get()
+    finally:
+        _KEPT.reset(token)
 
 
 def _normalized_sorted(v: torch.Tensor, s: torch.Tensor, metric: str, scheme: str, single: bool) -> torch.Tensor:
@@ -668,7 +684,7 @@ def compare_variants(
     Returns {(metric, normalization): (B,) float64 tensor on that device}, each equal to
     compare(reference, other, metric, normalization)[metric]: the Spearman variants of
     one map share its two sorts (with and without absolute value), and the reference's
-    ranks are kept for the next call with the same reference.
+    ranks are kept for the next call with the same reference inside ``kept_ranks()``.
     """
     variants = tuple(dict.fromkeys(variants))
     for metric, scheme in variants:
@@ -683,13 +699,14 @@ def compare_variants(
     cache_key = {variant: (*variant, single_channel, own_options.get(variant[0], ())) for variant in variants}
     by_key = {key: variant for variant, key in cache_key.items()}
     per_chunk = max(1, COMPARE_CHUNK_VALUES // math.prod(reference.shape[1:]))
+    kept_by = _KEPT.get() or _ReferenceRanks(REFERENCE_CACHE_BYTES)  # outside kept_ranks(): for this call only
     chunks: dict[Variant, list[torch.Tensor]] = {variant: [] for variant in variants}
     for start in range(0, max(len(reference), 1), per_chunk):  # no image: one empty chunk
         rows = slice(start, start + per_chunk)
-        kept = _REFERENCE_RANKS.ranks(reference, rows, list(by_key),
-                                      lambda missing, rows=rows: _reference_values(
-                                          reference[rows], [by_key[k] for k in missing], cache_key,
-                                          single_channel, hog_options, ssim_sigma))
+        kept = kept_by.ranks(reference, rows, list(by_key),
+                               lambda missing, rows=rows: _reference_values(
+                                   reference[rows], [by_key[k] for k in missing], cache_key,
+                                   single_channel, hog_options, ssim_sigma))
         for metric, scheme in variants:
             if metric == "ssim":
                 a, b = (normalize(maps[rows], metric, scheme, single_channel).to(_F64) for maps in (reference, other))

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from sanity_cli import plugins
 from sanity_cli.errors import SanityError
-from sanity_cli.methods.gradcam import default_gradcam_layer  # noqa: F401 - where the pipeline imports it from
 from sanity_cli.methods.registry import HOOK_FREE, needs_hooks
 
 TRAINABLE_KINDS = ("cnn", "mlp", "custom")

@@ -38,7 +38,6 @@ from sanity_cli.runfiles import (
     SCALE,
     STATE_COLUMNS,
     info_file,
-    models_of,
     read_states,
     rows_of,
     scan_results,
@@ -290,11 +289,6 @@ class RunStore:
 
     def record_timing(self, seconds: Mapping[str, float]) -> None:
         self._update_info({"timing_s": dict(seconds)})
-
-    @staticmethod
-    def models_of(run_dir: Path) -> dict:
-        """`sanity_cli.runfiles.models_of`, by the name the pipeline calls it."""
-        return models_of(run_dir)
 
     def _update_info(self, values: dict) -> None:
         self.info_values.update(values)

@@ -6,7 +6,8 @@ failures of a sweep's jobs wherever they ran.
   order, so the rows of shards 0/N .. N-1/N together are the unsharded run's rows.
 * `job_resources(cfg)` wraps one Hydra job. Jobs of a joblib sweep share the machine:
   each gets cores // (jobs running at once) torch threads, and each leases a GPU of
-  its own (a file lock per GPU in the sweep directory), waiting while all are taken.
+  its own (a file lock per GPU in the sweep directory), waiting while all are taken;
+  the run finds its lease through `leased_device()` (the config is left as given).
   A SLURM job uses the cores SLURM gave it (SLURM_CPUS_PER_TASK); its GPUs are the
   ones SLURM made visible (CUDA_VISIBLE_DEVICES).
 * A job that fails with a bad setting leaves its one-line message in `error.txt` in
@@ -23,13 +24,14 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sanity_cli.errors import SanityError
@@ -37,6 +39,7 @@ from sanity_cli.errors import SanityError
 log = logging.getLogger(__name__)
 ERROR_FILE = "error.txt"  # a failed job's one-line message, in the job's directory
 SWEEP_FAILURES: list[str] = []  # filled by SweepFailures when a sweep ends, in the process that launched it
+_LEASED: ContextVar[str | None] = ContextVar("leased_device", default=None)  # set inside job_resources
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,8 @@ def sweep_size(sweep_dir: Path) -> int | None:
 def job_resources(cfg: DictConfig) -> Iterator[None]:
     """Run one Hydra job within its share of the machine (see the module's docstring).
 
-    A joblib job that would use a GPU (device auto or cuda) gets `cfg.device` set to
-    the leased `cuda:I` for its duration. Threads and device are restored on exit.
+    A joblib job that would use a GPU (device auto or cuda) leases one, `cuda:I`, which
+    `leased_device()` gives for the job's duration. Threads are restored on exit.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -134,7 +137,7 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
     sweep_jobs = sweep_size(sweep_dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
     share = job_share(str(launcher.get("_target_", "")), launcher.get("n_jobs"), sweep_jobs,
                       len(os.sched_getaffinity(0)), dict(os.environ))
-    threads, device = torch.get_num_threads(), cfg.device
+    threads = torch.get_num_threads()
     with ExitStack() as stack:
         if share.threads:
             torch.set_num_threads(share.threads)
@@ -143,15 +146,18 @@ def job_resources(cfg: DictConfig) -> Iterator[None]:
         if gpus:
             gpu = stack.enter_context(gpu_lease(sweep_dir / ".gpus", gpus))
             torch.cuda.set_device(gpu)
-            with open_dict(cfg):
-                cfg.device = f"cuda:{gpu}"
+            stack.callback(_LEASED.reset, _LEASED.set(f"cuda:{gpu}"))
             log.info("job %s: GPU %d", hydra_cfg.job.num, gpu)
         try:
             yield
         finally:
             torch.set_num_threads(threads)
-            with open_dict(cfg):
-                cfg.device = device
+
+
+def leased_device() -> str | None:
+    """The GPU (`cuda:I`) that this job of a sweep leased in `job_resources`; None outside
+    a lease (the run then takes its `device` setting)."""
+    return _LEASED.get()
 
 
 @contextmanager

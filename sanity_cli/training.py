@@ -18,6 +18,7 @@ near chance is kept for the run with a warning, but never cached.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -142,7 +143,7 @@ def train_or_load(build, key_fields: dict, train_x: Tensor, train_y: Tensor, tes
     so that the initial weights are part of what the key determines. Concurrent
     callers with the same key train once (see the module's docstring).
     """
-    fields = {**key_fields, "seed": seed, "train": OmegaConf.to_container(train_cfg, resolve=True)}
+    fields = {**key_fields, "seed": seed, "train": _train_fields(train_cfg)}
     name = plain_name(key_fields.get("model", "model"), "model.name")  # the entry stays inside cache_dir
     cache = ModelCache(Path(cache_dir).expanduser(), f"{name}-{cache_key(fields)}",
                        json.dumps(fields, default=str))
@@ -161,6 +162,11 @@ def train_or_load(build, key_fields: dict, train_x: Tensor, train_y: Tensor, tes
         elif cache.save(trained):
             trained.cache_file = cache.file
         return trained
+
+
+def _train_fields(train) -> dict:
+    """The training settings (`settings.TrainSettings`, or a config's `train` group) as a plain dict."""
+    return dataclasses.asdict(train) if dataclasses.is_dataclass(train) else OmegaConf.to_container(train, resolve=True)
 
 
 def _train(model: nn.Module, key_fields: dict, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,

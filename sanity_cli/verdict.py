@@ -19,7 +19,6 @@ from sanity_cli.checks.base import Evidence
 from sanity_cli.errors import SanityError
 from sanity_cli.judging import VerdictSettings, controls_of_signal, verdict_table
 from sanity_cli.methods import is_control
-from sanity_cli.robustness import robustness_scores  # noqa: F401 - the pipeline imports it from here
 from sanity_cli.runfiles import read_info, read_meta, read_results, read_run_file
 
 

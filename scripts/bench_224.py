@@ -51,11 +51,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_vs_quantus import quantus_spearman
-
 from sanity_cli import batching
 from sanity_cli.checks.smooth_cascade import CHECK as SMOOTH_CASCADE
 from sanity_cli.methods import explain_all
-from sanity_cli.metrics import METRICS, RANK_METRICS, compare
+from sanity_cli.metrics import METRICS, RANK_METRICS, compare, kept_ranks
 from sanity_cli.randomization import TrainedWeights, cascading_states, plan_blocks
 from sanity_cli.robustness import robustness_scores
 
@@ -113,24 +112,25 @@ def sanity_run(model: nn.Module, x: Tensor, y: Tensor, item: str, samples: int, 
 
     reference: dict[str, Tensor] = {}
     compared = 0
-    for state in cascading_states(model, blocks, trained, SEED, init="default", reset_bn_stats=True):
-        start = _now(x.device)
-        if item == "smprt":
-            maps = SMOOTH_CASCADE.maps(explain, model, x, y, SEED, {"samples": samples, "noise": NOISE}, ids)
-        else:
-            maps = explain(model, x, y)
-        middle = _now(x.device)
-        if state.step == 0:
-            reference = maps
-        else:
-            for name, value in maps.items():  # as `sanity run` scores a state: both Spearman scores
-                # come from the robustness variants' ranks, SSIM and HOG are computed besides
-                robustness_scores(reference[name], value, single_channel=False)
-                compare(reference[name], value, [m for m in METRICS if m not in RANK_METRICS], single_channel=False)
-            compared += 1
-        end = _now(x.device)
-        parts["explain"] = parts.get("explain", 0.0) + middle - start
-        parts["compare"] = parts.get("compare", 0.0) + end - middle
+    with kept_ranks():  # the reference's ranks are ranked once, as in a run
+        for state in cascading_states(model, blocks, trained, SEED, init="default", reset_bn_stats=True):
+            start = _now(x.device)
+            if item == "smprt":
+                maps = SMOOTH_CASCADE.maps(explain, model, x, y, SEED, {"samples": samples, "noise": NOISE}, ids)
+            else:
+                maps = explain(model, x, y)
+            middle = _now(x.device)
+            if state.step == 0:
+                reference = maps
+            else:
+                for name, value in maps.items():  # as `sanity run` scores a state: both Spearman scores
+                    # come from the robustness variants' ranks, SSIM and HOG are computed besides
+                    robustness_scores(reference[name], value, single_channel=False)
+                    compare(reference[name], value, [m for m in METRICS if m not in RANK_METRICS], single_channel=False)
+                compared += 1
+            end = _now(x.device)
+            parts["explain"] = parts.get("explain", 0.0) + middle - start
+            parts["compare"] = parts.get("compare", 0.0) + end - middle
     trained.check(model)
     return compared
 

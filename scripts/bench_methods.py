@@ -23,15 +23,18 @@ from torch import nn
 
 from sanity_cli.methods import PassCount, count_passes, explain_all
 
+
 def paper_methods() -> dict[str, dict]:
     """The methods and options of the default run: the `paper` preset on the CNN."""
     from hydra import compose, initialize_config_dir
 
     from sanity_cli.cli import config_dir
-    from sanity_cli.pipeline import method_options
+    from sanity_cli.pipeline import method_options, selected_methods
+    from sanity_cli.settings import Settings
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return method_options(compose(config_name="config", overrides=["method=paper", "model=cnn"]))
+        settings = Settings.from_config(compose(config_name="config", overrides=["method=paper", "model=cnn"]))
+    return method_options(selected_methods(settings), settings.seed, settings.model.gradcam_layer)
 
 
 def paper_cnn() -> nn.Module:

@@ -38,7 +38,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_vs_quantus as bench  # noqa: E402
-
 from sanity_cli.methods import explain_all  # noqa: E402
 
 ITEMS = ("gradient", "integrated_gradients", "smoothgrad")

@@ -91,7 +91,7 @@ from torch import Tensor, nn
 from sanity_cli import batching
 from sanity_cli.data import load_digits
 from sanity_cli.methods import explain_all
-from sanity_cli.metrics import compare
+from sanity_cli.metrics import compare, kept_ranks
 from sanity_cli.models import PaperCNN
 from sanity_cli.randomization import TrainedWeights, cascading_states, find_blocks
 
@@ -174,17 +174,18 @@ def sanity_cascade(model: nn.Module, x: Tensor, y: Tensor, methods: dict[str, di
     scores: dict[str, Scores] = {name: {} for name in methods}
     states = cascading_states(model, blocks, trained, SEED, init="default")
     lap("randomize")
-    for state in states:
-        lap("randomize")
-        maps = explain_all(model, x, y, methods, max_batch=max_batch)
-        lap("explain")
-        if state.step == 0:
-            reference = maps
-            continue
-        for name, value in maps.items():
-            score = compare(reference[name], value, "spearman_abs", single_channel=True)["spearman_abs"]
-            scores[name][state.block] = score.cpu().numpy()
-        lap("compare")
+    with kept_ranks():  # the reference's ranks are ranked once, as in a run
+        for state in states:
+            lap("randomize")
+            maps = explain_all(model, x, y, methods, max_batch=max_batch)
+            lap("explain")
+            if state.step == 0:
+                reference = maps
+                continue
+            for name, value in maps.items():
+                score = compare(reference[name], value, "spearman_abs", single_channel=True)["spearman_abs"]
+                scores[name][state.block] = score.cpu().numpy()
+            lap("compare")
     lap("randomize")  # the trained weights restored
     return scores
 
@@ -195,14 +196,15 @@ def sanity_on_states(states, x: Tensor, y: Tensor, methods: dict[str, dict],
     the trained model first."""
     reference: dict[str, Tensor] = {}
     scores: dict[str, Scores] = {name: {} for name in methods}
-    for step, (name, model) in enumerate(states):
-        maps = explain_all(model.eval(), x, y, methods, max_batch=max_batch)
-        if step == 0:
-            reference = maps
-            continue
-        for method, value in maps.items():
-            score = compare(reference[method], value, "spearman_abs", single_channel=True)["spearman_abs"]
-            scores[method][name] = score.cpu().numpy()
+    with kept_ranks():  # the reference's ranks are ranked once, as in a run
+        for step, (name, model) in enumerate(states):
+            maps = explain_all(model.eval(), x, y, methods, max_batch=max_batch)
+            if step == 0:
+                reference = maps
+                continue
+            for method, value in maps.items():
+                score = compare(reference[method], value, "spearman_abs", single_channel=True)["spearman_abs"]
+                scores[method][name] = score.cpu().numpy()
     return scores
 
 

@@ -4,8 +4,8 @@
 #   scripts/mutation.sh [SOURCE ...] [-- TEST ...]
 #
 # SOURCE: files of sanity_cli/ to mutate (default: the wiring, where a slip reverses a
-#         finding without breaking any number: pipeline.py, checks/*.py,
-#         randomization.py, results.py)
+#         finding without breaking any number: pipeline/*.py, checks/*.py,
+#         randomization.py, runstore.py, runfiles.py, summary.py)
 # TEST:   the pytest selection run against each mutant (default: the tests of those
 #         modules and the end-to-end ones; tests that start `sanity` in a subprocess
 #         are left out, since mutmut's switch between mutants works in its own process)
@@ -28,7 +28,7 @@ while (($#)); do
   if [[ $1 == -- ]]; then shift; tests=("$@"); break; fi
   sources+=("$1"); shift
 done
-((${#sources[@]})) || sources=(sanity_cli/pipeline.py sanity_cli/checks/*.py sanity_cli/randomization.py
+((${#sources[@]})) || sources=(sanity_cli/pipeline/*.py sanity_cli/checks/*.py sanity_cli/randomization.py
                                sanity_cli/runstore.py sanity_cli/runfiles.py sanity_cli/summary.py)
 ((${#tests[@]})) || tests=(tests/test_checks_e2e.py tests/test_randomization.py tests/test_results.py
                            tests/test_pipeline.py tests/test_chunks.py tests/test_cache_key.py

@@ -18,25 +18,23 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sanity_cli.cli import config_dir
-from sanity_cli.methods import explain_all
-from sanity_cli.pipeline import method_options, prepare, resolve_device
+from sanity_cli.methods import explain_all, is_control
+from sanity_cli.pipeline import method_options, prepare, run_device, selected_methods
+from sanity_cli.settings import Settings
 from sanity_cli.signal import FIGURES, signal_table
-from sanity_cli.validation import validate
-
-CONTROLS = ("edge", "random")
 
 
 def report(overrides: list[str]) -> str:
     """The Markdown table of the trained model's signal figures for `overrides`."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    validate(cfg)
-    torch.manual_seed(cfg.seed)
-    prepared = prepare(cfg, resolve_device(cfg.device))
+    settings = Settings.from_config(cfg)
+    torch.manual_seed(settings.seed)
+    prepared = prepare(settings, run_device(settings))
     trained = prepared.models["trained"]
-    maps = explain_all(trained.model, prepared.images, "predicted", method_options(cfg, cfg.seed),
-                       max_batch=cfg.max_batch)
-    controls = [name for name in maps if (cfg.method[name].get("method") or name) in CONTROLS]
+    options = method_options(selected_methods(settings), settings.seed, settings.model.gradcam_layer, settings.seed)
+    maps = explain_all(trained.model, prepared.images, "predicted", options, max_batch=settings.max_batch)
+    controls = [name for name in maps if is_control(name, cfg.method[name])]
     table = signal_table(maps, prepared.display.to(prepared.images.device), controls=controls, seed=cfg.seed)
     header = (f"{cfg.model.name} (init {cfg.model.get('init', '-')}) on {cfg.dataset.name}, "
               f"{len(prepared.images)} images, test accuracy {trained.test_accuracy}")

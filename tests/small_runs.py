@@ -20,8 +20,8 @@ from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import torch
 
 from sanity_cli import figures, pipeline, training

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from conftest import TINY
 from torch import nn
 
+from conftest import TINY
 from sanity_cli import batching, pipeline
 from sanity_cli.errors import SanityError
+from sanity_cli.pipeline import explain as explaining
 from sanity_cli.validation import validate
 
 
@@ -74,8 +75,10 @@ def test_a_real_measurement_times_every_candidate_until_it_stops():
 def test_a_run_takes_the_measured_batch_only_with_batch_auto(monkeypatch, warm, make_cfg, setting, expected):
     fake_times(monkeypatch, {7: 1.0, 8: 4.0, 16: 1.0, 32: 1.0, 64: 1.0})
     seen = []
-    explainer = pipeline.explainer
-    monkeypatch.setattr(pipeline, "explainer", lambda cfg, *a: seen.append(cfg.max_batch) or explainer(cfg, *a))
+    real = explaining.explain_methods
+    monkeypatch.setattr(explaining, "explain_methods",
+                        lambda model, images, targets, methods, max_batch, *a: seen.append(max_batch)
+                        or real(model, images, targets, methods, max_batch, *a))
     cfg = make_cfg([*TINY, "method=[gradient]", f"batch={setting}",
                     "max_batch=64" if setting == "auto" else "max_batch=7"])
     pipeline.run(cfg, warm / "run")

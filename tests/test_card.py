@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from small_runs import chromium_or_skip
 
 from sanity_cli import card as card_module
-from sanity_cli import checks
-from sanity_cli import cli
+from sanity_cli import checks, cli
 from sanity_cli.errors import SanityError
 from sanity_cli.runstore import RunStore
+from small_runs import chromium_or_skip
 
 # ++test.shuffled_epochs=1: the shuffled-label model cannot memorize its labels in one epoch, so the data
 # check's precondition fails on purpose; six images: the model's accuracy on them is above chance at the 95%

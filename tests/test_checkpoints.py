@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from sanity_cli.cli import config_dir
-
 from sanity_cli.errors import SanityError
 from sanity_cli.models import InputSpec, PaperCNN, build_model, input_spec, is_torchscript
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from sanity_cli import pipeline
+from sanity_cli.pipeline import explain as explaining
 from sanity_cli.pipeline import image_chunks
+from sanity_cli.pipeline import reference as reference_maps
 from sanity_cli.runstore import RunStore
 from small_runs import Runs, quickly
 
@@ -41,13 +43,13 @@ def test_a_run_in_chunks_writes_what_a_run_at_once_writes(runs, test):
     overrides = [*test, METHODS, *QUICK_METHODS]
     whole = runs(*overrides)
     sizes = []
-    real = pipeline.explain_all
+    real = explaining.explain_all
 
     def counted(model, images, *args, **kwargs):
         sizes.append(len(images))
         return real(model, images, *args, **kwargs)
 
-    with mock.patch.object(pipeline, "explain_all", counted):
+    with mock.patch.object(explaining, "explain_all", counted):
         chunked = runs.fresh(*overrides, "image_chunk=3")
     states = len(chunked.states)
     samples = 2 if "test=smooth_cascade" in test else 1  # noisy copies, each explained
@@ -74,7 +76,7 @@ def test_a_run_in_chunks_writes_what_a_run_at_once_writes(runs, test):
 def test_step_0_maps_wait_on_disk_between_chunks(runs):
     """With more than one chunk, the reference maps are written out and read back (named step_chunk)."""
     saved = []
-    real = pipeline.replace_atomically
+    real = reference_maps.replace_atomically
 
     def recorded(path, data):
         if path.parent.name == ".reference":  # written whole, as every file of the run
@@ -82,7 +84,7 @@ def test_step_0_maps_wait_on_disk_between_chunks(runs):
             saved.append((path.name, sorted(maps), {name: tuple(value.shape) for name, value in maps.items()}))
         return real(path, data)
 
-    with mock.patch.object(pipeline, "replace_atomically", recorded):
+    with mock.patch.object(reference_maps, "replace_atomically", recorded):
         runs.fresh("image_chunk=5", "method=[gradient,random]")
     assert saved == [("0_0.pt", ["gradient", "random"], {"gradient": (5, 1, 12, 12), "random": (5, 1, 12, 12)}),
                      ("0_1.pt", ["gradient", "random"], {"gradient": (3, 1, 12, 12), "random": (3, 1, 12, 12)})]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import sanity
 from filelock import FileLock
 
+from conftest import sanity
 from sanity_cli import cli
 from sanity_cli.collect import collect, decisive_rows
 from sanity_cli.errors import SanityError

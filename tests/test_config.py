@@ -51,7 +51,11 @@ def test_wheel_carries_the_configs(tmp_path):
 
 
 def test_the_default_checks_repeat_the_randomization_three_times(make_cfg):
-    from sanity_cli.pipeline import _seeds
+    from sanity_cli.pipeline import seeds_of
+    from sanity_cli.settings import Settings
+
+    def _seeds(cfg):
+        return seeds_of(Settings.from_config(cfg))
 
     for test in ("cascade", "independent", "smooth_cascade", "entropy"):
         assert make_cfg([f"test={test}"]).test.seeds == 3

@@ -11,8 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sanity_cli.figures import (Run, curves_figure, describe_run, draw_all, map_grid_figure, normalize_abs,
-                                normalize_signed)
+from sanity_cli.figures import (
+    Run,
+    curves_figure,
+    describe_run,
+    draw_all,
+    map_grid_figure,
+    normalize_abs,
+    normalize_signed,
+)
 
 CASCADE_METHODS = ["gradient", "gradcam", "edge"]
 CASCADE_STATES = [(0, "original"), (1, "fc2"), (2, "fc1"), (3, "conv2")]

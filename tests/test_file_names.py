@@ -11,12 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import TINY
 from sanity_cli import cli
 from sanity_cli.errors import SanityError
 from sanity_cli.rundir import plain_name
 from sanity_cli.training import train_or_load
 from sanity_cli.validation import validate
-from conftest import TINY
 
 HOSTILE = ["..", "../../TRAV", "/tmp/TRAV", "a/b", "a\\b", "a\0b", ".", "", "a\nb"]
 

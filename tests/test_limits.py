@@ -58,7 +58,7 @@ NAMES_ALLOWED = {"dataset.classes"}
 ELSEWHERE = {"method.captum.seed": "tests/test_external_methods.py: Captum's own draws"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(overrides: tuple[str, ...]):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))

@@ -14,6 +14,13 @@ from sanity_cli import metrics
 from sanity_cli.metrics import compare
 
 
+@pytest.fixture(autouse=True)
+def kept():
+    """The reference's ranks kept between calls, as the state loop keeps them for a seed's states."""
+    with metrics.kept_ranks() as cache:
+        yield cache
+
+
 @pytest.fixture
 def maps():
     generator = torch.Generator().manual_seed(0)
@@ -50,6 +57,24 @@ def test_a_reference_compared_again_is_ranked_once(maps, rank_calls):
         np.testing.assert_allclose(scores["spearman_abs"].numpy(), scipy_spearman_abs(reference, other), atol=1e-12)
     # 2 metrics x (1 reference + 3 others): the reference ranked once per metric, not per call
     assert len(rank_calls) == 2 + 2 * len(others)
+
+
+def test_ranks_are_kept_only_inside_the_block_that_owns_them(maps, rank_calls, kept):
+    reference, (other, *_) = maps
+    compare(reference, other, "spearman_abs")
+    assert len(kept._entries) == 1 and len(rank_calls) == 2
+    with metrics.kept_ranks() as inner:  # a block of its own: its own ranks, the outer ones stay
+        compare(reference, other, "spearman_abs")
+        assert len(inner._entries) == 1 and len(rank_calls) == 4
+    assert len(kept._entries) == 1
+    token = metrics._KEPT.set(None)  # outside any block: nothing is kept between calls
+    try:
+        first = compare(reference, other, "spearman_abs")["spearman_abs"]
+        again = compare(reference, other, "spearman_abs")["spearman_abs"]
+    finally:
+        metrics._KEPT.reset(token)
+    assert len(rank_calls) == 8, "the reference is ranked in every call"
+    assert torch.equal(first, again) and len(kept._entries) == 1
 
 
 def test_cached_scores_are_bit_for_bit_a_fresh_rankings(maps):

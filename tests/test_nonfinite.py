@@ -9,8 +9,8 @@ import logging
 
 import pytest
 import torch
-from conftest import TINY
 
+from conftest import TINY
 from sanity_cli import pipeline
 from sanity_cli.data import load_dataset
 from sanity_cli.errors import SanityError

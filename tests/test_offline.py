@@ -11,12 +11,11 @@ from pathlib import Path
 import huggingface_hub
 import huggingface_hub.constants as hub
 import pytest
-from conftest import sanity
 
+from conftest import sanity
 from sanity_cli.data import DatasetUnavailable, load_torchvision
 from sanity_cli.errors import SanityError
 from sanity_cli.models import InputSpec, build_model
-
 
 WHAT_TO_FETCH = ["timm/inception_v3.tf_in1k/model.safetensors", "hf download timm/inception_v3.tf_in1k",
                  "HF_HUB_CACHE=PATH", "dataset=imagefolder dataset.path=PATH"]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from sanity_cli import cli
 
 RUN = [*TINY, "method=gradient", "n_examples=1"]

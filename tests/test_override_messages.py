@@ -4,8 +4,8 @@ mean anything (test.granularity=[]) is refused before any work, in one line."""
 from __future__ import annotations
 
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from sanity_cli import cli
 
 

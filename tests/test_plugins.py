@@ -14,7 +14,8 @@ from torch import nn
 from sanity_cli import pipeline, plugins
 from sanity_cli.data import load_dataset, load_digits
 from sanity_cli.errors import SanityError
-from sanity_cli.models import InputSpec, build_model, default_gradcam_layer, input_spec
+from sanity_cli.methods.gradcam import default_gradcam_layer
+from sanity_cli.models import InputSpec, build_model, input_spec
 
 USER_MODELS = '''
 import torch

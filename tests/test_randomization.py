@@ -13,8 +13,17 @@ from torch import Tensor, nn
 
 from sanity_cli.errors import SanityError
 from sanity_cli.models import PaperCNN, PaperMLP
-from sanity_cli.randomization import (ORIGINAL, TrainedWeights, block_seed, cascading_states, find_blocks,
-                                      independent_states, parameter_kind, plan_blocks, reinitialize)
+from sanity_cli.randomization import (
+    ORIGINAL,
+    TrainedWeights,
+    block_seed,
+    cascading_states,
+    find_blocks,
+    independent_states,
+    parameter_kind,
+    plan_blocks,
+    reinitialize,
+)
 from sanity_cli.validation import validate
 
 CNN_BLOCKS = ["conv1", "conv2", "fc1", "fc2"]

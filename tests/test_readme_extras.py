@@ -5,8 +5,9 @@ uninstalled Captum."""
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from sanity_cli.cli import LAUNCHER_EXTRAS
 from sanity_cli.methods.external import EXTRAS

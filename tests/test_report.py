@@ -16,12 +16,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import small_runs
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from small_runs import chromium_or_skip
 
+import small_runs
 from sanity_cli.bootstrap import interval_table
 from sanity_cli.cli import main
 from sanity_cli.configs import config_dir
@@ -32,6 +31,7 @@ from sanity_cli.report import overrides_of, reproduce_command, write_report
 from sanity_cli.runfiles import COLUMNS
 from sanity_cli.runstore import settings_for_fingerprint
 from sanity_cli.summary import summarize
+from small_runs import chromium_or_skip
 
 BLOCKS = ["original", "fc2", "fc1", "conv1"]
 # the similarity each method reaches at full randomization

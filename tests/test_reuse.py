@@ -415,7 +415,7 @@ def test_a_run_with_reuse_writes_the_scores_of_a_plain_run(runs, warm):
 
     with quickly():
         plain = runs(*overrides)
-        with mock.patch.object(pipeline, "ActivationReuse", kept):
+        with mock.patch.object(pipeline.explain, "ActivationReuse", kept):
             reused = runs.fresh(*overrides, "reuse_activations=256")
     assert made[0].max_bytes == 256 * MiB and made[0].stats["reused"] > 0
     for name in ("results.csv", "robustness.csv"):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY
 
+from conftest import TINY
 from sanity_cli import cli
 from sanity_cli.collect import collect
 from sanity_cli.errors import SanityError

@@ -12,14 +12,24 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from conftest import sanity
 from filelock import FileLock, Timeout
 from omegaconf import OmegaConf
 
+from conftest import sanity
 from sanity_cli import cli
 from sanity_cli.errors import SanityError
-from sanity_cli.sharding import (Shard, gpu_lease, job_errors, job_resources, job_share, parse_shard,
-                                 record_job_error, shard_images, sweep_size)
+from sanity_cli.sharding import (
+    Shard,
+    gpu_lease,
+    job_errors,
+    job_resources,
+    job_share,
+    leased_device,
+    parse_shard,
+    record_job_error,
+    shard_images,
+    sweep_size,
+)
 from sanity_cli.validation import validate
 
 
@@ -123,7 +133,7 @@ def test_job_resources_set_the_threads_of_a_joblib_job_and_restore_them(joblib_j
     cfg = joblib_job(n_jobs)
     with job_resources(cfg):
         assert torch.get_num_threads() == threads
-        assert cfg.device == "cpu"  # a CPU job leases no GPU
+        assert leased_device() is None and cfg.device == "cpu"  # a CPU job leases no GPU
     assert torch.get_num_threads() == before
 
 
@@ -132,10 +142,12 @@ def test_job_resources_give_a_gpu_job_its_leased_device(joblib_job, monkeypatch)
     monkeypatch.setattr("torch.cuda.set_device", lambda index: None)
     cfg, other = joblib_job(2, device="auto"), joblib_job(2, device="auto")
     with job_resources(cfg):
-        assert cfg.device == "cuda:0"
+        assert leased_device() == "cuda:0"
         with job_resources(other):  # a second job at the same time gets the other GPU
-            assert other.device == "cuda:1"
-    assert cfg.device == other.device == "auto"
+            assert leased_device() == "cuda:1"
+        assert leased_device() == "cuda:0"
+    assert leased_device() is None
+    assert cfg.device == other.device == "auto", "the lease is the run's fact, not written into its config"
 
 
 def test_each_concurrent_job_leases_a_gpu_of_its_own(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from conftest import sanity
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "slurm_cluster.sh"

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 from scipy import stats
-from small_runs import Runs
 from torch import nn
 
 from sanity_cli import pipeline
@@ -19,6 +18,7 @@ from sanity_cli.checks import spurious
 from sanity_cli.models import InputSpec
 from sanity_cli.runstore import RunStore, settings_for_fingerprint
 from sanity_cli.training import TrainedModel
+from small_runs import Runs
 
 SIZE, CLASSES, ALIGNED, N = 8, 4, 2, 24
 TAG = Artifact(kind="tag", tag_size=0.25)  # the top-left 2 x 2 pixels: 1/16 of the image

@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from sanity_cli.data import load_digits
-from sanity_cli.models import InputSpec, PaperCNN
 from sanity_cli.errors import SanityError
+from sanity_cli.models import InputSpec, PaperCNN
 from sanity_cli.training import cache_key, majority_rate, near_chance, shuffled_labels, train_or_load
 
 SPEC = InputSpec(1, 28, (0.0,), (1.0,))

@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from sanity_cli.errors import SanityError
-from sanity_cli.models import PaperCNN, build_model, InputSpec
+from sanity_cli.models import InputSpec, PaperCNN, build_model
 from sanity_cli.pipeline import Prepared, check_model_fit
+from sanity_cli.settings import Settings
 from sanity_cli.validation import validate
 
 
@@ -57,8 +58,8 @@ def _prepared(num_outputs: int, classes: int, model=None) -> Prepared:
 
 def test_labels_must_be_the_models_classes(make_cfg):
     with pytest.raises(SanityError, match="10 classes and the model 1000 outputs"):
-        check_model_fit(make_cfg(["target=label"]), _prepared(1000, 10))
-    check_model_fit(make_cfg(["target=label"]), _prepared(10, 10))
+        check_model_fit(Settings.from_config(make_cfg(["target=label"])), _prepared(1000, 10))
+    check_model_fit(Settings.from_config(make_cfg(["target=label"])), _prepared(10, 10))
 
 
 def test_gradcam_without_a_convolution(make_cfg, caplog):
@@ -67,13 +68,15 @@ def test_gradcam_without_a_convolution(make_cfg, caplog):
     only_cams = make_cfg(["model=mlp", "method=[gradcam,guided_gradcam]"])
     with pytest.raises(SanityError, match="^gradcam and guided_gradcam need a convolutional layer and model=mlp has "
                                           "none; choose other methods$"):
-        check_model_fit(only_cams, _prepared(10, 10, PaperMLP()))
-    paper = make_cfg(["model=mlp"])
+        check_model_fit(Settings.from_config(only_cams), _prepared(10, 10, PaperMLP()))
+    paper = Settings.from_config(make_cfg(["model=mlp"]))
     with caplog.at_level(logging.WARNING):
-        check_model_fit(paper, _prepared(10, 10, PaperMLP()))
+        kept = check_model_fit(paper, _prepared(10, 10, PaperMLP()))
     assert [r.getMessage() for r in caplog.records] == [
         "model mlp has no convolutional layer: leaving out gradcam, guided_gradcam"]
-    assert "gradcam" not in paper.method and "guided_gradcam" not in paper.method and "gradient" in paper.method
+    assert kept == [name for name in paper.method if name not in ("gradcam", "guided_gradcam")]
+    assert "gradcam" in paper.method, "the methods left out are the plan's, not written into the settings"
+    assert check_model_fit(paper, _prepared(10, 10)) == list(paper.method), "a CNN keeps them all"
 
 
 def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path):

@@ -81,7 +81,7 @@ class Subject:
     blocks: the trained model's blocks in forward order (empty unless the check randomizes the model).
     """
 
-    settings: Mapping
+    settings: Mapping  # the `test` config, read-only (attribute access and .get)
     models: Mapping[str, nn.Module]
     num_outputs: int
     blocks: list[str] = field(default_factory=list)
@@ -156,10 +156,16 @@ class Check:
         the pipeline trains and caches each and names it in `Subject.models`."""
         return []
 
-    def extra_models(self, cfg, dataset, spec, device) -> dict[str, TrainedModel]:
+    def shuffled_training(self, settings: Mapping, train):
+        """How the model trained on shuffled labels is trained (`settings`: the `test` config;
+        `train`: the run's `settings.TrainSettings`): (its training settings, how many of the
+        first training images it sees, None: all). By default as the trained model."""
+        return train, None
+
+    def extra_models(self, settings, dataset, spec, device) -> dict[str, TrainedModel]:
         """Other models the check builds itself (not classifiers: e.g. a generative model of
         the data), trained (and cached) or loaded before any work, by name; they join
-        `Subject.models`. None by default."""
+        `Subject.models`. `settings`: the run's `sanity_cli.settings.Settings`. None by default."""
         return {}
 
     def judge(self, decisive: pd.DataFrame, settings, seed: int, run: Mapping) -> list[dict] | None:

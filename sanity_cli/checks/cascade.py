@@ -20,7 +20,7 @@ class Cascade(Check):
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         model, test = subject.models["trained"], subject.settings
         for state in cascading_states(model, subject.blocks, subject.trained, seed, test.init, test.reset_bn_stats,
-                                      order=test.get("order") or "top_down"):
+                                      order=test.order):
             yield Condition(state, model)
 
     def n_states(self, subject: Subject) -> int:

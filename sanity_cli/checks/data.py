@@ -3,7 +3,8 @@ trained on one seeded permutation of them; the shuffled-label model decides."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 import pandas as pd
 
@@ -22,6 +23,13 @@ class DataRandomization(Check):
     def conditions(self, subject: Subject, seed: int) -> Iterator[Condition]:
         yield Condition(State(0, TRUE_LABELS, ()), subject.models["trained"])
         yield Condition(State(1, SHUFFLED_LABELS, ()), subject.models["shuffled"])
+
+    def shuffled_training(self, settings: Mapping, train):
+        """Memorizing random labels takes longer than learning true ones: test.shuffled_epochs,
+        at a learning rate of its own (test.shuffled_lr; a rate that fits true labels can stall
+        at chance on random ones), on the first test.shuffled_subset training images."""
+        lr = settings.get("shuffled_lr") or train.lr
+        return replace(train, epochs=settings.shuffled_epochs, lr=lr), settings.get("shuffled_subset")
 
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results[results["step"] == 1]

@@ -61,8 +61,8 @@ class ManifoldAlignment(Check):
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results[results["step"] == 1]
 
-    def extra_models(self, cfg, dataset, spec, device) -> dict[str, TrainedModel]:
-        test = cfg.test
+    def extra_models(self, settings, dataset, spec, device) -> dict[str, TrainedModel]:
+        test = settings.test
         pixels = spec.channels * spec.size * spec.size
         if test.get("decoder") and test.decoder.get("_target_"):
             module = geometry.user_autoencoder(test.decoder, spec.channels)
@@ -73,16 +73,17 @@ class ManifoldAlignment(Check):
                               f"({spec.channels}x{spec.size}x{spec.size}): a tangent space of every direction holds "
                               "every map; e.g. test.latent_dim=10")
         if dataset.train_x is None:
-            raise SanityError(f"test=manifold trains a VAE on the training split, but dataset={cfg.dataset.name} has "
-                              "none; give test.decoder._target_ (your own decoder) or a dataset with a training split")
+            raise SanityError(f"test=manifold trains a VAE on the training split, but "
+                              f"dataset={settings.dataset.name} has none; give test.decoder._target_ (your own "
+                              "decoder) or a dataset with a training split")
         from sanity_cli.data import adapt_images
 
-        dataset_settings = OmegaConf.to_container(cfg.dataset, resolve=True)
+        dataset_settings = OmegaConf.to_container(settings.dataset.group, resolve=True)
         dataset_settings.pop("system_dir", None)  # where a copy lies does not change the weights
         trained = geometry.train_or_load_vae(adapt_images(dataset.train_x, spec.channels, spec.size),
                                              adapt_images(dataset.test_x, spec.channels, spec.size), test.latent_dim,
-                                             test.vae_epochs, test.vae_lr, {"dataset": dataset_settings}, cfg.seed,
-                                             cfg.cache_dir, device)
+                                             test.vae_epochs, test.vae_lr, {"dataset": dataset_settings}, settings.seed,
+                                             settings.cache_dir, device)
         trained.model = geometry.Manifold(trained.model, spec.mean, spec.std).to(device).eval()
         return {"manifold": trained}
 

@@ -333,7 +333,7 @@ def card_table(runs: Sequence[CardRun], out: Path, order: Sequence[str] = ()) ->
                                                f"{run.path}", "report": link, "run": str(run.path)})
             continue
         deciding = verdicts[verdicts["decides"].astype(str).str.lower().isin(("true", "1"))]
-        for method, part in deciding.groupby("method", sort=False):
+        for _method, part in deciding.groupby("method", sort=False):
             rows.append({"check": run.column, **_cell(in_card_words(part)), "report": link, "run": str(run.path)})
     methods = list(dict.fromkeys(row["method"] for row in rows if row["method"]))
     controls = {row["method"] for row in rows if row.get("is_control")}
@@ -375,7 +375,10 @@ def _cell(part: pd.DataFrame) -> dict:
     row = same.loc[same["mean"].idxmax() if below else same["mean"].idxmin()] if same["mean"].notna().any() \
         else same.iloc[0]
     blocks = f"{int((part['verdict'] == 'pass').sum())}/{len(part)} pass" if len(part) > 1 else ""
-    text = lambda value: "" if pd.isna(value) else str(value)
+
+    def text(value: object) -> str:
+        return "" if pd.isna(value) else str(value)
+
     return {"method": row["method"], "is_control": str(row["is_control"]).lower() in ("true", "1"),
             "test": row["test"], "verdict": verdict, "metric": row["metric"], "mean": row["mean"],
             "ci_low": row["ci_low"], "ci_high": row["ci_high"], "level": row["level"], "threshold": row["threshold"],
@@ -430,8 +433,8 @@ def reading(method: str, table: pd.DataFrame) -> str:
         text += (" A pass of a positive test is evidence for the method on this model: " +
                  "; ".join(f"under {c}, {pass_meaning(c)}" for c in found))
         controls = table[table["is_control"].eq(True) & (table["verdict"] == "pass") & table["check"].isin(found)]
-        text += "".join(f" (the {control} control passes {_list(list(part['check']))} as well, so there the pass need not come "
-                        "from the model)" for control, part in controls.groupby("method", sort=False)
+        text += "".join(f" (the {control} control passes {_list(list(part['check']))} as well, so there the pass "
+                        "need not come from the model)" for control, part in controls.groupby("method", sort=False)
                         if control != method) + "."
     if changed:
         text += (f" A pass of {'a check that randomizes' if found else 'a check'} shows only that the map changes "
@@ -569,4 +572,4 @@ def _nan(value) -> bool:
 
 def _is_control(table: pd.DataFrame, method: str) -> bool:
     """Whether `method` is a control in any of the card's checks (the runs say so in verdict.csv)."""
-    return bool((table.loc[table["method"] == method, "is_control"] == True).any())  # NaN is not a control
+    return bool(table.loc[table["method"] == method, "is_control"].eq(True).any())  # NaN is not a control

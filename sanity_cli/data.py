@@ -137,8 +137,8 @@ def load_torchvision(kind: str, data_dir: str | Path, system_dir: str | None = N
         raw = root / kind / "raw"
         if raw.is_dir() and any(raw.iterdir()):  # files there, yet unreadable
             raise SanityError(f"the {kind} files in {raw} cannot be read ({type(error).__name__}: they are damaged, "
-                              f"cut short or incomplete); move them away (mv {raw} {raw}.damaged) to download them again, or put "
-                              "whole copies there") from None
+                              f"cut short or incomplete); move them away (mv {raw} {raw}.damaged) to download them "
+                              "again, or put whole copies there") from None
         debian = (f", or install Debian's dataset-fashion-mnist package (its files in {system_dir} are read when "
                   "present)" if kind == "FashionMNIST" else "")
         raise DatasetUnavailable(
@@ -179,7 +179,8 @@ def load_image_folder(path: str, image_size: int, n_images: int, seed: int, use_
     files = {c: sorted(f for f in (root / c).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes}
     classes = [c for c in classes if files[c]]
     if not classes:
-        raise SanityError(f"dataset folder '{root}' has no class sub-folders with images; expected ROOT/CLASS/IMAGE.jpg")
+        raise SanityError(f"dataset folder '{root}' has no class sub-folders with images; "
+                          "expected ROOT/CLASS/IMAGE.jpg")
     rng = np.random.default_rng(seed)
     if isinstance(use_classes, int):
         use = sorted(rng.choice(len(classes), size=min(use_classes, len(classes)), replace=False).tolist())

@@ -249,7 +249,8 @@ def curves_figure(summary: pd.DataFrame, run: Run, metrics: list[str] | None = N
         rows = table[table["metric"] == metric]
         draw_curves(ax, rows, run.explainers, colors)
         draw_controls(ax, rows[rows["step"] >= 1], run.controls)
-        ax.set_xticks(blocks["step"], blocks["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
+        ax.set_xticks(blocks["step"], blocks["block"].astype(str), rotation=60, ha="right", rotation_mode="anchor",
+                      fontsize=9)
         limit_y(ax, metric, rows["mean"] - rows["std"].fillna(0), run)
         style_panel(ax, metric)
     fig.supxlabel(run.xlabel, fontsize=10)

@@ -52,7 +52,8 @@ def fraction_figure(verdicts: pd.DataFrame, chance: float):
                hatch="//" if bool(row["is_control"]) else None, edgecolor="black", linewidth=0.5)
     ax.errorbar(positions, rows["mean"], yerr=[low.fillna(0), high.fillna(0)], fmt="none", ecolor="black", capsize=3)
     if np.isfinite(chance):
-        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"random direction, sqrt(k/d) = {chance:.3f}")
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1,
+                   label=f"random direction, sqrt(k/d) = {chance:.3f}")
     ax.axhline(float(rows["threshold"].iloc[0]), color="#c0504d", linestyle=":", linewidth=1,
                label=f"aligned above {float(rows['threshold'].iloc[0]):.3f}")
     labels = [f"{m}\n(control)" if c else m for m, c in zip(rows["method"], rows["is_control"].astype(bool))]

@@ -341,8 +341,8 @@ def _fetch_advice(name: str) -> str:
     repo = _hub_id(name) or name
     return (f"fetch {repo}/{WEIGHT_FILES[0]} on a machine with network (hf download {repo} {WEIGHT_FILES[0]}), "
             f"copy its hub cache here ({hub.HF_HUB_CACHE}, or anywhere with HF_HUB_CACHE=PATH pointing to it), pass "
-            "model.checkpoint=PATH to a weights file, or model.pretrained=false for random weights; the paper's setting also needs ImageNet images: "
-            "dataset=imagefolder dataset.path=PATH")
+            "model.checkpoint=PATH to a weights file, or model.pretrained=false for random weights; "
+            "the paper's setting also needs ImageNet images: dataset=imagefolder dataset.path=PATH")
 
 
 def _match_classifier(model: nn.Module, weights: dict[str, Tensor]) -> None:

@@ -48,7 +48,8 @@ FIGURE_SECTIONS = (  # (section, caption, how a figure's file name ends)
      "_spurious_measures.png"),
     ("maps", "The artifact, and each method's maps of the normal and the spurious model on clean and "
              "artifact images", "_spurious_gallery.png"),
-    ("curves", "Share of each map in the tangent space of the data manifold, with its interval", "manifold_fractions.png"),
+    ("curves", "Share of each map in the tangent space of the data manifold, with its interval",
+     "manifold_fractions.png"),
     ("maps", "Each method's map, its part in the manifold's tangent space and the rest", "manifold_maps.png"),
 )
 

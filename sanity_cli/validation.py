@@ -111,8 +111,8 @@ def _check_file_names(cfg: DictConfig) -> None:
 
 
 def _check_names(cfg: DictConfig) -> None:
-    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS), ("batch", cfg.batch, BATCH_CHOICES),
-             ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
+    names = [("test", cfg.test.name, checks.CHECKS), ("target", cfg.target, TARGETS),
+             ("batch", cfg.batch, BATCH_CHOICES), ("normalization", cfg.metrics.normalization, NORMALIZATIONS)]
     if cfg.test.name in checks.MODEL_CHECKS:
         names.append(("init", cfg.test.init, INIT_POLICIES))
         names.append(("order", cfg.test.get("order", "top_down"), ORDERS))

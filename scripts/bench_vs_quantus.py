@@ -423,8 +423,8 @@ class Bench:
         return sanity_cascade(self.model, self.x, self.y, methods, batch, parts)
 
     def quantus(self, item: str, batch: int) -> Scores:
-        return quantus_mprt(self.model, self.x.cpu().numpy(), self.y.cpu().numpy(), item, self.args.steps, self.args.samples,
-                            batch)
+        return quantus_mprt(self.model, self.x.cpu().numpy(), self.y.cpu().numpy(), item, self.args.steps,
+                            self.args.samples, batch)
 
     def agreement(self, item: str, quantus_scores: Scores, batch: int) -> dict:
         methods = sanity_methods(item, self.args.steps, self.args.samples)

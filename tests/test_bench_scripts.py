@@ -200,7 +200,7 @@ def test_the_224_pixel_benchmark_runs_both_tools_on_the_same_cascade(tmp_path, c
     assert result["modules"] == len(bench_224.quantus_order(model)) == 41  # 20 conv, 20 batch norm, fc
     rows = {(row["item"], row["tool"]): row for row in result["rows"]}
     assert set(rows) == {(item, tool) for item in bench_224.ITEMS for tool in ("sanity", "quantus")}
-    for (item, tool), row in rows.items():
+    for (item, _tool), row in rows.items():
         assert row["states"] == 41  # both tools scored every randomized state
         assert row["passes"] == 2 * 42 * (2 if item == "smprt" else 1)
         assert row["floor_s"] == pytest.approx(row["passes"] * result["floor"]["seconds_per_pass"])

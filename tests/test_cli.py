@@ -53,7 +53,8 @@ def test_multirun_sweeps_and_hydra_flags(warm):
     assert shown.returncode == 0 and "kind: mlp" in shown.stdout
     helped = sanity("run", "--help", cwd=warm)
     assert helped.returncode == 0 and "sanity checks for saliency maps" in helped.stdout
-    assert "test: cascade, data, entropy, independent, manifold, random_logit, smooth_cascade, spurious" in helped.stdout
+    assert ("test: cascade, data, entropy, independent, manifold, random_logit, smooth_cascade, spurious"
+            in helped.stdout)
 
 
 @pytest.mark.parametrize("override, words", [

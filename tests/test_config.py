@@ -44,7 +44,8 @@ def test_wheel_carries_the_configs(tmp_path):
                     str(wheel)], check=True, capture_output=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    listed = subprocess.run([sys.executable, "-c", "from sanity_cli import cli; print(cli.config_dir()); cli.main(['list'])"],
+    listed = subprocess.run([sys.executable, "-c",
+                             "from sanity_cli import cli; print(cli.config_dir()); cli.main(['list'])"],
                             cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
                             capture_output=True, text=True, check=True).stdout
     assert str(tmp_path / "site") in listed and "inception_v3" in listed

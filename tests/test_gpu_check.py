@@ -42,7 +42,8 @@ def test_the_gpu_check_runs_every_step_on_the_cpu_at_tiny_sizes(tmp_path):
         assert {row["tool"] for row in rows} == {"sanity", "quantus"} and all(row["states"] == 41 for row in rows)
     run = json.loads((out.parent / "fig2_run" / "run.json").read_text())
     assert run["states_expected"] == 18  # the trained model and the 17 blocks
-    assert re.search(r"^fig2 timing: .*\bexplain [\d.]+ s, .*\bcompare [\d.]+ s, .*\btotal [\d.]+ s$", text, flags=re.MULTILINE)
+    assert re.search(r"^fig2 timing: .*\bexplain [\d.]+ s, .*\bcompare [\d.]+ s, .*\btotal [\d.]+ s$", text,
+                     flags=re.MULTILINE)
     assert re.search(r"^# gpu_check done in \d+ s$", text, flags=re.MULTILINE)
 
 

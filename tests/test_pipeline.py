@@ -43,7 +43,8 @@ def test_cascade_rows_policy_and_controls(run):
     assert (rows.loc[rows["step"] == 0, "value"] == 1.0).all()
     randomized = rows[rows["step"] > 0]
     # a new random map in every state: unrelated to the trained model's random map
-    assert randomized.loc[(randomized["method"] == "random") & (randomized["metric"] == "spearman"), "value"].abs().max() < 0.2
+    random_spearman = (randomized["method"] == "random") & (randomized["metric"] == "spearman")
+    assert randomized.loc[random_spearman, "value"].abs().max() < 0.2
     summary = result.summary
     assert not summary[(summary["step"] > 0)]["mean"].eq(1.0).any()
     assert summary.loc[summary["step"] == 0, "train_accuracy"].notna().all()
@@ -53,7 +54,8 @@ def test_cascade_rows_policy_and_controls(run):
 def test_several_seeds_and_independent(run):
     rows = run(["test=independent", "test.seeds=[0,1]"]).results
     assert set(rows["seed"]) == {0, 1} and set(rows["test"]) == {"independent"}
-    assert list(rows[rows["seed"] == 1].drop_duplicates("step")["block"]) == ["original", "fc2", "fc1", "conv2", "conv1"]
+    assert (list(rows[rows["seed"] == 1].drop_duplicates("step")["block"])
+            == ["original", "fc2", "fc1", "conv2", "conv1"])
 
 
 def test_data_randomization_memorizes_shuffled_labels(run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 
 import pandas as pd
 import pytest
@@ -153,7 +154,7 @@ def test_input_settings_override_the_defaults(make_cfg):
                                ("model.input_size=0", "model.input_size must be a whole number of at least 1"),
                                ("model.mean=dark", "model.mean must be a number or a list of numbers")]:
         bad = make_cfg(["model=custom", override])
-        assert expected in one_line_error(lambda: input_spec(bad.model, 1, 28))
+        assert expected in one_line_error(partial(input_spec, bad.model, 1, 28))
 
 
 def test_the_default_gradcam_layer_is_the_last_spatial_module_run_once(user_code):

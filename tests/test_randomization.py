@@ -235,9 +235,9 @@ def test_a_plain_list_of_names_attaches_outside_parameters_too():
     model = _perturbed(TinyViT())
     trained = TrainedWeights(model)
     names = find_blocks(model, torch.zeros(1, 3, 8, 8))
-    for state in cascading_states(model, names, trained, seed=0):
-        changed = _changed(model, trained)
-    assert (state.params_randomized, state.tensors_left_trained) == (1.0, 0)
+    for state in cascading_states(model, names, trained, seed=0):  # the weights are restored when it ends
+        last, changed = state, _changed(model, trained)
+    assert (last.params_randomized, last.tensors_left_trained) == (1.0, 0)
     assert changed == {name for name, _ in model.named_parameters()}
     trained.check(model)
 

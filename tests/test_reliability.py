@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -55,6 +56,11 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
 def states_done(run_dir: Path) -> int:
     states = run_dir / "states.csv"
     return len(states.read_text().splitlines()) - 1 if states.exists() else 0
+
+
+def states_reached(run_dir: Path, count: int) -> Callable[[], bool]:
+    """A condition for `wait_for`: the run has finished at least `count` states."""
+    return lambda: states_done(run_dir) >= count
 
 
 def snapshot(run_dir: Path) -> dict:
@@ -123,7 +129,7 @@ def test_ctrl_c_and_sigterm_end_in_one_line_that_says_how_to_continue(tmp_path, 
     args = ["run", *SMALL, f"hydra.run.dir={run_dir}"]
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         process = start(args, tmp_path, env)
-        wait_for(lambda: states_done(run_dir) >= (1 if signum == signal.SIGINT else 3), process)
+        wait_for(states_reached(run_dir, 1 if signum == signal.SIGINT else 3), process)
         process.send_signal(signal.SIGSTOP)
         process.send_signal(signum)
         process.send_signal(signal.SIGCONT)

@@ -68,7 +68,8 @@ def test_the_ranks_of_each_normalization_equal_rankdata_of_the_normalized_map(se
         expected = scipy.stats.rankdata(vectors.numpy(), axis=-1)
         np.testing.assert_array_equal(ranks[(metric, scheme)].double().numpy(), expected, err_msg=str((metric, scheme)))
     # the clipped variant really has its top percent tied, the plain one none
-    assert len(torch.unique(ranks[("spearman_abs", "paper")][0])) < len(torch.unique(ranks[("spearman_abs", "none")][0]))
+    assert (len(torch.unique(ranks[("spearman_abs", "paper")][0]))
+            < len(torch.unique(ranks[("spearman_abs", "none")][0])))
 
 
 def test_one_sort_per_map_and_sign_serves_every_normalization(monkeypatch):

@@ -56,7 +56,7 @@ def test_a_sweep_on_slurm_runs_each_job_there_and_collects_into_one_table(slurm,
     logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 4  # one SLURM array task per job
     for job in ("0", "2"):
-        assert "job %s: 1 torch threads" % job in (sweep / job / "sanity.log").read_text()  # SLURM's one CPU
+        assert f"job {job}: 1 torch threads" in (sweep / job / "sanity.log").read_text()  # SLURM's one CPU
 
     refused = sanity("collect", str(sweep), cwd=tmp_path)
     assert refused.returncode == 2 and f"{sweep / '1'} failed: n_images must be at least 1" in refused.stderr

@@ -23,7 +23,7 @@ from sanity_cli.data import DatasetUnavailable
 from sanity_cli.errors import SanityError
 from sanity_cli.metrics import compare
 from sanity_cli.runfiles import open_maps
-from sanity_cli.validation import validate
+from sanity_cli.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,9 @@ def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
     from sanity_cli.pipeline import run
 
     configs = {name: compose_experiment(name, overrides) for name in experiments(figure)}
-    for cfg in configs.values():
-        validate(cfg)
+    for name, cfg in configs.items():
+        cfg.resume = (out / name / "results.csv").exists()  # continue, or skip what is finished
+    settings = {name: Settings.from_config(cfg) for name, cfg in configs.items()}  # all checked here, once
     outcomes = []
     for name, cfg in configs.items():
         missing = missing_inputs(cfg)
@@ -99,10 +100,9 @@ def rerun(figure: str, overrides: list[str], out: Path) -> list[Outcome]:
             log.warning("%s skipped: %s", name, missing)
             continue
         run_dir = out / name
-        cfg.resume = (run_dir / "results.csv").exists()  # continue, or skip what is finished
         started = time.perf_counter()
         try:
-            run(cfg, run_dir)
+            run(settings[name], run_dir)
         except DatasetUnavailable as error:  # e.g. MNIST neither present nor downloadable
             outcomes.append(Outcome(name, "skipped", str(error)))
             log.warning("%s skipped: %s", name, error)

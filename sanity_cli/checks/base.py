@@ -207,16 +207,21 @@ class Check:
         """The x-axis of this check's curves, for `test.order` (top_down or bottom_up)."""
         return "state"
 
+    # What a method's fail says (the card: "under CHECK, ..."); '' when the check says nothing
+    # of its own (the card's generic words). A check whose words depend on `test.order`
+    # overrides fail_meaning instead.
+    fails_mean: str = ""
+    # What a method's pass says, for a positive test (one that asks the map to find something
+    # known); '' for a check that randomizes, whose pass shows only that the map changed.
+    passes_mean: str = ""
+
     def fail_meaning(self, order: str) -> str:
-        """What a method's fail says (the card: "a method fails when ..."), for `test.order`;
-        '' when the check says nothing of its own (the card's generic words)."""
-        return ""
+        """What a method's fail says, for `test.order` (by default `fails_mean`)."""
+        return self.fails_mean
 
     def pass_meaning(self, order: str) -> str:
-        """What a method's pass says, for a positive test (one that asks the map to find
-        something known: "a method passes when ..."); '' for a check that randomizes, whose
-        pass shows only that the map changed (the card's generic words)."""
-        return ""
+        """What a method's pass says, for `test.order` (by default `passes_mean`)."""
+        return self.passes_mean
 
     def card_aside(self, order: str) -> str:
         """What the card's list of checks adds about this check run in `test.order`; ''."""

@@ -30,6 +30,8 @@ class Cascade(Check):
         return block_axis_label(order, cumulative=True)
 
     def fail_meaning(self, order: str) -> str:
+        if self.fails_mean:  # a check built on the cascade that says it in its own words
+            return self.fails_mean
         where = "from the input up" if order == "bottom_up" else "from the logits down"
         return f"the map stays the same when the model's weights are randomized {where}"
 

@@ -37,8 +37,7 @@ class DataRandomization(Check):
     def axis_label(self, order: str) -> str:
         return "model"
 
-    def fail_meaning(self, order: str) -> str:
-        return "the map stays the same for a model trained on shuffled labels, which learnt nothing about the data"
+    fails_mean = "the map stays the same for a model trained on shuffled labels, which learnt nothing about the data"
 
     def preconditions(self, evidence: Evidence) -> list[Precondition]:
         """The trained model's, and: the shuffled-label model memorized its labels (train

@@ -20,8 +20,7 @@ class Entropy(Cascade):
     unbounded_metrics = ("entropy", "entropy_rise")  # nats, and a relative rise
     verdict_label = "entropy rise over the trained model's map"
 
-    def fail_meaning(self, order: str) -> str:
-        return "the map's entropy does not rise when the model's weights are randomized"
+    fails_mean = "the map's entropy does not rise when the model's weights are randomized"
 
     def score(self, reference: Tensor, maps: Tensor, compare: Compare, settings: Mapping) -> dict[str, Tensor]:
         start, now = histogram_entropy(reference, settings["bins"]), histogram_entropy(maps, settings["bins"])

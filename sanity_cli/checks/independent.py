@@ -28,8 +28,7 @@ class Independent(Check):
     def axis_label(self, order: str) -> str:
         return block_axis_label(order, cumulative=False)
 
-    def fail_meaning(self, order: str) -> str:
-        return "the map stays the same when one of the model's blocks is randomized"
+    fails_mean = "the map stays the same when one of the model's blocks is randomized"
 
     def decisive(self, results: pd.DataFrame) -> pd.DataFrame:
         return results[results["step"] > 0]

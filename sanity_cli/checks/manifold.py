@@ -125,13 +125,10 @@ class ManifoldAlignment(Check):
 
     meanings = {"aligned": "pass", "not aligned": "fail"}
 
-    def pass_meaning(self, order: str) -> str:
-        return ("the map lies along the data: more of it falls in the tangent space of a generative model of the "
-                "images than a random map's does")
-
-    def fail_meaning(self, order: str) -> str:
-        return ("the map lies no more along the data (the tangent space of a generative model of the images) than "
-                "a random map does")
+    passes_mean = ("the map lies along the data: more of it falls in the tangent space of a generative model of "
+                   "the images than a random map's does")
+    fails_mean = ("the map lies no more along the data (the tangent space of a generative model of the images) "
+                  "than a random map does")
 
     def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
         from sanity_cli.manifold_figures import draw_manifold

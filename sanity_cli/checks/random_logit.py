@@ -41,8 +41,7 @@ class RandomLogit(Check):
     def axis_label(self, order: str) -> str:
         return "class explained"
 
-    def fail_meaning(self, order: str) -> str:
-        return "the map for a random other class looks like the map for the predicted class"
+    fails_mean = "the map for a random other class looks like the map for the predicted class"
 
 
 def other_class(targets: Tensor, num_classes: int, seed: int, ids: Tensor | None = None) -> Tensor:

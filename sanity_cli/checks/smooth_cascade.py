@@ -15,8 +15,7 @@ from sanity_cli.methods.noise import draw_noise, image_generators, noise_scale
 class SmoothCascade(Cascade):
     name = "smooth_cascade"
 
-    def fail_meaning(self, order: str) -> str:
-        return "the noise-averaged map stays the same when the model's weights are randomized"
+    fails_mean = "the noise-averaged map stays the same when the model's weights are randomized"
 
     def maps(self, explain: Explain, model: nn.Module, images: Tensor, targets: Tensor, seed: int,
              settings: Mapping, ids: Tensor) -> dict[str, Tensor]:

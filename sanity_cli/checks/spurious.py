@@ -147,13 +147,10 @@ class Spurious(Check):
     # the deciding rows: K-SSD gain (found the planted cause or not) and FAM (a false alarm or not)
     meanings = {"detects": "pass", "does not detect": "fail", "no false alarm": "pass", "false alarm": "fail"}
 
-    def pass_meaning(self, order: str) -> str:
-        return ("the map points at a signal planted in the training images, which the model was trained to rely "
-                "on, and does not for a model that never saw it")
-
-    def fail_meaning(self, order: str) -> str:
-        return ("the map does not point at a signal planted in the training images that the model relies on, or "
-                "points at it for a model that never saw it (a false alarm)")
+    passes_mean = ("the map points at a signal planted in the training images, which the model was trained to "
+                   "rely on, and does not for a model that never saw it")
+    fails_mean = ("the map does not point at a signal planted in the training images that the model relies on, "
+                  "or points at it for a model that never saw it (a false alarm)")
 
     def figures(self, run_dir: Path, verdicts: pd.DataFrame) -> list[Path]:
         from sanity_cli.spurious_figures import draw

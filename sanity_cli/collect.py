@@ -264,8 +264,9 @@ def swept_value(run: FoundRun, key: str) -> object:
     """A run's value of a swept key: the setting when it is a single value, else the
     config's name (model=mlp -> "mlp") or the override as typed; None when unset."""
     value = run.flat.get(key)
-    if value is not None:
-        return json.loads(value)
+    if value is not None:  # a list or mapping (test.seeds=[3]) as its JSON text: a column value, hashable
+        loaded = json.loads(value)
+        return json.dumps(loaded) if isinstance(loaded, (list, dict)) else loaded
     if f"{key}.name" in run.flat and key not in run.overrides:
         return json.loads(run.flat[f"{key}.name"])
     if key in run.overrides:

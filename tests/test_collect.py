@@ -225,3 +225,21 @@ def test_a_run_not_valid_makes_the_pooled_verdict_not_valid(tmp_path):
     per_run = pd.concat([verdict_table(t).assign(run=name) for t, name in zip(tables, "ab")], ignore_index=True)
     row = pooled_verdicts(combos, tables, per_run, []).query("decides").iloc[0]
     assert row["verdict"] == "not valid" and row["note"].startswith("not valid in 1 of 2 runs (not valid: only 3")
+
+
+@pytest.mark.slow
+def test_a_setting_swept_over_lists_is_a_column_of_its_json_text(sweep, tmp_path):
+    """test.seeds=[0] against test.seeds=[1]: the swept value is a list, collected as its JSON
+    text (a table cell that can be grouped), not a crash in the grouping."""
+    runs = tmp_path / "runs"
+    shutil.copytree(sweep, runs)
+    for job, seeds in (("0", [0]), ("1", [1])):
+        info = json.loads((runs / job / "run.json").read_text())
+        info["settings"]["target"] = "predicted"
+        info["settings"]["test"]["seeds"] = seeds
+        (runs / job / "run.json").write_text(json.dumps(info))
+        (runs / job / ".hydra" / "overrides.yaml").write_text(f"- test.seeds=[{seeds[0]}]\n")
+    collected = collect([runs], tmp_path / "out")
+    merged = pd.read_csv(tmp_path / "out" / "results.csv")
+    column = next(c for c in merged.columns if c.endswith("test.seeds"))
+    assert set(merged[column]) == {"[0]", "[1]"} and collected is not None

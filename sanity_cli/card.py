@@ -237,14 +237,13 @@ def _unfinished(path: Path) -> str | None:
 
 def find_card_runs(dirs: Sequence[str | Path]) -> list[CardRun]:
     """Every run under `dirs` (a card's directory, runs, or a directory of runs), each once, in order."""
-    from sanity_cli.collect import _is_job, _natural, _skipped
+    from sanity_cli.collect import runs_below
 
     found: list[Path] = []
     for top in map(Path, dirs):
         if not top.is_dir():
             raise SanityError(f"'{top}' is not a directory; give a card's directory or runs' directories")
-        below = [top] if _is_job(top) else sorted(
-            (p for p in top.rglob("*") if p.is_dir() and _is_job(p) and not _skipped(p, top)), key=_natural)
+        below = runs_below(top)
         if not below:
             raise SanityError(f"'{top}' holds no run (no run.json below it); give a card's directory or a run's")
         found += [p for p in below if p.resolve() not in {f.resolve() for f in found}]

@@ -126,8 +126,7 @@ def find_runs(dirs: Iterable[Path]) -> list[Path]:
     for top in dirs:
         if not top.is_dir():
             raise SanityError(f"'{top}' is not a directory; give run or sweep directories")
-        candidates = [top] if _is_job(top) else sorted(
-            (p for p in top.rglob("*") if p.is_dir() and _is_job(p) and not _skipped(p, top)), key=_natural)
+        candidates = runs_below(top)
         if not candidates:
             raise SanityError(f"'{top}' holds no run (no run.json below it); give the directory of a run or sweep")
         expected = sweep_size(top) if (top / "multirun.yaml").is_file() else None
@@ -137,6 +136,14 @@ def find_runs(dirs: Iterable[Path]) -> list[Path]:
                               "directories")
         found += [p for p in candidates if p.resolve() not in {f.resolve() for f in found}]
     return found
+
+
+def runs_below(top: Path) -> list[Path]:
+    """`top` itself when it is a run's directory, else every run's directory below it, sweep
+    jobs in numeric order (hidden folders and those of SKIPPED_DIRS left out)."""
+    if _is_job(top):
+        return [top]
+    return sorted((p for p in top.rglob("*") if p.is_dir() and _is_job(p) and not _skipped(p, top)), key=_natural)
 
 
 def _is_job(path: Path) -> bool:

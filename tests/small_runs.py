@@ -291,3 +291,22 @@ def chromium_or_skip() -> str:
     if not found:
         pytest.skip("Chromium is not installed (.ci/run installs it; or: apt-get install chromium)")
     return found
+
+
+@contextlib.contextmanager
+def page_in_browser(page: Path, width: int):
+    """`page` (an HTML file) opened in headless Chromium at `width` pixels, as (view, requests):
+    the Playwright page, and every URL it asked for. Skips, saying why, without Chromium or
+    Playwright."""
+    found = chromium_or_skip()
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install playwright")
+    requests: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=found, args=["--no-sandbox"])
+        try:
+            view = browser.new_page(viewport={"width": width, "height": 900})
+            view.on("request", lambda request: requests.append(request.url))
+            view.goto(page.as_uri(), wait_until="load")
+            yield view, requests
+        finally:
+            browser.close()

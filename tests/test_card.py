@@ -17,7 +17,7 @@ from sanity_cli import card as card_module
 from sanity_cli import checks, cli
 from sanity_cli.errors import SanityError
 from sanity_cli.runstore import RunStore
-from small_runs import chromium_or_skip
+from small_runs import page_in_browser
 
 # ++test.shuffled_epochs=1: the shuffled-label model cannot memorize its labels in one epoch, so the data
 # check's precondition fails on purpose; six images: the model's accuracy on them is above chance at the 95%
@@ -218,27 +218,14 @@ def test_runs_of_two_models_are_not_one_card(tiny_card, tmp_path, capsys):
     assert "they differ in model" in capsys.readouterr().err
 
 
-
-
 def test_a_browser_renders_the_card_with_every_image_and_fetches_nothing(tiny_card, tmp_path):
-    found = chromium_or_skip()
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install playwright")
-    requests: list[str] = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=found, args=["--no-sandbox"])
-        try:
-            view = browser.new_page(viewport={"width": 1400, "height": 900})
-            view.on("request", lambda request: requests.append(request.url))
-            view.goto((tiny_card / "card.html").as_uri(), wait_until="load")
-            widths = view.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-            pills = view.evaluate("document.querySelectorAll('td.cell .verdict').length")
-            links = view.evaluate("Array.from(document.querySelectorAll('td.cell a')).map(a => a.href)")
-        finally:
-            browser.close()
+    with page_in_browser(tiny_card / "card.html", 1400) as (view, requests):
+        widths = view.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        pills = view.evaluate("document.querySelectorAll('td.cell .verdict').length")
+        links = view.evaluate("Array.from(document.querySelectorAll('td.cell a')).map(a => a.href)")
     assert len(widths) == 3 and min(widths) > 0  # each check's verdict figure, decoded
     assert pills == 9 and all(Path(link.removeprefix("file://")).is_file() for link in links)
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
-
 
 
 def test_a_check_with_a_verdict_per_block_is_one_cell_by_its_weakest_block():

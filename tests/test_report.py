@@ -31,7 +31,7 @@ from sanity_cli.report import overrides_of, reproduce_command, write_report
 from sanity_cli.runfiles import COLUMNS
 from sanity_cli.runstore import settings_for_fingerprint
 from sanity_cli.summary import summarize
-from small_runs import chromium_or_skip
+from small_runs import chromium_or_skip, page_in_browser
 
 BLOCKS = ["original", "fc2", "fc1", "conv1"]
 # the similarity each method reaches at full randomization
@@ -263,23 +263,13 @@ def test_a_missing_browser_skips_without_installing_it(monkeypatch):
 
 
 def test_a_browser_renders_the_report_with_every_image(run_dir, tmp_path):
-    browser_path = chromium_or_skip()
-    playwright = pytest.importorskip("playwright.sync_api", reason="playwright is a test extra: pip install playwright")
     from PIL import Image
 
-    requests: list[str] = []
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            view = browser.new_page(viewport={"width": 1280, "height": 900})
-            view.on("request", lambda request: requests.append(request.url))
-            view.goto((run_dir / "report.html").as_uri(), wait_until="load")
-            widths = view.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
-            colours = view.evaluate("['pass', 'fail'].map(v => getComputedStyle("
-                                    "document.querySelector('.v-' + v)).backgroundColor)")
-            view.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-        finally:
-            browser.close()
+    with page_in_browser(run_dir / "report.html", 1280) as (view, requests):
+        widths = view.evaluate("Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        colours = view.evaluate("['pass', 'fail'].map(v => getComputedStyle("
+                                "document.querySelector('.v-' + v)).backgroundColor)")
+        view.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert len(widths) == len(list((run_dir / "figures").glob("*.png"))) and min(widths) > 0
     assert colours[0] != colours[1]
     assert all(url.startswith(("file:", "data:")) for url in requests), requests

@@ -21,7 +21,7 @@ from torch import nn
 from sanity_cli import checks
 from sanity_cli.batching import chosen_batch
 from sanity_cli.errors import SanityError
-from sanity_cli.methods import entry, is_control, kind_of, options_for_state
+from sanity_cli.methods import entry, is_control, options_for_state
 from sanity_cli.methods.gradcam import default_gradcam_layer
 from sanity_cli.models import check_torchscript
 from sanity_cli.pipeline.explain import preflight_methods
@@ -56,10 +56,6 @@ class RunPlan:
     def method_options(self, seed: int = 0, step: int = 0) -> dict[str, dict]:
         """The methods' options in the state `step` of the randomization seeded `seed`."""
         return method_options(self.methods, self.run_seed, self.gradcam_layer, seed, step)
-
-    def kind(self, key: str) -> str:
-        """The method that `key` runs (its `method` option, else the key itself)."""
-        return kind_of(key, self.methods[key])
 
     @property
     def controls(self) -> list[str]:

@@ -54,13 +54,14 @@ from bench_vs_quantus import quantus_spearman
 from sanity_cli import batching
 from sanity_cli.checks.smooth_cascade import CHECK as SMOOTH_CASCADE
 from sanity_cli.methods import explain_all
-from sanity_cli.metrics import METRICS, RANK_METRICS, compare, kept_ranks
+from sanity_cli.metrics import METRICS, kept_ranks
+from sanity_cli.pipeline.score import state_scores
 from sanity_cli.randomization import TrainedWeights, cascading_states, plan_blocks
-from sanity_cli.robustness import robustness_scores
 
 ITEMS = ("mprt", "smprt")
 SEED = 0
 NOISE = 0.1  # sMPRT's noise (Hedström et al. 2023; Quantus's default)
+COMPARE_OPTIONS = {"metrics": list(METRICS), "normalization": "paper", "single_channel": False}
 
 
 def resnet18(classes: int, device: torch.device) -> nn.Module:
@@ -123,10 +124,9 @@ def sanity_run(model: nn.Module, x: Tensor, y: Tensor, item: str, samples: int, 
             if state.step == 0:
                 reference = maps
             else:
-                for name, value in maps.items():  # as `sanity run` scores a state: both Spearman scores
-                    # come from the robustness variants' ranks, SSIM and HOG are computed besides
-                    robustness_scores(reference[name], value, single_channel=False)
-                    compare(reference[name], value, [m for m in METRICS if m not in RANK_METRICS], single_channel=False)
+                for name, value in maps.items():  # as `sanity run` scores a state: the robustness
+                    # variants and the four metrics under the paper's normalization, in one comparison
+                    state_scores(reference[name], value, COMPARE_OPTIONS)
                 compared += 1
             end = _now(x.device)
             parts["explain"] = parts.get("explain", 0.0) + middle - start

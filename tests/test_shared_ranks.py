@@ -61,7 +61,7 @@ def test_every_spearman_variant_equals_its_separate_computation_and_scipy(kind, 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_the_ranks_of_each_normalization_equal_rankdata_of_the_normalized_map(seed):
     maps = maps_of("outliers", 3, seed, size=32)
-    ranks = metrics._rank_maps(maps, ALL_RANK_VARIANTS, None, {"pixels_per_cell": 8})
+    ranks = metrics._rank_maps(metrics._Reduced(maps, None), ALL_RANK_VARIANTS, {"pixels_per_cell": 8})
     for metric, scheme in ALL_RANK_VARIANTS:
         normalized = normalize(maps, metric, scheme)
         vectors = metrics.hog(normalized, pixels_per_cell=8) if metric == "hog" else normalized.flatten(1)
@@ -84,6 +84,95 @@ def test_one_sort_per_map_and_sign_serves_every_normalization(monkeypatch):
         sorts.clear()
         compare_variants(reference, maps_of("smooth", 3, 5), variants)
         assert len(sorts) == 2  # the reference's ranks were kept: only the new map is sorted
+
+
+def test_ssim_and_hog_share_the_channel_sums_of_the_spearman_sorts(monkeypatch):
+    """One comparison of a map with every metric reduces its channels once per sign (the
+    signed sum serves the signed Spearman, SSIM and HOG) and normalizes it once for both
+    SSIM and HOG; the scores are those of each variant compared alone."""
+    reductions, normalizations = [], []
+    sums, normalized = metrics._Reduced.sums, metrics._Reduced.normalized
+
+    def counting_sums(self, metric):
+        if (metric == "spearman_abs") not in self._sums:
+            reductions.append(metric == "spearman_abs")
+        return sums(self, metric)
+
+    monkeypatch.setattr(metrics._Reduced, "sums", counting_sums)
+    monkeypatch.setattr(metrics._Reduced, "normalized",
+                        lambda self, metric, scheme: normalizations.append(scheme) or normalized(self, metric, scheme))
+    reference, other = maps_of("outliers", 3, 1), maps_of("outliers", 3, 2)
+    variants = [*((m, s) for m in RANK_METRICS for s in ("none", "paper")), ("ssim", "paper"), ("hog", "paper")]
+    with metrics.kept_ranks():
+        compare_variants(reference, other, variants, hog_pixels_per_cell=8)
+        reductions.clear(), normalizations.clear()
+        scores = compare_variants(reference, maps_of("outliers", 3, 5), variants, hog_pixels_per_cell=8)
+    assert sorted(reductions) == [False, True]  # the other map's signed and absolute sums, once each
+    assert normalizations == ["paper"]  # SSIM's map, and HOG's taken from it
+    for metric, scheme in variants:
+        alone = compare_variants(reference, maps_of("outliers", 3, 5), [(metric, scheme)], hog_pixels_per_cell=8)
+        assert torch.equal(scores[(metric, scheme)], alone[(metric, scheme)]), (metric, scheme)
+
+
+def test_the_radix_sort_of_all_rows_gives_each_rows_order_and_ranks(monkeypatch):
+    """Every row of a batch sorted by one integer sort of (row, value) keys: the sorted values
+    and a permutation that yields them, and scipy's ranks, for values that the shortened keys
+    cannot tell apart (a few units in the last place), signed zeros, infinities, subnormals
+    and many rows; float32 in, float32 out."""
+    if not metrics._RADIX_SORT:
+        pytest.skip("this torch sorts integers without a parallel radix sort (no FBGEMM and OpenMP)")
+    monkeypatch.setattr(metrics, "_RADIX_SORT_VALUES", 0)  # small arrays through the radix sort too
+    used = []
+    radix = metrics._radix_sort_rows
+    monkeypatch.setattr(metrics, "_radix_sort_rows", lambda x: used.append(x.shape) or radix(x))
+    rng = np.random.default_rng(11)
+    eps = np.finfo(np.float64).eps
+    cases = [rng.standard_normal((3, 500)),
+             1.0 + rng.integers(-20, 20, (5, 300)) * eps,  # neighbours a few ulps apart: rows sorted again
+             -(1.0 + rng.integers(-20, 20, (70, 40)) * eps),  # 70 rows: 7 bits of the key for the row
+             rng.choice([0.0, -0.0, 5e-324, -5e-324, np.inf, -np.inf, 1e308, -1e308, 1.0], (4, 200)),
+             rng.integers(-3, 4, (6, 100)).astype(float)]
+    for values in cases:
+        for dtype in (torch.float64, torch.float32):
+            x = torch.from_numpy(values).to(dtype)
+            s, order = metrics._sort(x)
+            assert s.dtype == dtype and torch.equal(s, x.sort(dim=-1).values)
+            assert torch.equal(x.gather(-1, order), s)
+            np.testing.assert_array_equal(rankdata(x).numpy(), scipy.stats.rankdata(x.double().numpy(), axis=-1))
+    assert len(used) == 2 * 2 * len(cases)  # _sort and rankdata, in both dtypes
+    x = torch.tensor([[1.0, float("nan"), 0.0]])
+    used.clear()
+    assert torch.equal(metrics._sort(x)[1], torch.tensor([[2, 0, 1]])) and used == []  # NaN: NumPy's order
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_ranks_from_the_ties_alone_equal_scipys(seed):
+    """Average ranks by visiting the equal neighbours only: none, a few, the paper's clipped
+    ends, nearly all, ties that end one row and start the next, and NaN rows."""
+    rng = np.random.default_rng(seed)
+    rows = [rng.standard_normal(60), np.round(rng.standard_normal(60)), np.zeros(60),
+            np.clip(rng.standard_normal(60), -1, 1), np.r_[np.arange(55.0), np.full(5, 99.0)],
+            np.r_[np.full(5, -1.0), np.arange(55.0)], np.r_[np.arange(59.0), np.nan]]
+    x = torch.from_numpy(np.stack(rows))
+    s = x.sort(dim=-1).values
+    got = metrics._mean_ranks_of_sorted(s).numpy()
+    want = scipy.stats.rankdata(s.numpy(), axis=-1)
+    want[np.isnan(s.numpy()).any(-1)] = np.nan
+    np.testing.assert_array_equal(got, want)
+    assert metrics._mean_ranks_of_sorted(s[:0]).shape == (0, 60)
+    assert metrics._mean_ranks_of_sorted(torch.ones(2, 1)).tolist() == [[1.0], [1.0]]
+
+
+def test_the_upper_quantile_of_the_absolute_values_from_the_sorted_ends():
+    generator = torch.Generator().manual_seed(6)
+    for n in (1, 2, 3, 100, 101, 5000):
+        v = torch.randn(4, n, generator=generator, dtype=torch.float64)
+        v[1] = v[1].abs()  # all positive
+        v[2] = -v[2].abs()  # all negative
+        v[3, : n // 2] = 0.0
+        s = v.sort(dim=-1).values
+        for q in (0.5, 0.9, 0.99, 1.0):
+            assert torch.equal(metrics._upper_quantile_of_ends(s, q), metrics._quantile(v.abs(), q)), (n, q)
 
 
 def test_upper_quantile_equals_the_sort_based_one():
@@ -145,28 +234,38 @@ def test_a_reference_bigger_than_the_bound_keeps_its_first_chunks_for_good():
     assert (id(other), 0, 1) in cache._entries  # another tensor may push out the older one's chunks
 
 
-@pytest.mark.parametrize("normalization, reused", [("paper", True), ("none", True), ("max_abs", False)])
-def test_a_runs_spearman_scores_are_taken_from_its_robustness_scores(normalization, reused):
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_a_states_scores_come_from_one_comparison_of_its_maps(normalization):
+    """A state's rows (results.csv under the run's normalization, robustness.csv under every
+    one) come from one compare_variants call per map: the check's own call of compare_fn for
+    the run's metrics computes nothing again, and every score equals compare()'s."""
     from sanity_cli.metrics import METRICS, compare
-    from sanity_cli.pipeline.score import _reusing
+    from sanity_cli.pipeline.score import _reusing, state_scores
+    from sanity_cli.robustness import robustness_table
 
     reference, other = maps_of("outliers", 3, 13), maps_of("outliers", 3, 14)
-    options = {"metrics": list(METRICS), "normalization": normalization, "single_channel": False}
+    options = {"metrics": list(METRICS), "normalization": normalization, "single_channel": False,
+               "ssim_sigma": 1.0, "hog_pixels_per_cell": 8}
     calls = []
 
     def compare_fn(a, b, **overrides):
         calls.append(list(overrides.get("metrics", options["metrics"])))
         return compare(a, b, **{**options, **overrides})
 
-    variants = robustness_scores(reference, other, single_channel=False)
-    again = _reusing(compare_fn, options, reference, other, variants)
+    computed = state_scores(reference, other, options)
+    again = _reusing(compare_fn, options, reference, other, computed)
     got = again(reference, other)
-    assert calls == [["ssim", "hog"] if reused else list(METRICS)]
-    expected = compare(reference.clone(), other.clone(), METRICS, normalization, single_channel=False)
+    assert calls == []
+    expected = compare(reference.clone(), other.clone(), **options)
     for metric in METRICS:
         assert torch.equal(got[metric], expected[metric]), metric
-    calls.clear()
-    again(reference, other, metrics=["ssim"])  # what a check asks for itself goes to compare
+    robust = robustness_table(computed)
+    alone = robustness_scores(reference.clone(), other.clone(), single_channel=False)
+    assert robust.keys() == alone.keys() == set(NORMALIZATIONS)
+    for scheme in NORMALIZATIONS:
+        for metric, values in alone[scheme].items():
+            assert torch.equal(robust[scheme][metric], values), (scheme, metric)
+    again(reference, other, metrics=["ssim"], ssim_sigma=1.5)  # what a check asks for itself goes to compare
     again(reference.clone(), other)  # and so does another pair of maps
     assert calls == [["ssim"], list(METRICS)]
 

@@ -285,7 +285,7 @@ def _mean_ranks_of_sorted(s: torch.Tensor) -> torch.Tensor:
         mean_rank[pairs] = group_rank[group]
         mean_rank[pairs + 1] = group_rank[group]
         mean_rank = mean_rank.view(s.shape)
-    return mean_rank.masked_fill(nan_rows, math.nan)
+    return mean_rank.masked_fill(nan_rows, math.nan) if bool(nan_rows.any()) else mean_rank
 
 
 def _pearson_of_ranks(ra: torch.Tensor, rb: torch.Tensor) -> torch.Tensor:

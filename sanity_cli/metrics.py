@@ -386,15 +386,16 @@ def _covariance_norm(sigma: float, use_sample_covariance: bool) -> float:
 
 
 def _ssim_moments(x: torch.Tensor, sigma: float, use_sample_covariance: bool) -> torch.Tensor:
-    """The part of SSIM that depends on x alone, float64 (B, H, W) maps -> (B, 3, H - 2r, W - 2r):
-    the Gaussian-filtered x (mean), its square and its variance (compare keeps a reference's).
-    Maps smaller than the window: an empty (B, 3, 0, 0)."""
+    """The part of SSIM that depends on x alone, float64 (B, H, W) maps -> (B, 2, H - 2r, W - 2r):
+    the Gaussian-filtered x (its local mean) and its local variance (compare keeps a reference's).
+    Maps smaller than the window: an empty (B, 2, 0, 0)."""
     radius = _ssim_radius(sigma)
     if min(x.shape[-2:]) < 2 * radius + 1:
-        return x.new_empty((x.shape[0], 3, 0, 0))
-    ux, uxx = _gaussian_filter_valid(torch.stack([x, x * x], dim=1), sigma).unbind(1)
-    square = ux * ux
-    return torch.stack([ux, square, (uxx - square).mul_(_covariance_norm(sigma, use_sample_covariance))], dim=1)
+        return x.new_empty((x.shape[0], 2, 0, 0))
+    moments = _gaussian_filter_valid(torch.stack([x, x * x], dim=1), sigma)
+    ux, uxx = moments.unbind(1)
+    uxx.sub_(ux * ux).mul_(_covariance_norm(sigma, use_sample_covariance))
+    return moments
 
 
 def _gaussian_filter_valid(planes: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -413,7 +414,7 @@ def _ssim_with(moments: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, data_
     worked in place on y's filtered planes."""
     if moments.shape[-1] == 0:
         return _nan(x.shape[0], x)
-    ux, square_x, vx = moments.unbind(1)
+    ux, vx = moments.unbind(1)
     planes = torch.empty((y.shape[0], 3, *y.shape[1:]), dtype=y.dtype, device=y.device)
     planes[:, 0] = y
     torch.mul(y, y, out=planes[:, 1])
@@ -425,7 +426,7 @@ def _ssim_with(moments: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, data_
     square_y, product = uy * uy, ux * uy
     vy, vxy = uyy.sub_(square_y).mul_(cov_norm), uxy.sub_(product).mul_(cov_norm)
     numerator = product.mul_(2).add_(c1).mul_(vxy.mul_(2).add_(c2))
-    denominator = square_y.add_(square_x).add_(c1).mul_(vy.add_(vx).add_(c2))
+    denominator = square_y.add_(ux * ux).add_(c1).mul_(vy.add_(vx).add_(c2))
     return numerator.div_(denominator).mean(dim=(-2, -1))  # already cropped by the 'valid' filtering
 
 
@@ -448,9 +449,10 @@ def _cell_histograms(
     [0, 180)); a cell's bin is the mean over the cell's pixels.
     """
     b = x.shape[0]
-    g_row, g_col = torch.zeros_like(x), torch.zeros_like(x)
-    g_row[:, 1:-1, :] = x[:, 2:, :] - x[:, :-2, :]
-    g_col[:, :, 1:-1] = x[:, :, 2:] - x[:, :, :-2]
+    g_row, g_col = torch.empty_like(x), torch.empty_like(x)
+    g_row[:, [0, -1], :], g_col[:, :, [0, -1]] = 0.0, 0.0
+    torch.sub(x[:, 2:, :], x[:, :-2, :], out=g_row[:, 1:-1, :])
+    torch.sub(x[:, :, 2:], x[:, :, :-2], out=g_col[:, :, 1:-1])
     (cr, cc), (nr, nc) = cell, n_cells
     g_row, g_col = g_row[:, : nr * cr, : nc * cc], g_col[:, : nr * cr, : nc * cc]
     mag = torch.hypot(g_col, g_row)
@@ -459,9 +461,13 @@ def _cell_histograms(
     width = 180.0 / orientations
     # The bin i with width * i <= angle < width * (i + 1): angle / width rounded down, then
     # moved by one where that rounding crossed an edge, so the edges are skimage's exactly.
-    unknown = torch.isnan(angle)  # a NaN gradient is in no bin: it votes nothing, as in skimage
-    mag = mag.masked_fill(unknown, 0.0)
-    index = torch.floor(angle / width).nan_to_num_(0.0).clamp_(0, orientations - 1)
+    index = angle.div(width).floor_()
+    unknown = torch.isnan(angle)
+    if bool(unknown.any()):  # a NaN gradient is in no bin: it votes nothing, as in skimage
+        mag.masked_fill_(unknown, 0.0)
+        index.nan_to_num_(0.0)
+    del unknown
+    index.clamp_(0, orientations - 1)
     index -= (angle < width * index).to(index.dtype)
     index += ((angle >= width * (index + 1)) & (index < orientations - 1)).to(index.dtype)
     # Each pixel's vote goes to (image, cell row, cell column, bin) in one scatter.

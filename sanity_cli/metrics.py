@@ -5,8 +5,8 @@ al. 2018): Spearman rank correlation with and without absolute value, SSIM
 and HOG similarity, each after a per-image normalization.
 
 Everything runs in float64 on the device of the inputs, batched over images:
-no host round trip, no Python loop over images or pixels (on the CPU the sorts
-go through NumPy's argsort on the tensors' own memory, see ``_sort``).
+no host round trip, no Python loop over images or pixels (on the CPU every row of
+a batch is sorted by one integer radix sort, see ``_sort``).
 
 Reference behaviour matched (see tests/test_metrics.py):
   * ``rankdata``  == ``scipy.stats.rankdata(x, method="average")``
@@ -23,13 +23,16 @@ hold one block are NaN; nothing raises or warns for those cases.
 Cost: a rank correlation is mostly its two sorts. Every normalization is a
 non-decreasing function of a map's channel sum, so ``compare_variants`` sorts
 each map once with and once without absolute value and derives the ranks of
-every normalization (the paper's clipped one included) from those two sorts.
-A check compares every state with the same step-0 maps, so the ranks of the
-reference maps it has seen are kept (``REFERENCE_CACHE_BYTES`` at most, see
-``_ReferenceRanks``) inside a ``kept_ranks()`` block, whose owner (the state
-loop, for one seed's states) decides how long they live, and only the other maps
-are ranked when the same reference comes again; outside such a block nothing is
-kept between calls. Memory: every
+every normalization (the paper's clipped one included) from those two sorts;
+the average ranks come from the equal neighbours alone. A check compares every
+state with the same step-0 maps, so the ranks of the reference maps it has seen
+are kept (``REFERENCE_CACHE_BYTES`` at most, see ``_ReferenceRanks``) inside a
+``kept_ranks()`` block, whose owner (the state loop, for one seed's states)
+decides how long they live, and only the other maps are ranked when the same
+reference comes again; their ranks are never put back in place (the pairs are
+correlated in the other map's sorted order). Outside such a block nothing is
+kept between calls. One call with every metric reduces a map's channels once
+(``_Reduced``): the signed sum serves the signed Spearman, SSIM and HOG. Memory: every
 metric is per image, so ``compare`` works through the images in chunks of at
 most ``COMPARE_CHUNK_VALUES`` map values; its float64 temporaries stay bounded
 however many images are compared.
@@ -261,6 +264,8 @@ def _mean_ranks_of_sorted(s: torch.Tensor) -> torch.Tensor:
     A Pearson correlation does not depend on the order of the pairs, so the Spearman of x
     and y is the Pearson of these and of y's ranks taken in x's sorted order: the ranks of
     a map compared with a kept reference are never put back in place (compare_variants).
+    To the bit for maps of up to about 300,000 values: the products of centred half-integer
+    ranks are quarter-integers, and their sums stay exact in float64 in any order.
     """
     n = s.shape[-1]
     nan_rows = torch.isnan(s).any(dim=-1, keepdim=True)

@@ -20,7 +20,7 @@ The floor is the forward and backward passes the work needs (one per image and s
 for ``mprt``, ``--samples`` for ``smprt``) times the least time of one pass per image
 with plain torch over ``--floor-batches``, measured at the start and before each
 repetition. Peak memory: on the CPU the most bytes in use (glibc's ``mallinfo2``: heap
-blocks in use and mapped blocks, sampled every 5 ms) during a tool's run over what was in
+blocks in use and mapped blocks, sampled every 50 ms) during a tool's run over what was in
 use before it; on a GPU ``torch.cuda.max_memory_allocated`` over what was allocated before.
 
     python scripts/bench_224.py --images 64 --size 224 --samples 50
@@ -61,6 +61,10 @@ from sanity_cli.randomization import TrainedWeights, cascading_states, plan_bloc
 ITEMS = ("mprt", "smprt")
 SEED = 0
 NOISE = 0.1  # sMPRT's noise (Hedström et al. 2023; Quantus's default)
+# glibc's mallinfo2 takes the allocator's lock: sampled every 5 ms, it slowed comparing (many
+# allocations of a few MiB) by about a quarter. The peaks that matter last seconds (every
+# image's maps, the kept reference ranks).
+SAMPLE_EVERY = 0.05
 COMPARE_OPTIONS = {"metrics": list(METRICS), "normalization": "paper", "single_channel": False}
 
 
@@ -215,7 +219,7 @@ class PeakMemory:
         return self
 
     def _sample(self) -> None:
-        while not self.done.wait(0.005):
+        while not self.done.wait(SAMPLE_EVERY):
             self.peak_in_use = max(self.peak_in_use, _IN_USE())
 
     def __exit__(self, *exc) -> None:

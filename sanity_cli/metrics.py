@@ -467,11 +467,13 @@ def _cell_histograms(
     # The bin i with width * i <= angle < width * (i + 1): angle / width rounded down, then
     # moved by one where that rounding crossed an edge, so the edges are skimage's exactly.
     index = angle.div(width).floor_()
-    unknown = torch.isnan(angle)
-    if bool(unknown.any()):  # a NaN gradient is in no bin: it votes nothing, as in skimage
-        mag.masked_fill_(unknown, 0.0)
+    # An angle outside every bin votes nothing, as in skimage: 180.0, which the remainder
+    # gives for a tiny negative angle, and NaN, from a NaN gradient.
+    outside = ~(angle < width * orientations)
+    if bool(outside.any()):
+        mag.masked_fill_(outside, 0.0)
         index.nan_to_num_(0.0)
-    del unknown
+    del outside
     index.clamp_(0, orientations - 1)
     index -= (angle < width * index).to(index.dtype)
     index += ((angle >= width * (index + 1)) & (index < orientations - 1)).to(index.dtype)

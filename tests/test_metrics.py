@@ -168,6 +168,18 @@ def test_hog_features_match_skimage_other_settings(orientations, ppc, cpb):
         np.testing.assert_allclose(got[i], want, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("orientations", [9, 7])
+def test_an_angle_that_rounds_to_180_degrees_is_in_no_hog_bin(orientations):
+    """A gradient a hair below 0 degrees has the angle 180.0 after skimage's remainder, which
+    is outside its last bin [180 - 180 / O, 180): that pixel votes nothing, in skimage and here."""
+    x = np.zeros((32, 32))
+    x[7, 8], x[9, 8], x[8, 7], x[8, 9] = 1e-300, 0.0, 0.0, 0.5  # at (8, 8): g_row = -1e-300, g_col = 0.5
+    assert np.rad2deg(np.arctan2(-1e-300, 0.5)) % 180 == 180.0
+    got = hog(_t(x[None]), orientations=orientations, pixels_per_cell=8, cells_per_block=2).numpy()[0]
+    want = sk_hog(x, orientations=orientations, pixels_per_cell=(8, 8), cells_per_block=(2, 2), block_norm="L2-Hys")
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
 def test_hog_too_small_gives_empty_features():
     assert hog(torch.rand(3, 28, 28)).shape == (3, 0)
     assert hog(torch.rand(3, 47, 64)).shape == (3, 0)

@@ -216,6 +216,6 @@ def test_peak_memory_counts_what_a_block_holds_at_its_height():
 
     with bench_224.PeakMemory(torch.device("cpu")) as memory:
         held = torch.ones(16 * 2**20 // 4)  # 16 MiB
-        time.sleep(0.05)
+        time.sleep(3 * bench_224.SAMPLE_EVERY)  # held across samples
         del held
     assert 15 * 2**20 < memory.peak < 24 * 2**20

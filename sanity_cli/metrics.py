@@ -187,7 +187,8 @@ def _sort(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # torch sorts a long 1-D integer tensor by a parallel radix sort where it is built with FBGEMM
-# and OpenMP (x86), about four times as fast as sorting 224-pixel maps row by row there.
+# and OpenMP (x86). Timed after a torch op on 224-pixel maps: 0.9 ms a map, against 2.5 ms for
+# NumPy's sorts shared among threads (torch's spinning threads slow them) and 1.9 ms for torch.sort.
 _RADIX_SORT = "fbgemm" in torch.backends.quantized.supported_engines and torch.backends.openmp.is_available()
 _RADIX_SORT_VALUES = 1 << 15  # below this torch's 1-D integer sort is a comparison sort
 

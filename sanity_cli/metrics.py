@@ -254,8 +254,12 @@ def _ranks_of_sorted(s: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     Only the sorted values and the permutation matter, so the ranks of f(x) for any
     non-decreasing f come from the same sort: f(s) is sorted and `order` sorts f(x).
     """
-    mean_rank = _mean_ranks_of_sorted(s)
-    return torch.empty(order.shape, dtype=_F64, device=s.device).scatter_(-1, order, mean_rank)
+    return _in_place(order, _mean_ranks_of_sorted(s))
+
+
+def _in_place(order: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Ranks given in sorted order (`ranks`), put where their values were (`order`): (..., N) float64."""
+    return torch.empty(order.shape, dtype=_F64, device=order.device).scatter_(-1, order, ranks)
 
 
 def _mean_ranks_of_sorted(s: torch.Tensor) -> torch.Tensor:
@@ -766,7 +770,7 @@ def _rank_maps(maps: _Reduced, variants: Sequence[Variant], hog_options: dict) -
     """Ranks of what each rank variant correlates, in place: {variant: (B, F)}; equal to
     rankdata(normalize(maps, metric, scheme).flatten(1)), and for HOG to the rankdata of the
     HOG features of each normalization's map."""
-    return {variant: _compact(torch.empty(order.shape, dtype=_F64, device=order.device).scatter_(-1, order, ranks))
+    return {variant: _compact(_in_place(order, ranks))
             for variant, (order, ranks) in _sorted_ranks(maps, variants, hog_options).items()}
 
 
@@ -783,8 +787,13 @@ def _reference_values(maps: torch.Tensor, variants: Sequence[Variant], cache_key
         if variant[0] == "ssim":
             spatial = reduced.spatial(variant[1])
             values[cache_key[variant]] = spatial
-            values[(*cache_key[variant], "moments")] = _ssim_moments(spatial, sigma, use_sample_covariance)
+            values[_moments_key(cache_key[variant])] = _ssim_moments(spatial, sigma, use_sample_covariance)
     return values
+
+
+def _moments_key(key: tuple) -> tuple:
+    """Where an SSIM variant's reference moments are kept, beside its normalized map under `key`."""
+    return (*key, "moments")
 
 
 def _check_pair(reference: torch.Tensor, other: torch.Tensor) -> None:
@@ -830,21 +839,22 @@ def compare_variants(
     own_options = {"hog": tuple(sorted(hog_options.items())), "ssim": (ssim_sigma, ssim_sample_covariance)}
     cache_key = {variant: (*variant, single_channel, own_options.get(variant[0], ())) for variant in variants}
     by_key = {key: variant for variant, key in cache_key.items()}
-    wanted = [*by_key, *((*cache_key[variant], "moments") for variant in variants if variant[0] == "ssim")]
+    # every key kept of the reference, and the variant it belongs to
+    by_key |= {_moments_key(key): variant for key, variant in by_key.items() if variant[0] == "ssim"}
     per_chunk = max(1, COMPARE_CHUNK_VALUES // math.prod(reference.shape[1:]))
     kept_by = _KEPT.get() or _ReferenceRanks(REFERENCE_CACHE_BYTES)  # outside kept_ranks(): for this call only
     chunks: dict[Variant, list[torch.Tensor]] = {variant: [] for variant in variants}
     for start in range(0, max(len(reference), 1), per_chunk):  # no image: one empty chunk
         rows = slice(start, start + per_chunk)
-        kept = kept_by.ranks(reference, rows, wanted,
+        kept = kept_by.ranks(reference, rows, list(by_key),
                              lambda missing, rows=rows: _reference_values(
-                                 reference[rows], list(dict.fromkeys(by_key[k[:4]] for k in missing)), cache_key,
+                                 reference[rows], list(dict.fromkeys(by_key[k] for k in missing)), cache_key,
                                  single_channel, hog_options, ssim_sigma, ssim_sample_covariance))
         reduced = _Reduced(other[rows], single_channel)
         for metric, scheme in variants:
             if metric == "ssim":
                 key = cache_key[(metric, scheme)]
-                chunks[(metric, scheme)].append(_ssim_with(kept[(*key, "moments")], kept[key],
+                chunks[(metric, scheme)].append(_ssim_with(kept[_moments_key(key)], kept[key],
                                                            reduced.spatial(scheme), **ssim_options))
         # The pairs of ranks in the other map's sorted order: its ranks are never put in place.
         for variant, (order, ranks) in _sorted_ranks(reduced, ranked, hog_options).items():

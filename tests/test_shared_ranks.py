@@ -115,10 +115,11 @@ def test_ssim_and_hog_share_the_channel_sums_of_the_spearman_sorts(monkeypatch):
 
 
 def test_the_radix_sort_of_all_rows_gives_each_rows_order_and_ranks(monkeypatch):
-    """Every row of a batch sorted by one integer sort of (row, value) keys: the sorted values
-    and a permutation that yields them, and scipy's ranks, for values that the shortened keys
-    cannot tell apart (a few units in the last place), signed zeros, infinities, subnormals
-    and many rows; float32 in, float32 out."""
+    """Every row of a batch sorted by one integer sort of (row, float32 value) keys: the sorted
+    values and a permutation that yields them, and scipy's ranks, for values that the keys
+    cannot tell apart (a few units in the last place, whole rows of them, beyond float32's
+    range or below its smallest), signed zeros, infinities, subnormals and many rows; float32
+    in, float32 out."""
     if not metrics._RADIX_SORT:
         pytest.skip("this torch sorts integers without a parallel radix sort (no FBGEMM and OpenMP)")
     monkeypatch.setattr(metrics, "_RADIX_SORT_VALUES", 0)  # small arrays through the radix sort too
@@ -128,9 +129,11 @@ def test_the_radix_sort_of_all_rows_gives_each_rows_order_and_ranks(monkeypatch)
     rng = np.random.default_rng(11)
     eps = np.finfo(np.float64).eps
     cases = [rng.standard_normal((3, 500)),
-             1.0 + rng.integers(-20, 20, (5, 300)) * eps,  # neighbours a few ulps apart: rows sorted again
+             1.0 + rng.integers(-20, 20, (5, 300)) * eps,  # rows of equal keys, one after the other
              -(1.0 + rng.integers(-20, 20, (70, 40)) * eps),  # 70 rows: 7 bits of the key for the row
-             rng.choice([0.0, -0.0, 5e-324, -5e-324, np.inf, -np.inf, 1e308, -1e308, 1.0], (4, 200)),
+             np.sort(1.0 + rng.standard_normal((4, 300)) * 1e-7, axis=-1)[:, ::-1].copy(),  # many short runs
+             rng.choice([0.0, -0.0, 5e-324, -5e-324, 1e-300, -1e-300, 2e-300, np.inf, -np.inf, 1e308, -1e308,
+                         2e308 / 3, 1.0], (4, 200)),
              rng.integers(-3, 4, (6, 100)).astype(float)]
     for values in cases:
         for dtype in (torch.float64, torch.float32):

@@ -104,6 +104,8 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     (zero after min-subtraction) instead of turning into inf / NaN.
     """
     ok = den > 0
+    if bool(ok.all()):  # den holds one number a row: checked at no cost
+        return num / den
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), num)
 
 
@@ -114,8 +116,10 @@ def _clip_div(num: torch.Tensor, den: torch.Tensor, lo: float, hi: float) -> tor
     99th percentile equals its minimum still yields a finite, ordered map.
     """
     ok = den > 0
+    if bool(ok.all()):
+        return (num / den).clamp_(lo, hi)
     q = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.sign(num))
-    return q.clamp(lo, hi)
+    return q.clamp_(lo, hi)
 
 
 def _quantile(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -577,8 +581,8 @@ def hog(
 def _paper_normalize(v: torch.Tensor, metric: str, single_channel: bool) -> torch.Tensor:
     """The authors' per-image normalization of flattened (B, N) maps."""
     if metric in ("ssim", "hog"):  # min-max of the signed map to [0, 1]
-        lo = v.amin(-1, keepdim=True)
-        return _safe_div(v - lo, v.amax(-1, keepdim=True) - lo)
+        lo, hi = torch.aminmax(v, dim=-1, keepdim=True)
+        return _safe_div(v - lo, hi - lo)
     if single_channel:  # their MNIST code: divide by the max |value|, no clipping
         return _safe_div(v, v.abs().amax(-1, keepdim=True))
     if metric == "spearman_abs":  # v is already sum |map|

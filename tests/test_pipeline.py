@@ -188,3 +188,19 @@ def test_signed_ssim_of_a_map_without_negative_values_is_undefined():
     # a negative part on one side only is a difference, not a missing value
     one_sided = signed_ssim(positive, signed, paper)
     assert one_sided["ssim_negative"].isfinite().all() and (one_sided["ssim_negative"] < 1).all()
+
+
+def test_a_states_reference_maps_are_ranked_once_per_method(run, monkeypatch):
+    """Every state of the cascade compares its maps with step 0's, the same tensors: what
+    compare_variants keeps of them (their ranks, SSIM terms) is computed once per method and
+    seed, not again in each state."""
+    from sanity_cli import metrics
+
+    ranked = []
+    reference_values = metrics._reference_values
+    monkeypatch.setattr(metrics, "_reference_values",
+                        lambda maps, *args: ranked.append(maps.shape) or reference_values(maps, *args))
+    rows = run().results
+    states, methods = rows["step"].nunique(), rows["method"].nunique()
+    assert states > 2 and methods == 3
+    assert len(ranked) == methods, (len(ranked), states)

@@ -212,9 +212,9 @@ def _radix_sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     One sort of 32-bit integer keys sorts every row. A value's key is its float32 rounding
     (which never reverses an order) as an integer of the same order, shortened by as many low
-    bits as the row number needs in front. Values with equal keys (some hundreds of a 224-pixel
-    map's 50,176) may come out in any order; each run of them is then sorted by the values
-    themselves, so the order is exact.
+    bits as the row number needs in front. Values with equal keys may come out in any order;
+    each run of them that holds different values (some hundreds of a 224-pixel map's 50,176)
+    is then sorted by the values themselves, so the order is exact.
     """
     rows, n = x.shape
     row_bits = (rows - 1).bit_length()
@@ -226,10 +226,21 @@ def _radix_sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key += (first + (1 << (31 - row_bits)) - (1 << 31)).to(torch.int32)[:, None]
     sorted_key, order = key.view(-1).sort()
     del key
-    equal = torch.eq(sorted_key[1:], sorted_key[:-1]).nonzero().squeeze(1)
+    tied = torch.eq(sorted_key[1:], sorted_key[:-1]).nonzero().squeeze(1)  # pairs (j, j + 1) of equal keys
     del sorted_key
-    if len(equal):
-        _sort_runs(x.reshape(-1), order, torch.cat([equal, equal + 1]).unique(), n)
+    if len(tied):
+        values = x.reshape(-1)
+        differ = values[order[tied]] != values[order[tied + 1]]
+        if bool(differ.any()):
+            # Runs of consecutive tied pairs share one key. Only a run that holds two different
+            # values needs sorting: the many exact ties of a map (zeros, a clipped top, an
+            # upsampled coarse map) are in order already.
+            starts = torch.ones_like(differ)
+            starts[1:] = tied[1:] != tied[:-1] + 1
+            run = starts.cumsum(0) - 1
+            unsorted = torch.zeros(len(tied), dtype=torch.bool, device=x.device).index_fill_(0, run[differ], True)
+            pairs = tied[unsorted[run]]
+            _sort_runs(values, order, torch.cat([pairs, pairs + 1]).unique(), n)
     order = order.view(rows, n)
     order -= torch.arange(0, rows * n, n, dtype=torch.int64, device=x.device)[:, None]
     return x.gather(-1, order), order

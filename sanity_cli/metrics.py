@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -679,68 +677,50 @@ def _compact(ranks: torch.Tensor) -> torch.Tensor:
 
 
 class _ReferenceRanks:
-    """Ranks of reference maps that compare_variants() has seen, kept for the next
-    call with the same reference (the next state of a check), least recently used
-    dropped first beyond ``max_bytes``.
+    """What compare_variants() has computed of the reference maps it has seen (ranks, SSIM
+    moments), kept for the next call with the same reference (the next state of a check),
+    ``max_bytes`` at most.
 
-    An entry is used only for the same tensor object (held weakly: the entry
-    goes when the tensor does) whose values still equal a copy taken when it
-    was ranked, so a reference changed in place, by any means, is ranked anew.
-    An entry holds what was kept of every variant asked for so far (ranks, SSIM
-    moments), each under its key.
+    An entry is found by the values of the reference's rows, not by the tensor object: a run
+    that reads its reference maps back from disk in every state passes a new tensor with the
+    same values each time. The key is the rows' shape, dtype, device and sum; an entry is used
+    only where its copy of the values equals them, so a reference changed in place, by any
+    means, is ranked anew. An entry holds what was kept of every variant asked for so far,
+    each under its key. Entries are kept in the order they come, and none is dropped for a
+    later one: a check compares every state with the same references in the same order, so
+    a bound that holds only the first of them keeps those for every state, where dropping
+    the oldest would push out each entry just before it is needed again.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, tuple[weakref.ref, torch.Tensor, dict[tuple, torch.Tensor]]] = OrderedDict()
+        self.bytes = 0
+        self._entries: dict[tuple, tuple[torch.Tensor, dict[tuple, torch.Tensor]]] = {}
 
     def ranks(self, reference: torch.Tensor, rows: slice, keys: Sequence[tuple],
               compute: Callable[[list[tuple]], dict[tuple, torch.Tensor]]) -> dict[tuple, torch.Tensor]:
         """{key: ranks} of ``reference[rows]``: from the cache where they are there, the
         others from compute(missing keys), which returns {key: ranks} for those keys."""
-        full_key = (id(reference), rows.start, rows.stop)
-        entry = self._entries.get(full_key)
-        if entry is not None and not (entry[0]() is reference and _same(entry[1], reference[rows])):
-            del self._entries[full_key]
-            entry = None
-        kept = entry[2] if entry is not None else {}
+        part = reference[rows].detach()
+        found = _content_key(part)
+        entry = self._entries.get(found)
+        if entry is not None and not _same(entry[0], part):  # the same sum, other values: not kept
+            return compute(list(keys))
+        kept = entry[1] if entry is not None else {}
         missing = [key for key in keys if key not in kept]
         computed = compute(missing) if missing else {}
-        result = {key: kept[key] if key in kept else computed[key] for key in keys}
-        if not computed:
-            if entry is not None:
-                self._entries.move_to_end(full_key)
-            return result
-        if entry is None:
-            entries = self._entries
-            forget = lambda _, k=full_key: entries.pop(k, None)  # noqa: E731 - runs when the tensor is freed
-            entry = (weakref.ref(reference, forget), reference[rows].detach().clone(), {})
-        self._entries.pop(full_key, None)
-        grown = (entry[0], entry[1], {**entry[2], **computed})
-        if self._make_room(_entry_bytes(grown), id(reference)):
-            self._entries[full_key] = grown
-        return result
-
-    def _make_room(self, size: int, owner: int) -> bool:
-        """Drop the least recently used entries of other tensors until `size` more bytes fit;
-        False (nothing dropped) when they cannot. Chunks of the owner's own tensor stay: a
-        reference bigger than the bound, compared chunk after chunk in every state, then keeps
-        its first chunks for good instead of each chunk pushing out the one needed next."""
-        sizes = {key: _entry_bytes(entry) for key, entry in self._entries.items()}
-        others = [key for key in sizes if key[0] != owner]
-        if sum(sizes.values()) - sum(sizes[key] for key in others) + size > self.max_bytes:
-            return False
-        total = sum(sizes.values()) + size
-        for key in others:  # least recently used first
-            if total <= self.max_bytes:
-                break
-            del self._entries[key]
-            total -= sizes[key]
-        return True
+        added = sum(_nbytes(value) for value in computed.values()) + (_nbytes(part) if entry is None else 0)
+        if computed and self.bytes + added <= self.max_bytes:
+            self._entries[found] = (part.clone() if entry is None else entry[0], {**kept, **computed})
+            self.bytes += added
+        return {key: kept[key] if key in kept else computed[key] for key in keys}
 
 
-def _entry_bytes(entry: tuple[weakref.ref, torch.Tensor, dict[tuple, torch.Tensor]]) -> int:
-    return _nbytes(entry[1]) + sum(_nbytes(value) for value in entry[2].values())
+def _content_key(values: torch.Tensor) -> tuple:
+    """Where _ReferenceRanks looks for the entry of these values: their shape, dtype, device and
+    sum (a NaN sum as one key, since NaN equals nothing)."""
+    total = float(values.sum(dtype=_F64)) if values.numel() else 0.0
+    return (tuple(values.shape), values.dtype, values.device, "nan" if math.isnan(total) else total)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

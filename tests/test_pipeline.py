@@ -190,17 +190,18 @@ def test_signed_ssim_of_a_map_without_negative_values_is_undefined():
     assert one_sided["ssim_negative"].isfinite().all() and (one_sided["ssim_negative"] < 1).all()
 
 
-def test_a_states_reference_maps_are_ranked_once_per_method(run, monkeypatch):
-    """Every state of the cascade compares its maps with step 0's, the same tensors: what
-    compare_variants keeps of them (their ranks, SSIM terms) is computed once per method and
-    seed, not again in each state."""
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_a_states_reference_maps_are_ranked_once_per_method(run, monkeypatch, chunks):
+    """Every state of the cascade compares its maps with step 0's: what compare_variants keeps
+    of them (their ranks, SSIM terms) is computed once per method, seed and image chunk, not
+    again in each state, also when step 0's maps wait on disk and are read back each state."""
     from sanity_cli import metrics
 
     ranked = []
     reference_values = metrics._reference_values
     monkeypatch.setattr(metrics, "_reference_values",
                         lambda maps, *args: ranked.append(maps.shape) or reference_values(maps, *args))
-    rows = run().results
+    rows = run([f"image_chunk={4 // chunks}"]).results
     states, methods = rows["step"].nunique(), rows["method"].nunique()
     assert states > 2 and methods == 3
-    assert len(ranked) == methods, (len(ranked), states)
+    assert len(ranked) == methods * chunks, (len(ranked), states)

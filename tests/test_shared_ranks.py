@@ -233,8 +233,11 @@ def test_a_reference_bigger_than_the_bound_keeps_its_first_chunks_for_good():
     # bound would have pushed out each chunk just before it was needed again: 12 rankings)
     assert computed == [0, 1, 2, 3, 2, 3, 2, 3]
     other = torch.randn(1, 4, dtype=torch.float64)
-    cache.ranks(other, slice(0, 1), [("m",)], lambda missing: {key: rankdata(other) for key in missing})
-    assert (id(other), 0, 1) in cache._entries  # another tensor may push out the older one's chunks
+    ranks = cache.ranks(other, slice(0, 1), [("m",)], lambda missing: {key: rankdata(other) for key in missing})
+    assert torch.equal(ranks[("m",)], rankdata(other))
+    kept = [copy for copy, _ in cache._entries.values()]
+    # nor does another tensor push them out
+    assert len(kept) == 2 and torch.equal(kept[0], reference[:1]) and torch.equal(kept[1], reference[1:2])
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)

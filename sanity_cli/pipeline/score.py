@@ -25,11 +25,8 @@ def score_chunk(run: Run, sweep: SeedPass, condition: checks.Condition, chunk: C
     with run.clock("compare"):
         base = chunk.maps if step == condition.compare_with else sweep.reference.get(chunk.index, run.plan.device,
                                                                                       condition.compare_with)
-        # a known map (Condition.truth) has one channel and stands for each of a map's channels;
-        # a map of the same shape is passed as it is, the same tensor in every state, so that
-        # what compare_variants keeps of it (metrics.kept_ranks) is found again
-        base = {name: base[name] if base[name].shape == value.shape else base[name].expand_as(value)
-                for name, value in chunk.maps.items()}
+        # a known map (Condition.truth) has one channel and stands for each of a map's channels
+        base = {name: base[name].expand_as(value) for name, value in chunk.maps.items()}
         computed = {name: state_scores(base[name], value, options)
                     for name, value in chunk.maps.items()} if run.check.compares_maps else {}
         variants = {name: robustness_table(value) for name, value in computed.items()}

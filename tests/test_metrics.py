@@ -143,7 +143,8 @@ def test_ssim_smallest_map_and_too_small_map():
     a, b = _pair("random", (2, 11, 11), seed=7)  # exactly the 11-tap window
     want = _sk_ssim(a, b, data_range=2.0, sigma=1.5)
     np.testing.assert_allclose(ssim(_t(a), _t(b)).numpy(), want, rtol=0, atol=ATOL)
-    assert torch.isnan(ssim(_t(a[:, :10]), _t(b[:, :10]))).all()
+    too_small = ssim(_t(a[:, :10]), _t(b[:, :10]))
+    assert torch.isnan(too_small).all() and too_small.dtype == torch.float64
 
 
 # ---------------------------------------------------------------- HOG
@@ -263,6 +264,10 @@ def test_paper_single_channel_divides_by_max_abs_without_clipping():
     np.testing.assert_allclose(_one("spearman_abs", "paper", chans), [[1.0, 0.5], [0.25, 0.0]])
     np.testing.assert_allclose(_one("spearman", "paper", chans), [[-1.0, 0.5], [0.25, 0.0]])
     np.testing.assert_allclose(_one("ssim", "paper", chans), [[0.0, 1.0], [5 / 6, 4 / 6]])
+    # each map by its own largest |value|, not the batch's
+    batch = torch.tensor([[[[-4.0, 2.0]]], [[[0.5, -0.25]]]], dtype=torch.float64)
+    got = normalize(batch, "spearman", "paper", single_channel=True).numpy()
+    np.testing.assert_allclose(got, [[[-1.0, 0.5]], [[1.0, -0.5]]])
 
 
 def _np_paper(maps: np.ndarray, metric: str) -> np.ndarray:

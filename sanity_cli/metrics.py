@@ -234,9 +234,7 @@ def _radix_sort_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # Runs of consecutive tied pairs share one key. Only a run that holds two different
             # values needs sorting: the many exact ties of a map (zeros, a clipped top, an
             # upsampled coarse map) are in order already.
-            starts = torch.ones_like(differ)
-            starts[1:] = tied[1:] != tied[:-1] + 1
-            run = starts.cumsum(0) - 1
+            run = _run_starts(tied).cumsum(0) - 1
             unsorted = torch.zeros(len(tied), dtype=torch.bool, device=x.device).index_fill_(0, run[differ], True)
             pairs = tied[unsorted[run]]
             _sort_runs(values, order, torch.cat([pairs, pairs + 1]).unique(), n)
@@ -250,13 +248,21 @@ def _sort_runs(values: torch.Tensor, order: torch.Tensor, places: torch.Tensor, 
     whose keys tie there, in place: each run of consecutive places within one row of n is
     sorted by the values. (Neighbouring runs of different keys may merge: their values are
     already in order between them.)"""
-    start = torch.ones(places.shape, dtype=torch.bool, device=places.device)
-    start[1:] = (places[1:] != places[:-1] + 1) | (places[1:] % n == 0)
-    run = start.cumsum(0)
+    run = _run_starts(places, n).cumsum(0)
     where = order[places]
     by_value = values[where].argsort(stable=True)
     by_run = by_value[run[by_value].argsort(stable=True)]  # by run, then by value
     order[places] = where[by_run]
+
+
+def _run_starts(indices: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Where each run of consecutive integers in ascending `indices` starts (bool, like
+    indices); with n, a run also starts at each multiple of n (the first place of a row)."""
+    starts = torch.ones(indices.shape, dtype=torch.bool, device=indices.device)
+    starts[1:] = indices[1:] != indices[:-1] + 1
+    if n is not None:
+        starts[1:] |= indices[1:] % n == 0
+    return starts
 
 
 def _argsort_rows(values: np.ndarray) -> np.ndarray:
@@ -326,8 +332,7 @@ def _mean_ranks_of_sorted(s: torch.Tensor) -> torch.Tensor:
     del tied
     if len(pairs):
         mean_rank = mean_rank.contiguous().flatten()
-        starts = torch.ones_like(pairs, dtype=torch.bool)
-        starts[1:] = pairs[1:] != pairs[:-1] + 1
+        starts = _run_starts(pairs)
         group = starts.cumsum(0) - 1
         ends = torch.ones_like(starts)
         ends[:-1] = starts[1:]
